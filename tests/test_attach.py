@@ -1,0 +1,151 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from workbench import MetaPerturb, PerturbSite, WorkbenchError, attach
+from workbench.models import available, build
+
+TORCHVISION = {
+    "resnet18": (torchvision.models.resnet18, 8),
+    "resnet50": (torchvision.models.resnet50, 16),
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, 17),
+    "vgg11_bn": (torchvision.models.vgg11_bn, 8),
+    "efficientnet_b0": (torchvision.models.efficientnet_b0, 16),
+}
+EXPECTED_SITES = {"resnet20": 9, "resnet32": 15, "conv4": 4, "conv6": 6, "vgg9": 8, "wrn16_4": 6}
+
+
+def _round_trip(model, image_size, in_channels=3):
+    phi = MetaPerturb(init_std=0.2)
+    model.eval()
+    x = torch.randn(2, in_channels, image_size, image_size)
+    keys = list(model.state_dict())
+    params = [id(p) for p in model.parameters()]
+    before = model(x)
+    handle = attach(model, phi, image_size=image_size)
+    assert [id(p) for p in model.parameters()] == params  # phi never becomes a model parameter
+    assert set(map(id, handle.phi_parameters())) == set(map(id, phi.parameters()))
+    assert all(site.phi is phi for site in handle.sites)
+    perturbed = model(x)
+    assert not torch.equal(perturbed, before)
+    handle.remove()
+    assert list(model.state_dict()) == keys
+    assert not any(isinstance(m, PerturbSite) for m in model.modules())
+    assert torch.equal(model(x), before)
+    return handle
+
+
+@pytest.mark.parametrize("name", sorted(available()))
+def test_attach_remove_round_trip_on_every_registered_model(name):
+    in_channels = 1 if name.startswith("conv") else 3
+    handle = _round_trip(build(name, num_classes=5, in_channels=in_channels), 32, in_channels)
+    assert len(handle.sites) >= 1
+    if name in EXPECTED_SITES:
+        assert len(handle.sites) == EXPECTED_SITES[name]
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_attach_remove_round_trip_on_torchvision_models(name):
+    ctor, count = TORCHVISION[name]
+    handle = _round_trip(ctor(num_classes=4), 32)
+    assert len(handle.sites) == count
+
+
+def test_resnet20_sites_follow_the_original_placement():
+    model = build("resnet20", 10)
+    handle = attach(model, MetaPerturb(), image_size=32)
+    assert [s.channels for s in handle.sites] == [16] * 3 + [32] * 3 + [64] * 3
+    assert {s.channel_norm for s in handle.sites} == {64.0}  # the original's constant for CIFAR ResNets
+    assert {s.spatial_norm for s in handle.sites} == {32.0}
+    copied = copy.deepcopy(model)
+    assert len([m for m in copied.modules() if isinstance(m, PerturbSite)]) == 9
+
+
+def test_site_sees_the_pre_activation_of_torchvision_basic_block():
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    handle = attach(model, MetaPerturb(), image_size=32)
+    seen = {}
+    block = model.layer1[0]
+    block.perturb_site.register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0].clone()))
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    handle.remove()
+    stem = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    out = block.bn2(block.conv2(block.relu(block.bn1(block.conv1(stem))))) + stem
+    assert torch.allclose(seen["in"], out, atol=1e-5)
+    assert (seen["in"] < 0).any()  # before the final ReLU
+
+
+def test_plain_convnet_site_is_after_bn_before_relu():
+    model = build("conv4", 5, in_channels=1)
+    handle = attach(model, MetaPerturb(), image_size=28)
+    model.eval()
+    seen = []
+    for site in handle.sites:
+        site.register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    model(torch.randn(2, 1, 28, 28))
+    assert len(seen) == 4 and all((t < 0).any() for t in seen)
+
+
+def test_sites_share_phi_and_state_dict_includes_their_buffers():
+    model = build("resnet20", 10)
+    phi = MetaPerturb()
+    handle = attach(model, phi, image_size=32)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))
+    state = model.state_dict()
+    site_keys = [k for k in state if "perturb_site" in k]
+    assert len(site_keys) == 2 * 9
+    assert not any(k.startswith("phi") or "scale_fc" in k for k in state)
+    fresh = build("resnet20", 10)
+    fresh_handle = attach(fresh, phi, image_size=32)
+    fresh.load_state_dict(state)
+    for a, b in zip(handle.sites, fresh_handle.sites):
+        assert torch.equal(a.running_mean, b.running_mean) and not torch.equal(b.running_mean, torch.zeros_like(b.running_mean))
+
+
+def test_phi_receives_gradient_through_the_model_and_handle_controls_sites():
+    model = build("conv4", 3)
+    phi = MetaPerturb()
+    handle = attach(model, phi, image_size=32)
+    model.train()
+    nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in phi.parameters())
+    assert not any(p is q for p in model.parameters() for q in phi.parameters())
+    handle.set_noise_coeff(0.25)
+    handle.set_clip(10)
+    assert {(s.noise_coeff, s.clip) for s in handle.sites} == {(0.25, 10.0)}
+    assert all(s is not None and s.shape == (64,) for s in handle.scales())
+    handle.set_active(False)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), model(x))
+
+
+def test_attach_follows_the_model_device_and_deepcopy_keeps_sites_private():
+    model = build("resnet20", 10)
+    handle = attach(model, MetaPerturb(), image_size=32)
+    twin = copy.deepcopy(model)
+    twin.train()
+    twin(torch.randn(4, 3, 32, 32))
+    assert torch.equal(handle.sites[0].running_mean, torch.zeros(16, 4))  # the original's buffers untouched
+
+
+def test_errors_are_one_line():
+    phi = MetaPerturb()
+    with pytest.raises(WorkbenchError, match="no perturbation site"):
+        attach(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), phi)
+    with pytest.raises(WorkbenchError, match="no Conv2d"):
+        attach(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), phi)
+    model = build("conv4", 2)
+    attach(model, phi)
+    with pytest.raises(WorkbenchError, match="already has perturbation sites"):
+        attach(model, phi)
+    with pytest.raises(WorkbenchError, match="MetaPerturb phi"):
+        attach(build("conv4", 2), nn.Linear(2, 2))
+    with pytest.raises(WorkbenchError, match="probe forward pass") as info:
+        attach(build("vgg9", 2), phi, image_size=1)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,1678 @@
+"""The run store: one folder per run under an artifacts root, written atomically, read defensively.
+
+Every stage writes through this module (meta-training, transfer, studies) and every reader goes through it
+(notebooks, the dashboard). The layout and the file formats are documented in ``artifacts/README.md``::
+
+    <root>/runs/<run_id>/run.json          identity, status, heartbeat, environment (schema_version 1)
+                         config.json       the stage's typed config
+                         metrics.jsonl     one JSON object per line: {"step", "stage", "wall_time", values...}
+                         summary.json      final scalar metrics
+                         arrays/<name>.npz checkpoints/<name>.pt records/<name>.json
+    <root>/studies/<study_id>/study.json   a papermill study: notebook, profile, parameters, run ids
+                              <notebook>.ipynb  the executed notebook
+
+Guarantees:
+
+* every file except ``metrics.jsonl`` is written to a temporary file in the same folder, fsynced and renamed
+  over the target (``os.replace``), so a reader sees the old or the new file, never half of one;
+* ``metrics.jsonl`` is appended one whole line per call; a reader skips the torn last line of a killed process;
+* listing never raises for a bad folder: a record with a missing, invalid, foreign or newer-schema metadata file
+  is reported with status ``"corrupt"`` and a one-line reason; a ``"running"`` record whose process is gone is
+  reported as ``"stale"``;
+* nothing is read outside the root (:meth:`RunStore.resolve` refuses ``..``, absolute paths and symlinks out).
+
+In a distributed job only rank 0 should create the run and write to it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import math
+import numbers
+import os
+import platform
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from .errors import WorkbenchError
+
+try:  # POSIX advisory locks serialise read-modify-write of run.json / study.json between processes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: updates are still atomic, only concurrent edits may race
+    fcntl = None
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ENV_VAR",
+    "default_root",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_torch_save",
+    "atomic_savez",
+    "to_jsonable",
+    "check_weights_only",
+    "environment_info",
+    "RunStore",
+    "Run",
+    "RunRecord",
+    "Study",
+    "StudyRecord",
+]
+
+SCHEMA_VERSION = 1
+ENV_VAR = "WORKBENCH_ARTIFACTS"
+
+RUN_STATUSES = ("running", "finished", "failed")
+REPORTED_STATUSES = ("running", "finished", "failed", "stale", "corrupt")
+DEFAULT_STALE_AFTER = 900.0  # seconds without a heartbeat before a "running" record is reported as stale
+HEARTBEAT_INTERVAL = 30.0  # Run.heartbeat() writes at most this often unless forced
+MAX_REASON_CHARS = 500
+
+# Tags that make up the readable part of a generated run id, in this order (seed is written as s<seed>).
+ID_TAGS = ("source", "target", "arch", "architecture", "model", "method", "seed")
+METRIC_RESERVED = ("step", "stage", "wall_time")
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+_TAG_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_HOSTNAME = socket.gethostname()
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; the renamed file should get the permissions a plain open() would give it.
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
+# --------------------------------------------------------------------------------------------- roots and time
+@functools.lru_cache(maxsize=1)
+def _checkout_root() -> Path | None:
+    """The repository folder when the package runs from a source checkout (editable install), else None."""
+    candidate = Path(__file__).resolve().parent.parent
+    try:
+        text = (candidate / "pyproject.toml").read_text(encoding="utf-8")
+    except OSError:
+        return None
+    if re.search(r"""^name\s*=\s*["']metaperturb-workbench["']""", text, re.MULTILINE):
+        return candidate
+    return None
+
+
+def default_root(flag: str | os.PathLike | None = None) -> Path:
+    """The artifacts root: ``flag`` if given, else ``$WORKBENCH_ARTIFACTS``, else ``<checkout>/artifacts``
+    when running from a source checkout, else ``./artifacts``. Returned as an absolute path (not created)."""
+    if flag is not None and str(flag) != "":
+        chosen = Path(flag)
+    elif os.environ.get(ENV_VAR):
+        chosen = Path(os.environ[ENV_VAR])
+    elif _checkout_root() is not None:
+        chosen = _checkout_root() / "artifacts"
+    else:
+        chosen = Path.cwd() / "artifacts"
+    return chosen.expanduser().resolve()
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _iso(moment: _dt.datetime) -> str:
+    return moment.isoformat(timespec="milliseconds")
+
+
+def _parse_iso(text: Any) -> _dt.datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=_dt.timezone.utc)
+
+
+def _human_age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} days"
+
+
+def _one_line(text: Any, limit: int = MAX_REASON_CHARS) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` - what a failed run records as its reason."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return _one_line(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+
+
+def _inside(root_real: str, path: str | os.PathLike) -> bool:
+    target = os.path.realpath(path)
+    try:
+        return os.path.commonpath([root_real, target]) == root_real
+    except ValueError:  # different drives on Windows
+        return False
+
+
+# ------------------------------------------------------------------------------------------- atomic writing
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); silently skipped where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    If ``write`` (or anything before the rename) raises, the temporary file is removed and ``path`` keeps its
+    previous content.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, _FILE_MODE)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(directory)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+    if not isinstance(text, str):
+        raise WorkbenchError(f"atomic_write_text needs a str for {path}, got {type(text).__name__}")
+    data = text.encode(encoding)
+    return _atomic_write(path, lambda handle: handle.write(data))
+
+
+def to_jsonable(obj: Any, *, nonfinite: str = "null", where: str = "value") -> Any:
+    """Convert ``obj`` into plain JSON types.
+
+    numpy scalars and arrays, 0-d or small torch tensors, ``Path`` (-> str), tuples (-> list) and objects with a
+    ``to_dict()`` method (stage configs) are converted. NaN and +-inf become ``None`` when ``nonfinite="null"``
+    and raise a WorkbenchError naming the offending entry when ``nonfinite="error"``. Anything else raises a
+    WorkbenchError naming where it sits (``where`` is the name used for the top-level object).
+    """
+    if nonfinite not in ("null", "error"):
+        raise WorkbenchError(f"nonfinite must be 'null' or 'error', got {nonfinite!r}")
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item(), nonfinite=nonfinite, where=where)
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        value = float(obj)
+        if math.isfinite(value):
+            return value
+        if nonfinite == "error":
+            raise WorkbenchError(
+                f"{where} is {value} (not a finite number) and JSON has no NaN or Infinity; fix the value or drop it"
+            )
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if isinstance(key, (bool, np.bool_)) or not isinstance(key, (str, numbers.Integral)):
+                raise WorkbenchError(f"{where} has a key {key!r} of type {type(key).__name__}; JSON keys must be strings")
+            out[str(key)] = to_jsonable(value, nonfinite=nonfinite, where=f"{where}[{str(key)!r}]")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, nonfinite=nonfinite, where=f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype == object:
+            raise WorkbenchError(f"{where} is an object array; store numbers or strings")
+        return to_jsonable(obj.tolist(), nonfinite=nonfinite, where=where)
+    if hasattr(obj, "detach") and hasattr(obj, "tolist"):  # a torch tensor, without importing torch here
+        return to_jsonable(obj.detach().cpu().tolist(), nonfinite=nonfinite, where=where)
+    if callable(getattr(obj, "to_dict", None)):
+        return to_jsonable(obj.to_dict(), nonfinite=nonfinite, where=where)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj), nonfinite=nonfinite, where=where)
+    raise WorkbenchError(
+        f"{where} has type {type(obj).__name__}, which cannot be stored as JSON; convert it to a number, string, "
+        "list or dict"
+    )
+
+
+def _dumps(obj: Any, *, nonfinite: str, where: str) -> str:
+    clean = to_jsonable(obj, nonfinite=nonfinite, where=where)
+    return json.dumps(clean, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, nonfinite: str = "null") -> Path:
+    """Write ``obj`` as JSON (sorted keys, indent 2, UTF-8) atomically.
+
+    The whole document is serialised before the temporary file is opened, so a value that cannot be stored
+    leaves ``path`` untouched. Non-finite floats become ``null`` (``nonfinite="null"``, the default) or raise
+    a WorkbenchError (``nonfinite="error"``); see :func:`to_jsonable`.
+    """
+    return atomic_write_text(path, _dumps(obj, nonfinite=nonfinite, where=Path(path).name))
+
+
+_WEIGHTS_ONLY_LEAVES = (type(None), bool, int, float, complex, str, bytes)
+
+
+def check_weights_only(obj: Any, where: str = "state") -> None:
+    """Raise a WorkbenchError naming the first entry of ``obj`` that ``torch.load(weights_only=True)`` refuses.
+
+    Allowed: tensors (and parameters), None, bool, int, float, complex, str, bytes, ``torch.Size``,
+    ``torch.dtype``, ``torch.device``, and dict / OrderedDict / list / tuple / set of those.
+    """
+    import torch
+
+    if isinstance(obj, torch.Tensor) or isinstance(obj, (torch.Size, torch.dtype, torch.device)):
+        return
+    if type(obj) in _WEIGHTS_ONLY_LEAVES:
+        return
+    if type(obj) in (dict, OrderedDict):
+        for key, value in obj.items():
+            check_weights_only(key, f"{where} key {key!r}")
+            check_weights_only(value, f"{where}[{key!r}]")
+        return
+    if type(obj) in (list, tuple, set):
+        for i, value in enumerate(obj):
+            check_weights_only(value, f"{where}[{i}]")
+        return
+    hint = "convert it with torch.as_tensor(...)" if isinstance(obj, (np.ndarray, np.generic)) else (
+        "store plain tensors, numbers, strings, lists and dicts (e.g. .state_dict(), .tolist(), float(x))"
+    )
+    raise WorkbenchError(
+        f"checkpoint entry {where} is a {type(obj).__module__}.{type(obj).__qualname__}, which loading with "
+        f"weights_only=True refuses; {hint}"
+    )
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically, after checking that it will load with ``weights_only=True``."""
+    import torch
+
+    check_weights_only(obj)
+    return _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch tensor
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.numpy()
+    array = np.asarray(value)
+    if array.dtype == object:
+        raise WorkbenchError(
+            f"array {name!r} has dtype object, which cannot be loaded without pickle; store a numeric or string array"
+        )
+    return array
+
+
+def atomic_savez(path: str | os.PathLike, /, **arrays: Any) -> Path:
+    """Write ``arrays`` (numpy arrays or tensors, any names) to an uncompressed ``.npz`` file atomically.
+
+    The file is exactly what ``np.savez`` writes (one ``<name>.npy`` member per array, no pickles), so
+    ``np.load(path, allow_pickle=False)`` reads it. Object arrays are refused.
+    """
+    if not arrays:
+        raise WorkbenchError(f"atomic_savez for {path} got no arrays; pass them as keyword arguments")
+    converted = {name: _as_array(name, value) for name, value in arrays.items()}
+
+    def write(handle: IO[bytes]) -> None:
+        with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, array in converted.items():
+                with archive.open(f"{name}.npy", mode="w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+
+    return _atomic_write(path, write)
+
+
+# ---------------------------------------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _nvidia_smi_names() -> list[str]:
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()] if result.returncode == 0 else []
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _static_environment() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "numpy": np.__version__,
+        "torchvision": _package_version("torchvision"),
+        "workbench": _package_version("metaperturb-workbench"),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "hostname": _HOSTNAME,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+    }
+    package = sys.modules.get(__package__ or "workbench")
+    if getattr(package, "__version__", None):
+        info["workbench"] = package.__version__
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        info.update(torch=None, cuda_available=False, cuda_version=None, gpus=[])
+        return info
+    info["torch"] = torch.__version__
+    info["cuda_version"] = torch.version.cuda
+    info["cuda_available"] = bool(torch.cuda.is_available())
+    gpus: list[str] = []
+    if info["cuda_available"]:
+        # Asking torch for device names would create a CUDA context in a process that may never use the GPU.
+        if torch.cuda.is_initialized():
+            gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        else:
+            gpus = _nvidia_smi_names()
+    info["gpus"] = gpus
+    return info
+
+
+def _git_info(root: Path | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"git_revision": None, "git_dirty": None}
+    if root is None or not (root / ".git").exists():
+        return out
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if rev.returncode == 0 and rev.stdout.strip():
+            out["git_revision"] = rev.stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=20
+        )
+        if status.returncode == 0:
+            out["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions (python, torch, torchvision, numpy, workbench), platform, host, CPU, GPUs, the git revision and
+    dirty flag of the source checkout (None when not running from one), and the current UTC time."""
+    info = copy.deepcopy(_static_environment())
+    torch = sys.modules.get("torch")
+    info["torch_threads"] = torch.get_num_threads() if torch is not None else None
+    info.update(_git_info(_checkout_root()))
+    info["time"] = _iso(_now())
+    return info
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive advisory lock on a record folder for read-modify-write of its metadata file."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _process_start(pid: int) -> tuple[int | None, str | None]:
+    """(start time in clock ticks since boot, state letter) from /proc on Linux; (None, None) elsewhere."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+        fields = data[data.rindex(")") + 2 :].split()  # the command name may contain spaces and parentheses
+        return int(fields[19]), fields[0]
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def _process_state(pid: Any, host: Any, start: Any) -> str:
+    """"alive", "gone" or "unknown" for the process that wrote a record.
+
+    Only a process on this host can be checked. A recorded start time (Linux) tells a reused pid from the
+    original process; without it a live pid proves nothing and the heartbeat decides.
+    """
+    if host != _HOSTNAME or os.name == "nt" or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return "unknown"  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except OSError:  # EPERM: it exists, owned by someone else
+        pass
+    current, state = _process_start(pid)
+    if current is None or not isinstance(start, int):
+        return "unknown"
+    if current != start or state in ("Z", "X"):
+        return "gone"
+    return "alive"
+
+
+def _owner_fields() -> dict[str, Any]:
+    """pid, host and process start time of the current process, recorded with every running record."""
+    return {"pid": os.getpid(), "host": _HOSTNAME, "pid_start": _process_start(os.getpid())[0]}
+
+
+def _check_id(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise WorkbenchError(
+            f"{what} {value!r} is not valid; use 1-128 letters, digits, '-', '_' or '.', starting with a letter or digit"
+        )
+    return value
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value) or value.endswith(".tmp"):
+        raise WorkbenchError(
+            f"{what} name {value!r} is not valid; use letters, digits, '-', '_' or '.' (no slashes), "
+            "starting with a letter or digit, e.g. 'last' or 'predictions'"
+        )
+    return value
+
+
+def _check_kind(kind: Any) -> str:
+    if not isinstance(kind, str) or not _KIND_RE.match(kind):
+        raise WorkbenchError(
+            f"run kind {kind!r} is not valid; use a lowercase word such as 'meta_train', 'transfer' or 'meta_select'"
+        )
+    return kind
+
+
+def _check_tags(tags: Mapping[str, Any] | None) -> dict[str, Any]:
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise WorkbenchError(f"tags must be a dict of name -> value, got {type(tags).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not _TAG_KEY_RE.match(key):
+            raise WorkbenchError(f"tag name {key!r} is not valid; use a Python identifier such as 'target' or 'seed'")
+        if isinstance(value, np.generic):
+            value = value.item()
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise WorkbenchError(
+                f"tag {key!r} has a {type(value).__name__} value; tags must be strings, numbers, booleans or None"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise WorkbenchError(f"tag {key!r} is {value}; tags must be finite")
+        out[key] = value
+    return out
+
+
+def _metric_value(name: str, value: Any) -> float | int | None:
+    if value is None:
+        return None
+    if hasattr(value, "detach") and hasattr(value, "numel"):  # torch tensor
+        if value.numel() != 1:
+            raise WorkbenchError(f"metric {name!r} is a tensor with {value.numel()} elements; log a single number")
+        value = value.item()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise WorkbenchError(f"metric {name!r} must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _flatten(prefix: str, mapping: Mapping[str, Any], out: dict[str, Any]) -> None:
+    for key, value in mapping.items():
+        column = f"{prefix}.{key}"
+        if isinstance(value, Mapping) and value:
+            _flatten(column, value, out)
+        else:
+            out[column] = value
+
+
+def _read_json_object(path: Path, label: str) -> tuple[dict | None, str]:
+    """(object, "") or (None, one-line reason). Never raises."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, f"{label} is missing"
+    except IsADirectoryError:
+        return None, f"{label} is a folder, not a file"
+    except OSError as exc:
+        return None, f"{label} cannot be read ({_one_line(exc.strerror or exc, 120)})"
+    if not raw.strip():
+        return None, f"{label} is empty (half-written?)"
+    try:
+        obj = json.loads(raw)
+    except UnicodeDecodeError:
+        return None, f"{label} is not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        return None, f"{label} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+    except ValueError as exc:  # e.g. numbers too large
+        return None, f"{label} is not valid JSON ({_one_line(exc, 120)})"
+    if not isinstance(obj, dict):
+        return None, f"{label} holds a JSON {type(obj).__name__}, not an object"
+    return obj, ""
+
+
+def _schema_problem(meta: dict, label: str) -> str:
+    version = meta.get("schema_version")
+    if version is None:
+        return f"{label} has no schema_version (not written by the workbench run store)"
+    if isinstance(version, bool) or not isinstance(version, int):
+        return f"{label} has a schema_version of {version!r}, not an integer"
+    if version > SCHEMA_VERSION:
+        return (
+            f"{label} has schema version {version}, newer than this workbench reads ({SCHEMA_VERSION}); "
+            "upgrade the workbench to read it"
+        )
+    if version < 1:
+        return f"{label} has unsupported schema version {version} (this workbench reads {SCHEMA_VERSION})"
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------- records
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """What a listing knows about one run folder, read from its small JSON files only.
+
+    ``status`` is one of running, finished, failed, stale (stored as running but its process is gone or silent)
+    and corrupt (see ``reason``). Fields that could not be read are None or empty.
+    """
+
+    run_id: str
+    path: Path
+    status: str
+    reason: str = ""
+    kind: str | None = None
+    created: str | None = None
+    tags: dict[str, Any] = dataclasses.field(default_factory=dict)
+    study_id: str | None = None
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stored_status: str | None = None
+    finished: str | None = None
+    heartbeat: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "corrupt"
+
+    def row(self, root: Path) -> dict[str, Any]:
+        """One flat row for :meth:`RunStore.runs_table`."""
+        row = {
+            "run_id": self.run_id,
+            "kind": self.kind,
+            "status": self.status,
+            "reason": self.reason,
+            "created": self.created,
+            "finished": self.finished,
+            "heartbeat": self.heartbeat,
+            "study_id": self.study_id,
+            "path": _relative(self.path, root),
+        }
+        _flatten("tags", self.tags, row)
+        _flatten("summary", self.summary, row)
+        return row
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyRecord:
+    """What a listing knows about one study folder (status running, finished, failed, stale or corrupt)."""
+
+    study_id: str
+    path: Path
+    status: str
+    reason: str = ""
+    notebook: str | None = None
+    profile: str | None = None
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+    created: str | None = None
+    finished: str | None = None
+    run_ids: tuple[str, ...] = ()
+    executed_notebook: str | None = None
+    executed_notebook_exists: bool = False
+    git_revision: str | None = None
+    git_dirty: bool | None = None
+    stored_status: str | None = None
+    heartbeat: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "corrupt"
+
+    def row(self, root: Path) -> dict[str, Any]:
+        row = {
+            "study_id": self.study_id,
+            "status": self.status,
+            "reason": self.reason,
+            "notebook": self.notebook,
+            "profile": self.profile,
+            "created": self.created,
+            "finished": self.finished,
+            "runs": len(self.run_ids),
+            "executed_notebook": self.executed_notebook if self.executed_notebook_exists else None,
+            "git_revision": self.git_revision,
+            "git_dirty": self.git_dirty,
+            "path": _relative(self.path, root),
+        }
+        _flatten("parameters", self.parameters, row)
+        return row
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------- Run
+class Run:
+    """One run folder, opened for writing (by the process doing the work) or reading.
+
+    Create with :meth:`RunStore.create_run` (usable as ``with store.create_run(...) as run:``) or open with
+    :meth:`RunStore.open_run`.
+    """
+
+    heartbeat_interval = HEARTBEAT_INTERVAL
+
+    def __init__(self, store: "RunStore", path: Path, meta: dict, config: dict):
+        self.store = store
+        self.path = path
+        self._meta = meta
+        self.config: dict[str, Any] = config
+        self._last_heartbeat = time.monotonic()
+        self._metrics_tail_checked = False
+
+    # identity ------------------------------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self._meta["run_id"]
+
+    @property
+    def kind(self) -> str:
+        return self._meta["kind"]
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        return dict(self._meta.get("tags") or {})
+
+    @property
+    def study_id(self) -> str | None:
+        return self._meta.get("study_id")
+
+    @property
+    def created(self) -> str:
+        return self._meta["created"]
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        return dict(self._meta.get("environment") or {})
+
+    @property
+    def status(self) -> str:
+        """The stored status, read from disk now: running, finished or failed."""
+        return self._read_meta()["status"]
+
+    @property
+    def reason(self) -> str | None:
+        return self._read_meta().get("reason")
+
+    def record(self) -> RunRecord:
+        """A fresh :class:`RunRecord` (with the derived running/stale status)."""
+        return self.store.run_record(self.run_id)
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id!r}, kind={self.kind!r}, path='{self.path}')"
+
+    # metadata --------------------------------------------------------------------------------------------
+    def _read_meta(self) -> dict:
+        meta, reason = _read_json_object(self.path / "run.json", "run.json")
+        if meta is None:
+            raise WorkbenchError(f"run {self.path.name} is corrupt: {reason}")
+        return meta
+
+    def _update_meta(self, **changes: Any) -> dict:
+        with _folder_lock(self.path):
+            meta = self._read_meta()
+            meta.update(changes)
+            atomic_write_json(self.path / "run.json", meta, nonfinite="error")
+        self._meta = meta
+        return meta
+
+    def heartbeat(self, force: bool = False) -> bool:
+        """Record that the process is alive. Writes at most once every ``heartbeat_interval`` seconds (30 s)
+        unless ``force``; :meth:`log_metrics` calls it, so a loop that logs needs nothing else. Only a running
+        run gets heartbeats. Returns whether it wrote."""
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self.heartbeat_interval:
+            return False
+        self._last_heartbeat = now
+        with _folder_lock(self.path):
+            meta = self._read_meta()
+            if meta.get("status") != "running":
+                return False
+            meta["heartbeat"] = _iso(_now())
+            atomic_write_json(self.path / "run.json", meta, nonfinite="error")
+        self._meta = meta
+        return True
+
+    def mark_running(self) -> None:
+        """Set the run back to running in this process (resuming a failed or stale run from its checkpoint)."""
+        now = _iso(_now())
+        self._update_meta(status="running", reason=None, finished=None, heartbeat=now, **_owner_fields())
+        self._last_heartbeat = time.monotonic()
+
+    def mark_finished(self, summary: Mapping[str, Any] | None = None) -> None:
+        """Write ``summary`` (if given) and set the status to finished."""
+        if summary is not None:
+            self.write_summary(summary)
+        now = _iso(_now())
+        self._update_meta(status="finished", reason=None, finished=now, heartbeat=now)
+
+    def mark_failed(self, reason: str) -> None:
+        """Set the status to failed with a one-line ``reason`` (whitespace collapsed, at most 500 characters)."""
+        line = _one_line(reason) if reason is not None else ""
+        if not line:
+            raise WorkbenchError("mark_failed needs a reason, e.g. the exception's message")
+        now = _iso(_now())
+        self._update_meta(status="failed", reason=line, finished=now, heartbeat=now)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            status = self.status
+        except WorkbenchError:
+            return False
+        if status == "running":
+            if exc is None:
+                self.mark_finished()
+            else:
+                self.mark_failed(_exception_line(exc))
+        return False  # never swallow the exception
+
+    # metrics ---------------------------------------------------------------------------------------------
+    def log_metrics(self, step: int, stage: str, **values: Any) -> None:
+        """Append ``{"step", "stage", "wall_time", **values}`` as one line of ``metrics.jsonl``.
+
+        ``values`` are numbers (Python, numpy, or one-element tensors); NaN and +-inf are written as null so a
+        diverged loss is still logged. Anything else (strings, lists, multi-element tensors) is refused.
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise WorkbenchError(f"metrics step must be an integer, got {type(step).__name__} {step!r}")
+        if not isinstance(stage, str) or not stage:
+            raise WorkbenchError(f"metrics stage must be a non-empty string such as 'train' or 'test', got {stage!r}")
+        line: dict[str, Any] = {"step": int(step), "stage": stage, "wall_time": round(time.time(), 3)}
+        for name, value in values.items():
+            if name in METRIC_RESERVED:
+                raise WorkbenchError(f"metric name {name!r} is reserved ({', '.join(METRIC_RESERVED)}); rename it")
+            line[name] = _metric_value(name, value)
+        text = json.dumps(line, allow_nan=False, separators=(",", ":")) + "\n"
+        path = self.path / "metrics.jsonl"
+        if not self._metrics_tail_checked:
+            self._terminate_torn_line(path)
+            self._metrics_tail_checked = True
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(text)  # one write per line: a killed process leaves at most the last line torn
+        self.heartbeat()
+
+    @staticmethod
+    def _terminate_torn_line(path: Path) -> None:
+        """A process killed mid-line leaves a fragment without newline; end it so new lines stay parseable."""
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                if handle.tell() == 0:
+                    return
+                handle.seek(-1, os.SEEK_END)
+                last = handle.read(1)
+        except FileNotFoundError:
+            return
+        if last != b"\n":
+            with open(path, "ab") as handle:
+                handle.write(b"\n")
+
+    def read_metrics(self, stage: str | None = None) -> list[dict[str, Any]]:
+        """All metric lines (of one ``stage`` if given), in file order.
+
+        A torn last line (a process killed while writing) is skipped silently; an unreadable line elsewhere (a
+        torn line from an earlier, resumed process) is skipped with a RuntimeWarning.
+        """
+        try:
+            data = (self.path / "metrics.jsonl").read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = data.split(b"\n")
+        rows: list[dict[str, Any]] = []
+        bad: list[int] = []
+        for number, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                if number == len(lines):  # no newline after it: the write was cut short
+                    continue
+                bad.append(number)
+                continue
+            if not isinstance(obj, dict):
+                bad.append(number)
+                continue
+            if stage is None or obj.get("stage") == stage:
+                rows.append(obj)
+        if bad:
+            warnings.warn(
+                f"{self.path / 'metrics.jsonl'}: skipped {len(bad)} unreadable line(s) (first: {bad[:5]}); "
+                "they are torn writes of a killed process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return rows
+
+    def metrics_table(self, stage: str | None = None):
+        """:meth:`read_metrics` as a pandas DataFrame (columns step, stage, wall_time and the value names)."""
+        import pandas as pd
+
+        rows = self.read_metrics(stage)
+        return pd.DataFrame(rows, columns=None if rows else list(METRIC_RESERVED))
+
+    # summary and records ---------------------------------------------------------------------------------
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Replace ``summary.json`` with ``summary`` (small, mostly scalar final metrics; NaN/inf -> null)."""
+        if not isinstance(summary, Mapping):
+            raise WorkbenchError(f"summary must be a dict of metric name -> value, got {type(summary).__name__}")
+        atomic_write_text(self.path / "summary.json", _dumps(summary, nonfinite="null", where="summary"))
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The content of ``summary.json``, or {} before one was written."""
+        path = self.path / "summary.json"
+        if not path.exists():
+            return {}
+        obj, reason = _read_json_object(path, "summary.json")
+        if obj is None:
+            raise WorkbenchError(f"run {self.run_id}: {reason}")
+        return obj
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        """Store a small extra record as ``records/<name>.json`` (e.g. the task split, a selection reason)."""
+        _check_name(name, "record")
+        path = self.path / "records" / f"{name}.json"
+        return atomic_write_text(path, _dumps(obj, nonfinite="null", where=name))
+
+    def load_json(self, name: str) -> Any:
+        _check_name(name, "record")
+        path = self.path / "records" / f"{name}.json"
+        try:
+            return json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise WorkbenchError(
+                f"run {self.run_id} has no record {name!r}; it has: {', '.join(self.list_json()) or 'none'}"
+            ) from None
+        except ValueError as exc:
+            raise WorkbenchError(f"run {self.run_id}: records/{name}.json is not valid JSON ({_one_line(exc, 120)})") from None
+
+    def list_json(self) -> list[str]:
+        return self._list("records", ".json")
+
+    # arrays and checkpoints ------------------------------------------------------------------------------
+    def _list(self, folder: str, suffix: str) -> list[str]:
+        directory = self.path / folder
+        if not directory.is_dir():
+            return []
+        return sorted(p.name[: -len(suffix)] for p in directory.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
+
+    def save_arrays(self, name: str, /, **arrays: Any) -> Path:
+        """Store named arrays (numpy or tensors, moved to the CPU; bfloat16 becomes float32) as
+        ``arrays/<name>.npz`` atomically, replacing an earlier file of that name; returns the path."""
+        _check_name(name, "array file")
+        return atomic_savez(self.path / "arrays" / f"{name}.npz", **arrays)
+
+    def load_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """The arrays saved under ``name`` (loaded with ``allow_pickle=False``)."""
+        _check_name(name, "array file")
+        path = self.path / "arrays" / f"{name}.npz"
+        if not path.is_file():
+            raise WorkbenchError(
+                f"run {self.run_id} has no arrays {name!r}; it has: {', '.join(self.list_arrays()) or 'none'}"
+            )
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in archive.files}
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise WorkbenchError(f"run {self.run_id}: arrays/{name}.npz cannot be read ({_one_line(exc, 160)})") from None
+
+    def list_arrays(self) -> list[str]:
+        return self._list("arrays", ".npz")
+
+    def has_arrays(self, name: str) -> bool:
+        return (self.path / "arrays" / f"{_check_name(name, 'array file')}.npz").is_file()
+
+    def save_checkpoint(self, state: Mapping[str, Any], name: str = "last") -> Path:
+        """``torch.save`` ``state`` to ``checkpoints/<name>.pt`` atomically. The state may hold only what
+        ``weights_only=True`` loading accepts (tensors, numbers, strings, lists, dicts ...); anything else is
+        refused here, naming the entry, rather than at load time."""
+        _check_name(name, "checkpoint")
+        if not isinstance(state, Mapping):
+            raise WorkbenchError(f"checkpoint state must be a dict, got {type(state).__name__}")
+        return atomic_torch_save(state, self.path / "checkpoints" / f"{name}.pt")
+
+    def load_checkpoint(self, name: str = "last", map_location: Any = "cpu") -> dict[str, Any]:
+        """Load ``checkpoints/<name>.pt`` with ``weights_only=True`` onto ``map_location``."""
+        import torch
+
+        _check_name(name, "checkpoint")
+        path = self.path / "checkpoints" / f"{name}.pt"
+        if not path.is_file():
+            raise WorkbenchError(
+                f"run {self.run_id} has no checkpoint {name!r}; it has: {', '.join(self.list_checkpoints()) or 'none'}"
+            )
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # pickle errors, truncated zip, refused globals: one line, no deep traceback
+            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise WorkbenchError(
+                f"run {self.run_id}: checkpoint {name!r} cannot be loaded with weights_only=True ({_one_line(first, 200)})"
+            ) from None
+
+    def has_checkpoint(self, name: str = "last") -> bool:
+        return (self.path / "checkpoints" / f"{_check_name(name, 'checkpoint')}.pt").is_file()
+
+    def list_checkpoints(self) -> list[str]:
+        return self._list("checkpoints", ".pt")
+
+
+# -------------------------------------------------------------------------------------------------- Study
+class Study:
+    """One papermill study folder. Create with :meth:`RunStore.create_study`, open with :meth:`RunStore.open_study`.
+
+    Every update re-reads ``study.json`` under a lock, so the study runner and the notebook kernel it executes
+    can both add runs.
+    """
+
+    def __init__(self, store: "RunStore", path: Path, meta: dict):
+        self.store = store
+        self.path = path
+        self._meta = meta
+
+    @property
+    def study_id(self) -> str:
+        return self._meta["study_id"]
+
+    @property
+    def notebook(self) -> str:
+        return self._meta["notebook"]
+
+    @property
+    def profile(self) -> str:
+        return self._meta["profile"]
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return dict(self._meta.get("parameters") or {})
+
+    @property
+    def executed_notebook_path(self) -> Path:
+        """Where the executed notebook is (to be) saved: ``studies/<study_id>/<notebook file name>``."""
+        return self.path / self._meta["executed_notebook"]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return list(self._read_meta().get("run_ids") or [])
+
+    @property
+    def status(self) -> str:
+        return self._read_meta()["status"]
+
+    def record(self) -> StudyRecord:
+        return self.store.study_record(self.study_id)
+
+    def runs(self) -> list[RunRecord]:
+        """Records of the study's runs, in the order they were added."""
+        return [self.store.run_record(run_id) for run_id in self.run_ids]
+
+    def __repr__(self) -> str:
+        return f"Study({self.study_id!r}, notebook={self.notebook!r}, profile={self.profile!r})"
+
+    def _read_meta(self) -> dict:
+        meta, reason = _read_json_object(self.path / "study.json", "study.json")
+        if meta is None:
+            raise WorkbenchError(f"study {self.path.name} is corrupt: {reason}")
+        return meta
+
+    def _update(self, change: Callable[[dict], None]) -> None:
+        with _folder_lock(self.path):
+            meta = self._read_meta()
+            change(meta)
+            atomic_write_json(self.path / "study.json", meta, nonfinite="error")
+        self._meta = meta
+
+    def add_run(self, run_id: str) -> None:
+        """Link an existing run to this study (idempotent)."""
+        _check_id(run_id, "run id")
+        if not (self.store.runs_dir / run_id / "run.json").is_file():
+            raise WorkbenchError(f"cannot add run {run_id!r} to study {self.study_id}: no such run under {self.store.runs_dir}")
+
+        def change(meta: dict) -> None:
+            ids = list(meta.get("run_ids") or [])
+            if run_id not in ids:
+                ids.append(run_id)
+            meta["run_ids"] = ids
+            if meta.get("status") == "running":
+                meta["heartbeat"] = _iso(_now())
+
+        self._update(change)
+
+    def heartbeat(self) -> None:
+        """Record that the process driving the study is alive."""
+
+        def change(meta: dict) -> None:
+            if meta.get("status") == "running":
+                meta["heartbeat"] = _iso(_now())
+
+        self._update(change)
+
+    def mark_finished(self) -> None:
+        now = _iso(_now())
+        self._update(lambda meta: meta.update(status="finished", reason=None, finished=now, heartbeat=now))
+
+    def mark_failed(self, reason: str) -> None:
+        line = _one_line(reason) if reason is not None else ""
+        if not line:
+            raise WorkbenchError("mark_failed needs a reason, e.g. the failing cell's error")
+        now = _iso(_now())
+        self._update(lambda meta: meta.update(status="failed", reason=line, finished=now, heartbeat=now))
+
+
+# ----------------------------------------------------------------------------------------------- RunStore
+class RunStore:
+    """The artifacts root: creates, opens and lists runs and studies.
+
+    ``RunStore()`` uses :func:`default_root`. Nothing is created until something is written, and nothing is
+    cached: every listing reads the small JSON files again (callers cache with their own TTL).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, stale_after: float = DEFAULT_STALE_AFTER):
+        self.root = default_root(root)
+        self.stale_after = float(stale_after)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def studies_dir(self) -> Path:
+        return self.root / "studies"
+
+    def __repr__(self) -> str:
+        return f"RunStore('{self.root}')"
+
+    # path safety -----------------------------------------------------------------------------------------
+    def resolve(self, relative: str | os.PathLike) -> Path:
+        """The absolute path of ``relative`` inside the root. Refuses absolute paths, any ``..`` component and
+        anything that resolves outside the root through a symlink (WorkbenchError)."""
+        if not isinstance(relative, (str, os.PathLike)):
+            raise WorkbenchError(f"artifact path must be a string, got {type(relative).__name__}")
+        text = os.fspath(relative)
+        if not isinstance(text, str) or "\x00" in text:
+            raise WorkbenchError(f"artifact path {relative!r} is not a valid path")
+        candidate = Path(text)
+        if candidate.is_absolute() or candidate.anchor or text.startswith(("/", "\\")):
+            raise WorkbenchError(f"artifact path {text!r} is absolute; give a path relative to the artifacts root")
+        if ".." in candidate.parts or ".." in text.replace("\\", "/").split("/"):
+            raise WorkbenchError(f"artifact path {text!r} contains '..'; give a path inside the artifacts root")
+        root_real = os.path.realpath(self.root)
+        target = os.path.realpath(os.path.join(root_real, text))
+        if not _inside(root_real, target):
+            raise WorkbenchError(f"artifact path {text!r} leads outside the artifacts root through a symlink; refused")
+        return Path(target)
+
+    def _checked_folder(self, folder: Path, what: str) -> None:
+        if folder.exists() and not _inside(os.path.realpath(self.root), folder):
+            raise WorkbenchError(f"{folder} leads outside the artifacts root {self.root} (a symlink?); refusing to use it")
+
+    # runs ------------------------------------------------------------------------------------------------
+    def create_run(
+        self,
+        kind: str,
+        config: Mapping[str, Any] | Any,
+        tags: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+        study_id: str | None = None,
+    ) -> Run:
+        """Create ``runs/<run_id>/`` with ``config.json`` and ``run.json`` (status running) and return the Run.
+
+        Without ``run_id`` a readable unique one is generated: ``<UTC yyyymmdd-hhmmss>-<kind>-<key tags>-<4 hex>``,
+        the key tags being source, target, arch/architecture/model, method and seed (``s<seed>``) when present.
+        A given ``run_id`` that already exists is refused. ``config`` is a dict or a stage config (``to_dict()``);
+        it must be JSON-serialisable with finite numbers. ``study_id`` links the run to an existing study (the
+        run is added to the study's run list).
+        """
+        kind = _check_kind(kind)
+        tags = _check_tags(tags)
+        if isinstance(config, Mapping) or callable(getattr(config, "to_dict", None)):
+            config_json = to_jsonable(config, nonfinite="error", where="config")
+        else:
+            raise WorkbenchError(f"config must be a dict or a stage config, got {type(config).__name__}")
+        study = self.open_study(study_id) if study_id is not None else None
+        if run_id is not None:
+            _check_id(run_id, "run id")
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._checked_folder(self.runs_dir, "runs folder")
+        created = _now()
+        if run_id is not None:
+            path = self.runs_dir / run_id
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise WorkbenchError(
+                    f"run id {run_id!r} already exists under {self.runs_dir}; choose another run_id or omit it to get "
+                    "a fresh one"
+                ) from None
+        else:
+            for _ in range(100):
+                run_id = _make_run_id(kind, tags, created)
+                path = self.runs_dir / run_id
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:  # pragma: no cover - 65536 random suffixes per second
+                raise WorkbenchError(f"could not find a free run id under {self.runs_dir}; pass run_id explicitly")
+        stamp = _iso(created)
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": run_id,
+            "kind": kind,
+            "created": stamp,
+            "status": "running",
+            "reason": None,
+            "finished": None,
+            "tags": tags,
+            "study_id": study_id,
+            **_owner_fields(),
+            "heartbeat": stamp,
+            "environment": environment_info(),
+        }
+        # run.json last: a folder without it is a creation that did not complete, and is listed as such.
+        try:
+            atomic_write_json(path / "config.json", config_json, nonfinite="error")
+            atomic_write_json(path / "run.json", meta, nonfinite="error")
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)  # the folder was made by this call and holds nothing else
+            raise
+        if study is not None:
+            study.add_run(run_id)
+        return Run(self, path, meta, config_json)
+
+    def open_run(self, run_id: str) -> Run:
+        """Open an existing run (WorkbenchError if it does not exist or is corrupt)."""
+        _check_id(run_id, "run id")
+        folder = self.runs_dir / run_id
+        if not os.path.lexists(folder):
+            raise WorkbenchError(f"no run {run_id!r} under {self.runs_dir}; RunStore.list_runs() shows the existing ones")
+        record, meta = self._scan_run(folder, run_id, os.path.realpath(self.root), time.time(), with_summary=True)
+        if record.status == "corrupt":
+            raise WorkbenchError(f"run {run_id} is corrupt: {record.reason}")
+        config, reason = _read_json_object(folder / "config.json", "config.json")
+        if config is None:
+            raise WorkbenchError(f"run {run_id} is corrupt: {reason}")
+        return Run(self, folder, meta, config)
+
+    def run_record(self, run_id: str) -> RunRecord:
+        """The record of one run; a missing folder is reported as corrupt, never raised."""
+        _check_id(run_id, "run id")
+        folder = self.runs_dir / run_id
+        if not os.path.lexists(folder):
+            return RunRecord(run_id, folder, "corrupt", "no such run folder")
+        return self._scan_run(folder, run_id, os.path.realpath(self.root), time.time(), with_summary=True)[0]
+
+    def list_runs(self, kind: str | None = None, *, study_id: str | None = None, **tag_filters: Any) -> list[RunRecord]:
+        """Records of all runs, oldest first (corrupt ones included when no filter is given).
+
+        ``kind``, ``study_id`` and ``tag=value`` filters select runs; a filter value may be a list/tuple/set of
+        accepted values, and values also match by their string form (``seed="0"`` matches seed 0). Reads only
+        ``run.json`` and ``summary.json`` of each run.
+        """
+        root_real = os.path.realpath(self.root)
+        runs_dir = self.runs_dir
+        if not runs_dir.is_dir():
+            return []
+        if not _inside(root_real, runs_dir):
+            return [RunRecord("runs", runs_dir, "corrupt", "the runs folder leads outside the artifacts root; not read")]
+        now = time.time()
+        filtered = kind is not None or study_id is not None or bool(tag_filters)
+        records = []
+        for entry in sorted(os.scandir(runs_dir), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                continue
+            record, _ = self._scan_run(Path(entry.path), entry.name, root_real, now, with_summary=False, entry=entry)
+            if filtered and not _matches(record, kind, study_id, tag_filters):
+                continue
+            if record.status != "corrupt":
+                record = self._attach_summary(record)
+            records.append(record)
+        records.sort(key=lambda r: (r.created or "", r.run_id))
+        return records
+
+    def runs_table(self, kind: str | None = None, *, include_config: bool = False, study_id: str | None = None, **tag_filters: Any):
+        """A pandas DataFrame with one row per run (same filters as :meth:`list_runs`).
+
+        Columns: run_id, kind, status, reason, created, finished, heartbeat (UTC timestamps), study_id, path
+        (relative to the root), then ``tags.<name>`` and ``summary.<metric>`` (nested dicts flattened with dots),
+        and ``config.<field>`` with ``include_config=True`` (one more small file per run).
+        """
+        import pandas as pd
+
+        records = self.list_runs(kind, study_id=study_id, **tag_filters)
+        rows = []
+        for record in records:
+            row = record.row(self.root)
+            if include_config and record.ok:
+                config, _ = _read_json_object(record.path / "config.json", "config.json")
+                _flatten("config", config or {}, row)
+            rows.append(row)
+        fixed = ["run_id", "kind", "status", "reason", "created", "finished", "heartbeat", "study_id", "path"]
+        extra = sorted({key for row in rows for key in row} - set(fixed))
+        frame = pd.DataFrame(rows, columns=fixed + extra)
+        for column in ("created", "finished", "heartbeat"):
+            frame[column] = pd.to_datetime(frame[column], utc=True, errors="coerce", format="ISO8601")
+        return frame
+
+    def _attach_summary(self, record: RunRecord) -> RunRecord:
+        path = record.path / "summary.json"
+        if not os.path.lexists(path):
+            return record
+        if os.path.islink(path) and not _inside(os.path.realpath(self.root), path):
+            return dataclasses.replace(record, status="corrupt", reason="summary.json is a symlink out of the artifacts root")
+        summary, reason = _read_json_object(path, "summary.json")
+        if summary is None:
+            return dataclasses.replace(record, status="corrupt", reason=reason)
+        return dataclasses.replace(record, summary=summary)
+
+    def _scan_run(self, folder: Path, name: str, root_real: str, now: float, *, with_summary: bool, entry=None):
+        """(RunRecord, meta or None) for one entry of runs/. Never raises for a bad folder."""
+        corrupt = functools.partial(RunRecord, name, folder, "corrupt")
+        is_link = entry.is_symlink() if entry is not None else os.path.islink(folder)
+        if is_link and not _inside(root_real, folder):
+            return corrupt("a symlink leading outside the artifacts root; not read"), None
+        is_dir = entry.is_dir() if entry is not None else folder.is_dir()
+        if not is_dir:
+            return corrupt("a file, not a run folder"), None
+        meta_path = folder / "run.json"
+        if os.path.islink(meta_path) and not _inside(root_real, meta_path):
+            return corrupt("run.json is a symlink out of the artifacts root; not read"), None
+        meta, reason = _read_json_object(meta_path, "run.json")
+        if meta is None:
+            if reason == "run.json is missing":
+                reason = (
+                    "run.json is missing (run creation was interrupted)" if (folder / "config.json").exists()
+                    else "not a run folder: no run.json"
+                )
+            return corrupt(reason), None
+        reason = _schema_problem(meta, "run.json")
+        if reason:
+            return corrupt(reason), None
+        reason = _run_meta_problem(meta, name)
+        if reason:  # readable under this schema: keep what it says, so filters can still find it
+            return corrupt(
+                reason,
+                kind=meta.get("kind") if isinstance(meta.get("kind"), str) else None,
+                created=meta.get("created") if isinstance(meta.get("created"), str) else None,
+                tags=meta["tags"] if isinstance(meta.get("tags"), dict) else {},
+            ), None
+        status, reason = meta["status"], meta.get("reason") or ""
+        if status == "running":
+            status, reason, _ = _liveness(meta, now, self.stale_after)
+        record = RunRecord(
+            run_id=name,
+            path=folder,
+            status=status,
+            reason=reason,
+            kind=meta["kind"],
+            created=meta["created"],
+            tags=dict(meta.get("tags") or {}),
+            study_id=meta.get("study_id"),
+            stored_status=meta["status"],
+            finished=meta.get("finished"),
+            heartbeat=meta.get("heartbeat"),
+            pid=meta.get("pid"),
+            host=meta.get("host"),
+            environment=meta.get("environment") if isinstance(meta.get("environment"), dict) else {},
+        )
+        if with_summary:
+            record = self._attach_summary(record)
+        return record, meta
+
+    # studies ---------------------------------------------------------------------------------------------
+    def create_study(self, notebook: str, profile: str, parameters: Mapping[str, Any], study_id: str | None = None) -> Study:
+        """Create ``studies/<study_id>/study.json`` (status running) for executing ``notebook`` with ``profile``.
+
+        The executed notebook belongs at :attr:`Study.executed_notebook_path` (the notebook's file name inside
+        the study folder). Runs created with ``study_id=`` are added to the study automatically.
+        """
+        if not isinstance(notebook, (str, os.PathLike)) or not str(notebook).strip():
+            raise WorkbenchError(f"study notebook must be a notebook path such as 'notebooks/01_meta_train.ipynb', got {notebook!r}")
+        notebook = os.fspath(notebook)
+        if not isinstance(profile, str) or not profile.strip():
+            raise WorkbenchError(f"study profile must be a profile name such as 'smoke', got {profile!r}")
+        if not isinstance(parameters, Mapping):
+            raise WorkbenchError(f"study parameters must be a dict, got {type(parameters).__name__}")
+        parameters_json = to_jsonable(parameters, nonfinite="error", where="parameters")
+        executed = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(notebook).name).lstrip("._-") or "study.ipynb"
+        if study_id is not None:
+            _check_id(study_id, "study id")
+        self.studies_dir.mkdir(parents=True, exist_ok=True)
+        self._checked_folder(self.studies_dir, "studies folder")
+        created = _now()
+        if study_id is not None:
+            path = self.studies_dir / study_id
+            try:
+                path.mkdir()
+            except FileExistsError:
+                raise WorkbenchError(
+                    f"study id {study_id!r} already exists under {self.studies_dir}; choose another or omit it"
+                ) from None
+        else:
+            for _ in range(100):
+                study_id = _make_study_id(notebook, profile, created)
+                path = self.studies_dir / study_id
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:  # pragma: no cover
+                raise WorkbenchError(f"could not find a free study id under {self.studies_dir}; pass study_id")
+        environment = environment_info()
+        stamp = _iso(created)
+        meta = {
+            "schema_version": SCHEMA_VERSION,
+            "study_id": study_id,
+            "notebook": notebook,
+            "profile": profile,
+            "parameters": parameters_json,
+            "status": "running",
+            "reason": None,
+            "created": stamp,
+            "finished": None,
+            "run_ids": [],
+            "executed_notebook": executed,
+            "git_revision": environment.get("git_revision"),
+            "git_dirty": environment.get("git_dirty"),
+            **_owner_fields(),
+            "heartbeat": stamp,
+            "environment": environment,
+        }
+        atomic_write_json(path / "study.json", meta, nonfinite="error")
+        return Study(self, path, meta)
+
+    def open_study(self, study_id: str) -> Study:
+        """Open an existing study (WorkbenchError if it does not exist or is corrupt)."""
+        _check_id(study_id, "study id")
+        folder = self.studies_dir / study_id
+        if not os.path.lexists(folder):
+            raise WorkbenchError(
+                f"no study {study_id!r} under {self.studies_dir}; RunStore.list_studies() shows the existing ones"
+            )
+        record, meta = self._scan_study(folder, study_id, os.path.realpath(self.root), time.time())
+        if record.status == "corrupt":
+            raise WorkbenchError(f"study {study_id} is corrupt: {record.reason}")
+        return Study(self, folder, meta)
+
+    def study_record(self, study_id: str) -> StudyRecord:
+        _check_id(study_id, "study id")
+        folder = self.studies_dir / study_id
+        if not os.path.lexists(folder):
+            return StudyRecord(study_id, folder, "corrupt", "no such study folder")
+        return self._scan_study(folder, study_id, os.path.realpath(self.root), time.time())[0]
+
+    def list_studies(self) -> list[StudyRecord]:
+        """Records of all studies, oldest first, corrupt ones included with their reason."""
+        root_real = os.path.realpath(self.root)
+        if not self.studies_dir.is_dir():
+            return []
+        if not _inside(root_real, self.studies_dir):
+            return [StudyRecord("studies", self.studies_dir, "corrupt", "the studies folder leads outside the artifacts root; not read")]
+        now = time.time()
+        records = [
+            self._scan_study(Path(entry.path), entry.name, root_real, now, entry=entry)[0]
+            for entry in sorted(os.scandir(self.studies_dir), key=lambda e: e.name)
+            if not entry.name.startswith(".")
+        ]
+        records.sort(key=lambda r: (r.created or "", r.study_id))
+        return records
+
+    def studies_table(self):
+        """A pandas DataFrame with one row per study: study_id, status, reason, notebook, profile, created,
+        finished, runs (count), executed_notebook (relative to the study folder, None until written),
+        git_revision, git_dirty, path, and ``parameters.<name>``."""
+        import pandas as pd
+
+        rows = [record.row(self.root) for record in self.list_studies()]
+        fixed = [
+            "study_id", "status", "reason", "notebook", "profile", "created", "finished", "runs",
+            "executed_notebook", "git_revision", "git_dirty", "path",
+        ]
+        extra = sorted({key for row in rows for key in row} - set(fixed))
+        frame = pd.DataFrame(rows, columns=fixed + extra)
+        for column in ("created", "finished"):
+            frame[column] = pd.to_datetime(frame[column], utc=True, errors="coerce", format="ISO8601")
+        return frame
+
+    def _scan_study(self, folder: Path, name: str, root_real: str, now: float, entry=None):
+        corrupt = functools.partial(StudyRecord, name, folder, "corrupt")
+        is_link = entry.is_symlink() if entry is not None else os.path.islink(folder)
+        if is_link and not _inside(root_real, folder):
+            return corrupt("a symlink leading outside the artifacts root; not read"), None
+        if not (entry.is_dir() if entry is not None else folder.is_dir()):
+            return corrupt("a file, not a study folder"), None
+        meta_path = folder / "study.json"
+        if os.path.islink(meta_path) and not _inside(root_real, meta_path):
+            return corrupt("study.json is a symlink out of the artifacts root; not read"), None
+        meta, reason = _read_json_object(meta_path, "study.json")
+        if meta is None:
+            return corrupt("not a study folder: no study.json" if reason == "study.json is missing" else reason), None
+        reason = _schema_problem(meta, "study.json") or _study_meta_problem(meta, name)
+        if reason:
+            return corrupt(reason), None
+        status, reason = meta["status"], meta.get("reason") or ""
+        if status == "running":
+            status, reason, cause = _liveness(meta, now, self.stale_after)
+            if status == "stale" and cause == "heartbeat":
+                # A study is alive while any of its runs is: the runner is blocked inside papermill meanwhile.
+                for run_id in meta.get("run_ids") or []:
+                    run = self.run_record(run_id)
+                    if run.status == "running":
+                        status, reason = "running", f"run {run_id} is running"
+                        break
+        executed = meta.get("executed_notebook")
+        record = StudyRecord(
+            study_id=name,
+            path=folder,
+            status=status,
+            reason=reason,
+            notebook=meta["notebook"],
+            profile=meta["profile"],
+            parameters=dict(meta.get("parameters") or {}),
+            created=meta["created"],
+            finished=meta.get("finished"),
+            run_ids=tuple(meta.get("run_ids") or ()),
+            executed_notebook=executed,
+            executed_notebook_exists=bool(executed) and (folder / executed).is_file(),
+            git_revision=meta.get("git_revision"),
+            git_dirty=meta.get("git_dirty"),
+            stored_status=meta["status"],
+            heartbeat=meta.get("heartbeat"),
+            pid=meta.get("pid"),
+            host=meta.get("host"),
+            environment=meta.get("environment") if isinstance(meta.get("environment"), dict) else {},
+        )
+        return record, meta
+
+
+# ------------------------------------------------------------------------------------------ record checks
+def _run_meta_problem(meta: dict, folder_name: str) -> str:
+    if meta.get("run_id") != folder_name:
+        return f"run.json names run {meta.get('run_id')!r} but the folder is {folder_name!r} (renamed or copied?)"
+    if not isinstance(meta.get("kind"), str):
+        return "run.json has no kind"
+    if meta.get("status") not in RUN_STATUSES:
+        return f"run.json has an unknown status {meta.get('status')!r}"
+    if not isinstance(meta.get("created"), str):
+        return "run.json has no creation time"
+    if not isinstance(meta.get("tags", {}), dict):
+        return "run.json tags are not an object"
+    if meta.get("study_id") is not None and not isinstance(meta.get("study_id"), str):
+        return "run.json study_id is not a string"
+    return ""
+
+
+def _study_meta_problem(meta: dict, folder_name: str) -> str:
+    if meta.get("study_id") != folder_name:
+        return f"study.json names study {meta.get('study_id')!r} but the folder is {folder_name!r} (renamed or copied?)"
+    for key in ("notebook", "profile", "created"):
+        if not isinstance(meta.get(key), str):
+            return f"study.json has no {key}"
+    if meta.get("status") not in RUN_STATUSES:
+        return f"study.json has an unknown status {meta.get('status')!r}"
+    if not isinstance(meta.get("run_ids", []), list):
+        return "study.json run_ids is not a list"
+    if not isinstance(meta.get("parameters", {}), dict):
+        return "study.json parameters are not an object"
+    executed = meta.get("executed_notebook")
+    if executed is not None and (not isinstance(executed, str) or not _NAME_RE.match(executed)):
+        return f"study.json executed_notebook {executed!r} is not a file name inside the study folder"
+    return ""
+
+
+def _liveness(meta: dict, now: float, stale_after: float) -> tuple[str, str, str]:
+    """(status "running" | "stale", reason, cause "process" | "heartbeat") for a record stored as running."""
+    pid, host = meta.get("pid"), meta.get("host")
+    where = f"pid {pid} on {host}"
+    state = _process_state(pid, host, meta.get("pid_start"))
+    beat = _parse_iso(meta.get("heartbeat")) or _parse_iso(meta.get("created"))
+    age = None if beat is None else now - beat.timestamp()
+    last = "no readable heartbeat" if age is None else f"last heartbeat {_human_age(age)} ago"
+    if state == "gone":
+        return "stale", f"stale: process {pid} on {host} is gone without marking it finished or failed", "process"
+    if state == "alive":
+        return "running", f"process alive ({where}); {last}", "process"
+    if age is None:
+        return "stale", f"stale: no readable heartbeat ({where})", "heartbeat"
+    if age > stale_after:
+        return "stale", f"stale: no heartbeat for {_human_age(age)} ({where}); the process probably died", "heartbeat"
+    return "running", f"{last} ({where})", "heartbeat"
+
+
+def _matches(record: RunRecord, kind: str | None, study_id: str | None, tag_filters: Mapping[str, Any]) -> bool:
+    if kind is not None and record.kind != kind:
+        return False
+    if study_id is not None and record.study_id != study_id:
+        return False
+    for key, wanted in tag_filters.items():
+        if key not in record.tags:
+            return False
+        options = wanted if isinstance(wanted, (list, tuple, set, frozenset)) else (wanted,)
+        value = record.tags[key]
+        if not any(value == option or str(value) == str(option) for option in options):
+            return False
+    return True
+
+
+def _make_run_id(kind: str, tags: Mapping[str, Any], created: _dt.datetime) -> str:
+    parts = [created.strftime("%Y%m%d-%H%M%S"), _slug(kind)]
+    for key in ID_TAGS:
+        value = tags.get(key)
+        if value is None or value == "" or isinstance(value, bool):
+            continue
+        slug = _slug(str(value))[:24].strip("-")
+        if slug:
+            parts.append(f"s{slug}" if key == "seed" else slug)
+    readable = "-".join(parts)[:110].rstrip("-")
+    return f"{readable}-{secrets.token_hex(2)}"
+
+
+def _make_study_id(notebook: str, profile: str, created: _dt.datetime) -> str:
+    stem = _slug(Path(notebook).stem)[:40].strip("-") or "study"
+    profile_slug = _slug(profile)[:24].strip("-")
+    parts = [created.strftime("%Y%m%d-%H%M%S"), stem] + ([profile_slug] if profile_slug else [])
+    return f"{'-'.join(parts)}-{secrets.token_hex(2)}"

@@ -1,0 +1,147 @@
+"""Typed configs: one dataclass per stage, loaded from dicts, YAML files or ``key=value`` flags.
+
+Each stage declares its own ``@dataclass`` deriving from :class:`Config` (``MetaTrainConfig`` in
+``meta_train.py``, ``TransferConfig`` in ``transfer.py`` ...). This module holds the shared machinery:
+unknown keys and ill-typed values are refused with one clear sentence (papermill only warns about unknown
+parameters; we refuse them), and every config is written back next to the artifacts it produced.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+
+from .errors import WorkbenchError
+
+C = TypeVar("C", bound="Config")
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting only where it is lossless (int -> float, str -> Path)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except WorkbenchError as exc:
+                errors.append(str(exc))
+        raise WorkbenchError(errors[0] if errors else f"config field '{name}' has an invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise WorkbenchError(f"config field '{name}' must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise WorkbenchError(f"config field '{name}' must be a list, got {type(value).__name__} {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise WorkbenchError(f"config field '{name}' must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise WorkbenchError(f"config field '{name}' must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise WorkbenchError(f"config field '{name}' must be an integer, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WorkbenchError(f"config field '{name}' must be a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise WorkbenchError(f"config field '{name}' must be a string, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is Path:
+        if not isinstance(value, (str, Path)):
+            raise WorkbenchError(f"config field '{name}' must be a path, got {type(value).__name__} {value!r}")
+        return Path(value)
+    return value
+
+
+@dataclasses.dataclass
+class Config:
+    """Base of every stage config. Subclasses add fields with defaults and may override :meth:`validate`."""
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], values: Mapping[str, Any] | None = None, **overrides: Any) -> C:
+        merged = {**(dict(values) if values else {}), **overrides}
+        known = set(cls.field_names())
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise WorkbenchError(
+                f"unknown {cls.__name__} parameter(s) {unknown}; valid names are: {', '.join(sorted(known))}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {key: _coerce(key, value, hints[key]) for key, value in merged.items()}
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls: type[C], path: str | Path, **overrides: Any) -> C:
+        path = Path(path)
+        if not path.is_file():
+            raise WorkbenchError(f"config file {path} does not exist; pass the path of a YAML file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise WorkbenchError(f"config file {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(values, Mapping):
+            raise WorkbenchError(f"config file {path} must hold a mapping of parameter names to values")
+        return cls.from_dict(values, **overrides)
+
+    def validate(self) -> None:
+        """Raise WorkbenchError for values that type-check but make no sense (override in subclasses)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = str(value) if isinstance(value, Path) else (list(value) if isinstance(value, tuple) else value)
+        return out
+
+    def replace(self: C, **changes: Any) -> C:
+        return type(self).from_dict(self.to_dict(), **changes)
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn ``["steps=10", "lr=1e-3"]`` into ``{"steps": 10, "lr": 0.001}`` (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise WorkbenchError(f"override {pair!r} must look like key=value, e.g. steps=100")
+        key, raw = pair.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def require(condition: bool, message: str) -> None:
+    """Shorthand for validation rules in ``Config.validate``."""
+    if not condition:
+        raise WorkbenchError(message)

@@ -1,0 +1,366 @@
+"""The MetaPerturb perturbation function phi and the per-site state that applies it.
+
+For a feature map h of shape (B, C, H, W) at one site (notation of ``../shared/reference/README.md``):
+
+* channel-equivariant layer ``E(h)_c = K_id * h_c + K_all * mean_c'(h_c')`` (3x3, zero padding, no bias; the same two
+  kernels for every channel, so permuting channels permutes the output);
+* noise ``z = softplus(mu + eps)`` with ``mu = E2(relu(E1(h)))`` and ``eps ~ N(0, 1)`` elementwise;
+* scale ``s_c = sigmoid(w . [m_c, v_c, C / channel_norm, H / spatial_norm])`` where ``f_{b,c,j}`` is the spatial mean
+  of ``relu(K_j * h_{b,c})`` (four shared kernels), and ``m_c``, ``v_c`` its batch mean and unbiased batch variance
+  (training) or their running averages (evaluation);
+* output ``h * (1 + k * (s * z - 1))``, then ``min(., clip)`` when a clip value is set; the layer's own ReLU follows.
+
+phi has 82 parameters: 4 x 9 for the two equivariant layers, 4 x 9 for the scale kernels, 10 for the linear map.
+
+Running-variance convention: like the original code, the running variance is updated with the *unbiased* batch
+variance multiplied once more by B / (B - 1) (``double_bessel=True``, the default), which is what the authors'
+released phi saw during its own evaluation and what ``official_reference_shared.npz`` records. Pass
+``double_bessel=False`` for the textbook single correction.
+
+Speed: every 3x3 operation here is depthwise, which PyTorch's CPU kernels run about 5x faster in channels_last than
+in NCHW; the site therefore computes in channels_last and returns the input's layout. The four scale kernels and the
+per-channel noise kernel see the same input, so they run as one depthwise convolution over a channel-repeated view.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WorkbenchError
+
+FORMAT_NAME = "workbench.metaperturb"
+FORMAT_VERSION = 1
+
+# Official release key -> our parameter name.
+_OFFICIAL_KEYS = {
+    "phi_1.w_identity": "noise1.w_identity",
+    "phi_1.w_all": "noise1.w_all",
+    "phi_2.w_identity": "noise2.w_identity",
+    "phi_2.w_all": "noise2.w_all",
+    "kernel": "scale_kernels",
+    "fc.weight": "scale_fc.weight",
+}
+_NUM_SCALE_KERNELS = 4
+
+
+def _depthwise(h: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """Apply one (1, 1, 3, 3) kernel to every channel of ``h`` (zero padding 1)."""
+    channels = h.shape[1]
+    return F.conv2d(h, kernel.expand(channels, 1, 3, 3), padding=1, groups=channels)
+
+
+def equivariant(h: torch.Tensor, w_identity: torch.Tensor, w_all: torch.Tensor) -> torch.Tensor:
+    """``E(h)_c = w_identity * h_c + w_all * mean_c(h)``: a DeepSets layer over channels with 3x3 kernels."""
+    pooled = F.conv2d(h.mean(dim=1, keepdim=True), w_all, padding=1)
+    return _depthwise(h, w_identity) + pooled
+
+
+def _scale_features_fast(h: torch.Tensor, scale_kernels: torch.Tensor) -> torch.Tensor:
+    """f[b, c, j] = spatial mean of relu(K_j * h[b, c]) as four depthwise convolutions; shape (B, C, 4)."""
+    return torch.stack(
+        [F.relu(_depthwise(h, scale_kernels[j : j + 1])).mean(dim=(2, 3)) for j in range(scale_kernels.shape[0])],
+        dim=2,
+    )
+
+
+def _standard_normal_like(x: torch.Tensor) -> torch.Tensor:
+    """randn in x's memory layout: drawing a channels_last tensor directly takes a slow strided path."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return torch.randn_like(x, memory_format=torch.contiguous_format)
+    b, c, height, width = x.shape
+    return torch.randn(b, height, width, c, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
+
+
+class EquivariantLayer(nn.Module):
+    """Two shared 3x3 kernels: one applied to each channel, one to the channel mean (broadcast to all channels)."""
+
+    def __init__(self, init_std: float = 0.01):
+        super().__init__()
+        self.w_identity = nn.Parameter(torch.randn(1, 1, 3, 3) * init_std)
+        self.w_all = nn.Parameter(torch.randn(1, 1, 3, 3) * init_std)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return equivariant(h, self.w_identity, self.w_all)
+
+
+class MetaPerturb(nn.Module):
+    """phi: the 82-parameter perturbation function shared by every site of every network.
+
+    It holds parameters only; per-site running statistics live in :class:`PerturbSite`.
+    """
+
+    def __init__(self, init_std: float = 0.01):
+        super().__init__()
+        self.noise1 = EquivariantLayer(init_std)
+        self.noise2 = EquivariantLayer(init_std)
+        self.scale_kernels = nn.Parameter(torch.randn(_NUM_SCALE_KERNELS, 1, 3, 3) * init_std)
+        self.scale_fc = nn.Linear(2 * _NUM_SCALE_KERNELS + 2, 1, bias=False)
+        nn.init.normal_(self.scale_fc.weight, std=init_std)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"parameters={self.num_parameters}"
+
+    # ----------------------------------------------------------------------------------------- the function
+    def noise_mean(self, h: torch.Tensor) -> torch.Tensor:
+        """mu = E2(relu(E1(h))), the mean of the pre-softplus Gaussian noise (reference form)."""
+        return self.noise2(F.relu(self.noise1(h)))
+
+    def scale_features(self, h: torch.Tensor) -> torch.Tensor:
+        """f[b, c, j] = spatial mean of relu(K_j * h[b, c]), shape (B, C, 4) (reference form)."""
+        b, c, height, width = h.shape
+        maps = F.conv2d(h.reshape(b * c, 1, height, width), self.scale_kernels, padding=1)
+        return F.relu(maps).mean(dim=(2, 3)).view(b, c, _NUM_SCALE_KERNELS)
+
+    def channel_scale(self, mean: torch.Tensor, var: torch.Tensor, channel_ratio: float, size_ratio: float):
+        """s_c = sigmoid(w . [m_c, v_c, C/channel_norm, H/spatial_norm]) for (C, 4) statistics; returns (C,)."""
+        channels = mean.shape[0]
+        extra = mean.new_tensor([channel_ratio, size_ratio]).expand(channels, 2)
+        return torch.sigmoid(self.scale_fc(torch.cat([mean, var, extra], dim=1))).squeeze(1)
+
+    # ----------------------------------------------------------------------------------------- persistence
+    @classmethod
+    def from_official(cls, path: str | os.PathLike, map_location="cpu") -> "MetaPerturb":
+        """Load the authors' release (``perturb_750.pth``: a legacy pickle of a state dict saved from CUDA)."""
+        state = _load_state(path, map_location)
+        return cls._from_official_state(state, path)
+
+    @classmethod
+    def _from_official_state(cls, state: dict, path) -> "MetaPerturb":
+        missing = sorted(set(_OFFICIAL_KEYS) - set(state))
+        if missing or set(state) - set(_OFFICIAL_KEYS):
+            raise WorkbenchError(
+                f"{path} is not a MetaPerturb release: expected keys {sorted(_OFFICIAL_KEYS)}, found {sorted(state)}"
+            )
+        phi = cls()
+        phi._load_checked({_OFFICIAL_KEYS[k]: v for k, v in state.items()}, path)
+        return phi
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location="cpu") -> "MetaPerturb":
+        """Load phi saved by :meth:`save`, or the authors' release format (detected by its keys)."""
+        state = _load_state(path, map_location)
+        if state.get("format") == FORMAT_NAME:
+            version = state.get("version")
+            if version != FORMAT_VERSION:
+                raise WorkbenchError(
+                    f"{path} is a phi file of format version {version}; this workbench reads version "
+                    f"{FORMAT_VERSION}: upgrade the workbench or re-save the file"
+                )
+            phi = cls()
+            phi._load_checked(state.get("state_dict", {}), path)
+            return phi
+        if set(state) & set(_OFFICIAL_KEYS):
+            return cls._from_official_state(state, path)
+        raise WorkbenchError(
+            f"{path} is not a phi file: expected a workbench phi (format '{FORMAT_NAME}') or the authors' "
+            f"perturb_750.pth, found keys {sorted(state)[:8]}"
+        )
+
+    def save(self, path: str | os.PathLike, **metadata) -> Path:
+        """Write phi atomically in the workbench format (state dict + format tag + free-form metadata)."""
+        from .artifacts import atomic_torch_save
+
+        payload = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "state_dict": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+            "metadata": {k: v for k, v in metadata.items()},
+        }
+        path = Path(path)
+        atomic_torch_save(payload, path)
+        return path
+
+    def _load_checked(self, state: dict, path) -> None:
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+        if set(found) != set(expected):
+            raise WorkbenchError(f"{path} does not hold phi's parameters: expected {sorted(expected)}, found {sorted(found)}")
+        for key, shape in expected.items():
+            if found[key] != tuple(shape):
+                raise WorkbenchError(
+                    f"{path}: parameter {key} has shape {found[key]}, expected {tuple(shape)}; not a MetaPerturb phi"
+                )
+        with torch.no_grad():
+            self.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def _load_state(path, map_location) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"phi file {path} does not exist; give the path of a saved phi or of perturb_750.pth")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WorkbenchError(f"cannot read phi file {path} ({first[:160]}); is it a torch checkpoint?") from None
+    if not isinstance(state, dict):
+        raise WorkbenchError(f"{path} holds a {type(state).__name__}, not a state dict of phi")
+    return state
+
+
+def perturb(
+    h: torch.Tensor,
+    phi: MetaPerturb,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    *,
+    channel_norm: float,
+    spatial_norm: float,
+    training: bool,
+    momentum: float = 0.1,
+    noise_coeff: float = 1.0,
+    clip: Optional[float] = None,
+    eps: Optional[torch.Tensor] = None,
+    double_bessel: bool = True,
+):
+    """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)``.
+
+    In training mode the batch statistics are used and ``running_mean``/``running_var`` (C, 4) are updated in place;
+    otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
+    """
+    b, c, height, width = h.shape
+    layout_in = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous() else None
+    x = h.contiguous(memory_format=torch.channels_last)
+
+    mu = equivariant(F.relu(equivariant(x, phi.noise1.w_identity, phi.noise1.w_all)), phi.noise2.w_identity, phi.noise2.w_all)
+    features = _scale_features_fast(x, phi.scale_kernels)
+
+    if training:
+        if b < 2:
+            raise WorkbenchError(
+                "a perturbation site in training mode needs a batch of at least 2 (it uses the batch variance); "
+                "use a larger batch or call model.eval()"
+            )
+        mean = features.mean(dim=0)
+        var = features.var(dim=0)
+        with torch.no_grad():
+            correction = b / (b - 1) if double_bessel else 1.0
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
+    else:
+        mean, var = running_mean, running_var
+    scale = phi.channel_scale(mean, var, c / channel_norm, height / spatial_norm)
+
+    if eps is None:
+        eps = _standard_normal_like(x)
+    z = F.softplus(mu + eps)
+    multiplier = scale.view(1, c, 1, 1) * z
+    if noise_coeff != 1.0:
+        multiplier = 1 + noise_coeff * (multiplier - 1)
+    out = x * multiplier
+    if clip is not None:
+        out = out.clamp(max=clip)
+    if layout_in is None:
+        out = out.contiguous()
+    return out, scale, multiplier
+
+
+class PerturbSite(nn.Module):
+    """One perturbation place in a network: phi (shared, not registered) plus this place's running statistics."""
+
+    def __init__(
+        self,
+        phi: MetaPerturb,
+        channels: int,
+        channel_norm: float,
+        spatial_norm: float,
+        momentum: float = 0.1,
+        double_bessel: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(phi, MetaPerturb):
+            raise WorkbenchError(f"PerturbSite needs a MetaPerturb phi, got {type(phi).__name__}")
+        if channels < 1 or channel_norm <= 0 or spatial_norm <= 0:
+            raise WorkbenchError(
+                f"PerturbSite needs channels >= 1 and positive norms, got channels={channels}, "
+                f"channel_norm={channel_norm}, spatial_norm={spatial_norm}"
+            )
+        self._phi = [phi]  # a list keeps phi out of this module's (and the host model's) parameters
+        self.channels = int(channels)
+        self.channel_norm = float(channel_norm)
+        self.spatial_norm = float(spatial_norm)
+        self.momentum = float(momentum)
+        self.double_bessel = bool(double_bessel)
+        self.noise_coeff = 1.0
+        self.clip: Optional[float] = None
+        self.active = True
+        self.register_buffer("running_mean", torch.zeros(channels, _NUM_SCALE_KERNELS))
+        self.register_buffer("running_var", torch.ones(channels, _NUM_SCALE_KERNELS))
+        self.last_scale: Optional[torch.Tensor] = None
+        self.last_multiplier_stats: Optional[dict] = None
+        self.record_stats = True
+
+    @property
+    def phi(self) -> MetaPerturb:
+        return self._phi[0]
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, channel_norm={self.channel_norm:g}, spatial_norm={self.spatial_norm:g}, "
+            f"noise_coeff={self.noise_coeff:g}, clip={self.clip}, active={self.active}"
+        )
+
+    def forward(self, h: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self.active:
+            return h
+        if h.dim() != 4:
+            raise WorkbenchError(
+                f"a perturbation site expects a (B, C, H, W) feature map, got shape {tuple(h.shape)}"
+            )
+        if h.shape[1] != self.channels:
+            raise WorkbenchError(
+                f"this perturbation site was built for {self.channels} channels but got {h.shape[1]} "
+                f"(shape {tuple(h.shape)}); re-attach phi to the model"
+            )
+        if eps is not None and eps.shape != h.shape:
+            raise WorkbenchError(f"eps has shape {tuple(eps.shape)} but the feature map has {tuple(h.shape)}")
+        out, scale, multiplier = perturb(
+            h,
+            self.phi,
+            self.running_mean,
+            self.running_var,
+            channel_norm=self.channel_norm,
+            spatial_norm=self.spatial_norm,
+            training=self.training,
+            momentum=self.momentum,
+            noise_coeff=self.noise_coeff,
+            clip=self.clip,
+            eps=eps,
+            double_bessel=self.double_bessel,
+        )
+        if self.record_stats:
+            with torch.no_grad():
+                self.last_scale = scale.detach()
+                self.last_multiplier_stats = {"mean": multiplier.mean().item(), "std": multiplier.std().item()}
+        return out
+
+
+def reference_perturb(h, phi: MetaPerturb, running_mean, running_var, *, channel_norm, spatial_norm, eps, clip=None,
+                      noise_coeff=1.0, training=True, momentum=0.1, double_bessel=True):
+    """A direct transcription of the original code (NCHW, one op per formula term): the check for the fast path."""
+    b, c, height, width = h.shape
+    mu = phi.noise_mean(h)
+    features = phi.scale_features(h)
+    if training:
+        mean, var = features.mean(0), features.var(0)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(momentum * mean)
+            running_var.mul_(1 - momentum).add_(momentum * var * (b / (b - 1) if double_bessel else 1.0))
+    else:
+        mean, var = running_mean, running_var
+    scale = phi.channel_scale(mean, var, c / channel_norm, height / spatial_norm)
+    z = F.softplus(mu + eps)
+    out = h * (1 + noise_coeff * (scale.view(1, c, 1, 1) * z - 1))
+    return out.clamp(max=clip) if clip is not None else out
+
+
+__all__ = ["MetaPerturb", "PerturbSite", "perturb", "reference_perturb", "equivariant", "FORMAT_NAME"]
