@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._fused import NoiseTail, ReluMean, standard_normal
 from .errors import WorkbenchError
 
 FORMAT_NAME = "workbench.metaperturb"
@@ -63,17 +64,8 @@ def equivariant(h: torch.Tensor, w_identity: torch.Tensor, w_all: torch.Tensor) 
 def _scale_features_fast(h: torch.Tensor, scale_kernels: torch.Tensor) -> torch.Tensor:
     """f[b, c, j] = spatial mean of relu(K_j * h[b, c]) as four depthwise convolutions; shape (B, C, 4)."""
     return torch.stack(
-        [F.relu(_depthwise(h, scale_kernels[j : j + 1])).mean(dim=(2, 3)) for j in range(scale_kernels.shape[0])],
-        dim=2,
+        [ReluMean.apply(_depthwise(h, scale_kernels[j : j + 1])) for j in range(scale_kernels.shape[0])], dim=2
     )
-
-
-def _standard_normal_like(x: torch.Tensor) -> torch.Tensor:
-    """randn in x's memory layout: drawing a channels_last tensor directly takes a slow strided path."""
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return torch.randn_like(x, memory_format=torch.contiguous_format)
-    b, c, height, width = x.shape
-    return torch.randn(b, height, width, c, dtype=x.dtype, device=x.device).permute(0, 3, 1, 2)
 
 
 class EquivariantLayer(nn.Module):
@@ -251,14 +243,8 @@ def perturb(
     scale = phi.channel_scale(mean, var, c / channel_norm, height / spatial_norm)
 
     if eps is None:
-        eps = _standard_normal_like(x)
-    z = F.softplus(mu + eps)
-    multiplier = scale.view(1, c, 1, 1) * z
-    if noise_coeff != 1.0:
-        multiplier = 1 + noise_coeff * (multiplier - 1)
-    out = x * multiplier
-    if clip is not None:
-        out = out.clamp(max=clip)
+        eps = standard_normal(x)
+    out, multiplier = NoiseTail.apply(x, mu, scale, eps, float(noise_coeff), None if clip is None else float(clip))
     if layout_in is None:
         out = out.contiguous()
     return out, scale, multiplier
@@ -295,9 +281,9 @@ class PerturbSite(nn.Module):
         self.active = True
         self.register_buffer("running_mean", torch.zeros(channels, _NUM_SCALE_KERNELS))
         self.register_buffer("running_var", torch.ones(channels, _NUM_SCALE_KERNELS))
+        self.record_stats = True  # keep the last scale and multiplier for inspection (cheap: no copy, no sync)
         self.last_scale: Optional[torch.Tensor] = None
-        self.last_multiplier_stats: Optional[dict] = None
-        self.record_stats = True
+        self._last_multiplier: Optional[torch.Tensor] = None
 
     @property
     def phi(self) -> MetaPerturb:
@@ -338,10 +324,17 @@ class PerturbSite(nn.Module):
             double_bessel=self.double_bessel,
         )
         if self.record_stats:
-            with torch.no_grad():
-                self.last_scale = scale.detach()
-                self.last_multiplier_stats = {"mean": multiplier.mean().item(), "std": multiplier.std().item()}
+            self.last_scale = scale.detach()
+            self._last_multiplier = multiplier
         return out
+
+    @property
+    def last_multiplier_stats(self) -> Optional[dict]:
+        """Mean and standard deviation of the last forward's multiplier ``1 + k (s z - 1)`` (None before one)."""
+        if self._last_multiplier is None:
+            return None
+        m = self._last_multiplier
+        return {"mean": m.mean().item(), "std": m.std().item()}
 
 
 def reference_perturb(h, phi: MetaPerturb, running_mean, running_var, *, channel_norm, spatial_norm, eps, clip=None,
