@@ -1,0 +1,304 @@
+"""Every regularizer trains a tiny model for a few steps and changes only what it should."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.ops import DropBlock2d
+
+from workbench.errors import WorkbenchError
+from workbench.models import build
+from workbench.perturb import MetaPerturb, PerturbSite
+from workbench.regularizers import (
+    SourceNetwork,
+    TrainContext,
+    available_regularizers,
+    build_regularizer,
+    noise_coefficient,
+)
+from workbench.regularizers.information_dropout import InformationDropoutLayer
+from workbench.regularizers.mixup import mixed_loss
+
+ALL = ["base", "dropblock", "dropout", "finetune", "finetune_metaperturb", "information_dropout", "l2sp",
+       "manifold_mixup", "metaperturb", "mixup"]
+SIZE = 16
+
+
+def tiny(arch="conv4_4", seed=0, classes=3):
+    torch.manual_seed(seed)
+    return build(arch, classes, in_channels=1, image_size=SIZE)
+
+
+def context(arch="conv4_4", steps=3, phi=None, source=None):
+    return TrainContext(arch=arch, num_classes=3, in_channels=1, image_size=SIZE, total_steps=steps, train_size=64,
+                        phi=phi, source=source)
+
+
+def source_of(arch="conv4_4"):
+    src = tiny(arch, seed=99)
+    return SourceNetwork({k: v.clone() for k, v in src.state_dict().items()}, arch, 1, 3, SIZE, "test-source")
+
+
+def train(reg, model, steps=3, seed=0):
+    """The transfer loop in miniature: Adam on the regularizer's groups, its hooks, its loss."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(reg.param_groups(model, 5e-4), lr=1e-2)
+    x = torch.randn(8, 1, SIZE, SIZE)
+    y = torch.randint(3, (8,))
+    losses = []
+    for step in range(steps):
+        model.train()
+        reg.on_train_step(model, step, steps)
+        loss, acc = reg.loss(model, x, y, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert torch.isfinite(loss) and 0 <= float(acc) <= 1
+        losses.append(float(loss.detach()))
+    return opt, losses
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def eval_is_deterministic(model, reg):
+    reg.on_eval(model)
+    model.eval()
+    x = torch.randn(4, 1, SIZE, SIZE)
+    with torch.no_grad():
+        return torch.equal(model(x), model(x))
+
+
+def test_registry_lists_every_method_and_refuses_unknown_ones():
+    assert available_regularizers() == sorted(ALL)
+    with pytest.raises(WorkbenchError, match="unknown method 'cutout'; available methods: base, dropblock"):
+        build_regularizer("cutout")
+    with pytest.raises(WorkbenchError, match="has no setting 'p'; its method_options are: alpha"):
+        build_regularizer("mixup", {"p": 0.1})
+    with pytest.raises(WorkbenchError, match="must be a number"):
+        build_regularizer("dropout", {"p": "high"})
+    with pytest.raises(WorkbenchError, match="in \\[0, 1\\)"):
+        build_regularizer("dropout", {"p": 1.5})
+    for name in ALL:
+        reg = build_regularizer(name)
+        assert reg.describe()["method"] == name
+        doc = type(reg).__doc__ or ""
+        assert len(doc) > 80, name
+        for key, option in reg.options.items():  # every setting says where it comes from
+            assert option.source, (name, key)
+
+
+def test_base_trains_every_parameter_and_adds_nothing():
+    model = tiny()
+    keys = set(model.state_dict())
+    reg = build_regularizer("base")
+    model = reg.prepare(model, context())
+    before = snapshot(model)
+    train(reg, model)
+    assert set(model.state_dict()) == keys
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
+    assert len(changed) == len(list(model.parameters()))
+    assert eval_is_deterministic(model, reg)
+
+
+def test_dropout_sits_before_the_classifier_and_is_off_at_evaluation():
+    model = tiny()
+    keys = set(model.state_dict())
+    reg = build_regularizer("dropout", {"p": 0.5})
+    model = reg.prepare(model, context())
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 1 and set(model.state_dict()) == keys and reg.classifier == "fc"
+    seen = {}
+    model.fc.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))  # runs after dropout's hook
+    model.train()
+    model(torch.randn(8, 1, SIZE, SIZE))
+    assert (seen["x"] == 0).float().mean() > 0.2  # features dropped in training
+    train(reg, model)
+    assert eval_is_deterministic(model, reg)
+
+
+def test_dropblock_on_the_last_two_resolutions_with_a_linear_schedule():
+    model = tiny()
+    keys = set(model.state_dict())
+    reg = build_regularizer("dropblock")
+    model = reg.prepare(model, context(steps=4))
+    blocks = [m for m in model.modules() if isinstance(m, DropBlock2d)]
+    # Conv-4 at 16x16 has sites at 16, 8, 4, 2: the last two resolutions are 4 and 2
+    assert len(blocks) == 2 and reg.place_names == ["features.2.act", "features.3.act"]
+    assert [b.block_size for b in blocks] == [3, 1]  # 3 fits 4x4; 2x2 maps get the largest odd size, 1
+    assert set(model.state_dict()) == keys
+    reg.on_train_step(model, 0, 4)
+    assert blocks[0].p == 0.0
+    reg.on_train_step(model, 2, 4)
+    assert blocks[0].p == pytest.approx(0.05)
+    train(reg, model, steps=4)
+    assert blocks[0].p == pytest.approx(0.075)
+    assert eval_is_deterministic(model, reg)
+
+
+def test_mixup_mixes_inputs_and_labels():
+    logits = torch.randn(6, 3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    perm = torch.tensor([1, 2, 0, 4, 5, 3])
+    loss, _ = mixed_loss(logits, y, perm, 1.0)
+    assert torch.allclose(loss, F.cross_entropy(logits, y))
+    loss, _ = mixed_loss(logits, y, perm, 0.25)
+    assert torch.allclose(loss, 0.25 * F.cross_entropy(logits, y) + 0.75 * F.cross_entropy(logits, y[perm]))
+    model = tiny()
+    keys = set(model.state_dict())
+    reg = build_regularizer("mixup")
+    model = reg.prepare(model, context())
+    seen = {}
+    model.features.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    x = torch.randn(8, 1, SIZE, SIZE)
+    torch.manual_seed(0)
+    reg.loss(model, x, torch.randint(3, (8,)), 0)
+    lam = reg.last_lambda
+    assert 0 < lam < 1 and not torch.allclose(seen["x"], x)
+    train(reg, model)
+    assert set(model.state_dict()) == keys and eval_is_deterministic(model, reg)
+
+
+def test_manifold_mixup_mixes_at_the_input_or_a_stage_end_only_in_training():
+    model = tiny("resnet20")
+    keys = set(model.state_dict())
+    reg = build_regularizer("manifold_mixup")
+    model = reg.prepare(model, context("resnet20"))
+    assert reg.layer_names == ["input", "layer1.2.act_out", "layer2.2.act_out"]
+    x = torch.randn(8, 1, SIZE, SIZE)
+    perm = torch.randperm(8)
+    stage1 = lambda: model.layer1(model.act1(model.bn1(model.conv1(x))))  # noqa: E731
+    model.eval()
+    with torch.no_grad():
+        plain = stage1()
+        reg._mix = (1, 0.3, perm)  # what loss() sets while its forward runs: mix the end of stage 1
+        assert torch.allclose(stage1(), 0.3 * plain + 0.7 * plain[perm], atol=1e-6)
+        reg._mix = (2, 0.3, perm)  # another layer: stage 1 untouched
+        assert torch.equal(stage1(), plain)
+        reg._mix = None
+        assert torch.equal(stage1(), plain)
+    layers = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        reg.loss(model.train(), x, torch.randint(3, (8,)), 0)
+        layers.add(reg.last_layer)
+    assert layers == {0, 1, 2} and reg._mix is None
+    train(reg, model)
+    assert set(model.state_dict()) == keys and eval_is_deterministic(model, reg)
+
+
+def test_information_dropout_adds_alpha_layers_and_a_kl_term():
+    model = tiny("resnet20")
+    keys = set(model.state_dict())
+    reg = build_regularizer("information_dropout")
+    model = reg.prepare(model, context("resnet20"))
+    layers = [m for m in model.modules() if isinstance(m, InformationDropoutLayer)]
+    assert len(layers) == 3 and reg.place_names == ["layer1.2.act_out", "layer2.2.act_out", "layer3.2.act_out"]
+    assert [l.alpha_conv.in_channels for l in layers] == [16, 32, 64]
+    new_keys = set(model.state_dict()) - keys
+    assert new_keys and all(k.startswith("regularizer_information_dropout.") for k in new_keys)
+    before = snapshot(model)
+    opt, _ = train(reg, model)
+    assert reg.last_kl > 0 and reg.train_metrics()["kl"] == reg.last_kl
+    assert any(p is layers[0].alpha_conv.weight for g in opt.param_groups for p in g["params"])
+    assert not torch.equal(layers[0].alpha_conv.weight, before["regularizer_information_dropout.0.alpha_conv.weight"])
+    assert eval_is_deterministic(model, reg)
+    # at evaluation the layers are the identity
+    assert torch.equal(layers[0].eval()(torch.ones(1, 16, 2, 2)), torch.ones(1, 16, 2, 2))
+
+
+def test_finetune_loads_conv_weights_only():
+    source = source_of()
+    model = tiny()
+    reg = build_regularizer("finetune")
+    model = reg.prepare(model, context(source=source))
+    state = model.state_dict()
+    convs = [k for k in state if ".conv." in k]
+    assert convs and sorted(reg.loaded) == sorted(convs)
+    for k in state:
+        if k in convs:
+            assert torch.equal(state[k], source.state_dict[k])
+        elif k.endswith("weight") and "fc" in k:
+            assert not torch.equal(state[k], source.state_dict[k])  # the classifier starts fresh
+    bn = [k for k in state if ".bn.running_mean" in k]
+    assert all(torch.equal(state[k], torch.zeros_like(state[k])) for k in bn)  # fresh BN
+    train(reg, model)
+
+
+def test_finetune_refuses_a_source_of_another_architecture():
+    reg = build_regularizer("finetune")
+    with pytest.raises(WorkbenchError, match="is a conv6_4 but the target network is a conv4_4; fine-tune from a "
+                                             "source of the same architecture"):
+        reg.prepare(tiny(), context(source=source_of("conv6_4")))
+    with pytest.raises(WorkbenchError, match="set finetune_from"):
+        reg.prepare(tiny(), context(source=None))
+
+
+def test_l2sp_pulls_towards_the_source_without_weight_decay_on_it():
+    source = source_of()
+    model = tiny()
+    reg = build_regularizer("l2sp", {"alpha": 0.5})
+    model = reg.prepare(model, context(source=source))
+    assert reg.penalty().item() == 0.0
+    opt, _ = train(reg, model)
+    anchored, rest = opt.param_groups
+    assert anchored["weight_decay"] == 0.0 and rest["weight_decay"] == 5e-4
+    assert len(anchored["params"]) == len(reg.loaded)
+    manual = 0.25 * sum(((dict(model.named_parameters())[k] - source.state_dict[k]) ** 2).sum() for k in reg.loaded)
+    assert reg.penalty().item() == pytest.approx(manual.item(), rel=1e-5) and manual.item() > 0
+    restored = build_regularizer("l2sp")
+    restored.prepare(tiny(), context(source=source))
+    restored.load_state_dict(reg.state_dict())
+    assert all(torch.equal(restored.anchors[k], reg.anchors[k]) for k in reg.anchors)
+
+
+@pytest.mark.parametrize("method", ["metaperturb", "finetune_metaperturb"])
+def test_metaperturb_keeps_phi_frozen_and_out_of_the_optimiser(method):
+    phi = MetaPerturb.load("/work/shared/reference/official_perturb_750.pth") if _official() else MetaPerturb(0.1)
+    phi_before = {k: v.clone() for k, v in phi.state_dict().items()}
+    source = source_of()
+    model = tiny()
+    reg = build_regularizer(method)
+    model = reg.prepare(model, context(phi=phi, source=source, steps=10))
+    sites = [m for m in model.modules() if isinstance(m, PerturbSite)]
+    assert len(sites) == 4 and reg.tile_at() is sites[0] and reg.stochastic_eval
+    assert all(not p.requires_grad for p in phi.parameters())
+    if method == "finetune_metaperturb":
+        assert torch.equal(model.features[0].conv.weight, source.state_dict["features.0.conv.weight"])
+    opt, _ = train(reg, model, steps=3)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not in_opt & {id(p) for p in phi.parameters()}
+    assert all(torch.equal(phi.state_dict()[k], v) for k, v in phi_before.items())
+    assert all(p.grad is None for p in phi.parameters())
+    # the schedule: coefficient min(1, step / (0.4 * steps)), clip 100 while training; 1 and no clip at evaluation
+    reg.on_train_step(model, 2, 10)
+    assert sites[0].noise_coeff == pytest.approx(0.5) and sites[-1].clip == 100.0
+    reg.on_eval(model)
+    assert all(s.noise_coeff == 1.0 and s.clip is None for s in sites)
+    assert not (sites[0].running_mean == 0).all()  # statistics re-estimated on the target batches
+    names = reg.sites()[1]
+    assert names == ["features.0.act", "features.1.act", "features.2.act", "features.3.act"]
+
+
+def test_noise_coefficient_values():
+    assert noise_coefficient(0, 10000) == 0.0
+    assert noise_coefficient(2000, 10000) == pytest.approx(0.5)
+    assert noise_coefficient(4000, 10000) == 1.0
+    assert noise_coefficient(9999, 10000) == 1.0
+    assert noise_coefficient(5, 10, warmup=0.0) == 1.0
+
+
+def _official():
+    import os
+
+    return os.path.isfile("/work/shared/reference/official_perturb_750.pth")
+
+
+def test_feature_methods_use_the_attach_rule_for_torchvision_models():
+    torch.manual_seed(0)
+    model = build("tv:resnet18", 3, in_channels=1, image_size=SIZE)
+    reg = build_regularizer("dropblock")
+    reg.prepare(model, context("tv:resnet18"))
+    assert reg.place_names == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
