@@ -96,7 +96,10 @@ class _Place:
         self.name, self.host, self.how, self.forward = name, host, how, forward
 
 
-def _find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
+def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
+    """Where sites go in ``model`` (rules in the module docstring), as places with ``name``, ``host`` and ``how``
+    (``pre``: the host's input, ``output``: its output, ``forward``: a replaced block forward). ``probe_input`` is
+    a zero batch of the model's input shape, used by the plain-net rule to see which BatchNorm feeds an activation."""
     rules = _block_rules()
     places: list[_Place] = []
     claimed: list[str] = []
@@ -255,7 +258,7 @@ def attach(
         2, in_channels or _input_channels(model), height, width,
         device=device, dtype=reference.dtype if reference is not None else torch.float32,
     )
-    places = _find_places(model, probe_input)
+    places = find_places(model, probe_input)
     if not places:
         raise WorkbenchError(
             f"no perturbation site found in {type(model).__name__}: it has no residual blocks the workbench knows "
@@ -311,4 +314,4 @@ def attach(
     return PerturbHandle(model, phi, places, sites, hooks)
 
 
-__all__ = ["attach", "PerturbHandle", "SITE_ATTR"]
+__all__ = ["attach", "find_places", "PerturbHandle", "SITE_ATTR"]

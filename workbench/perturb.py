@@ -224,7 +224,6 @@ def perturb(
     x = h.contiguous(memory_format=torch.channels_last)
 
     mu = equivariant(F.relu(equivariant(x, phi.noise1.w_identity, phi.noise1.w_all)), phi.noise2.w_identity, phi.noise2.w_all)
-    features = _scale_features_fast(x, phi.scale_kernels)
 
     if training:
         if b < 2:
@@ -232,6 +231,7 @@ def perturb(
                 "a perturbation site in training mode needs a batch of at least 2 (it uses the batch variance); "
                 "use a larger batch or call model.eval()"
             )
+        features = _scale_features_fast(x, phi.scale_kernels)
         mean = features.mean(dim=0)
         var = features.var(dim=0)
         with torch.no_grad():

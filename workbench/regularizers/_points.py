@@ -62,9 +62,7 @@ def _attach_points(model: nn.Module, in_channels: int, image_size: int) -> list[
     import importlib
 
     attach_module = importlib.import_module("..attach", __package__)  # the module, not the attach() function
-    finder = getattr(attach_module, "find_places", None) or getattr(attach_module, "_find_places", None)
-    if finder is None:
-        return []
+    finder = attach_module.find_places
     reference = next(model.parameters(), None)
     probe = torch.zeros(2, in_channels, image_size, image_size,
                         device=reference.device if reference is not None else "cpu")
