@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 _PARALLEL_MIN_NUMEL = 1 << 18
+_NOISE_CHUNKS = 8
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
@@ -95,16 +96,21 @@ def standard_normal(like: torch.Tensor) -> torch.Tensor:
     b, c, height, width = like.shape
     channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
     shape = (b, height, width, c) if channels_last else (b, c, height, width)
-    workers = torch.get_num_threads()
-    if like.device.type != "cpu" or like.numel() < _PARALLEL_MIN_NUMEL or workers < 2:
+    if like.device.type != "cpu" or like.numel() < _PARALLEL_MIN_NUMEL:
         out = torch.randn(shape, dtype=like.dtype, device=like.device)
     else:
+        # A fixed number of chunks, each from its own seeded generator: the draw does not depend on the thread count.
         out = torch.empty(shape, dtype=like.dtype)
-        chunks = out.view(-1).chunk(workers)
+        chunks = out.view(-1).chunk(_NOISE_CHUNKS)
         seeds = torch.randint(0, 2**62, (len(chunks),)).tolist()
 
         def fill(index: int) -> None:
             chunks[index].normal_(generator=torch.Generator().manual_seed(seeds[index]))
 
-        list(_executor(workers).map(fill, range(len(chunks))))
+        workers = min(torch.get_num_threads(), len(chunks))
+        if workers < 2:
+            for index in range(len(chunks)):
+                fill(index)
+        else:
+            list(_executor(workers).map(fill, range(len(chunks))))
     return out.permute(0, 3, 1, 2) if channels_last else out

@@ -71,11 +71,14 @@ def equivariant(h: torch.Tensor, w_identity: torch.Tensor, w_all: torch.Tensor) 
     return _depthwise(h, w_identity) + pooled
 
 
-def _scale_features_fast(h: torch.Tensor, scale_kernels: torch.Tensor) -> torch.Tensor:
+def _relu_mean(y: torch.Tensor) -> torch.Tensor:
+    return F.relu(y).mean(dim=(2, 3))
+
+
+def _scale_features_fast(h: torch.Tensor, scale_kernels: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """f[b, c, j] = spatial mean of relu(K_j * h[b, c]) as four depthwise convolutions; shape (B, C, 4)."""
-    return torch.stack(
-        [ReluMean.apply(_depthwise(h, scale_kernels[j : j + 1])) for j in range(scale_kernels.shape[0])], dim=2
-    )
+    relu_mean = ReluMean.apply if fused else _relu_mean
+    return torch.stack([relu_mean(_depthwise(h, scale_kernels[j : j + 1])) for j in range(scale_kernels.shape[0])], dim=2)
 
 
 class EquivariantLayer(nn.Module):
@@ -223,11 +226,14 @@ def perturb(
     clip: Optional[float] = None,
     eps: Optional[torch.Tensor] = None,
     double_bessel: bool = True,
+    fused: bool = True,
 ):
     """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)``.
 
     In training mode the batch statistics are used and ``running_mean``/``running_var`` (C, 4) are updated in place;
     otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
+    ``fused=False`` computes the same function with plain autograd ops only (slower, but differentiable twice, as
+    the second-order look-ahead of meta-training needs); the fused pieces have hand-written first derivatives.
     """
     b, c, height, width = h.shape
     layout_in = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous() else None
@@ -241,7 +247,7 @@ def perturb(
                 "a perturbation site in training mode needs a batch of at least 2 (it uses the batch variance); "
                 "use a larger batch or call model.eval()"
             )
-        features = _scale_features_fast(x, phi.scale_kernels)
+        features = _scale_features_fast(x, phi.scale_kernels, fused)
         mean = features.mean(dim=0)
         var = features.var(dim=0)
         with torch.no_grad():
@@ -254,7 +260,15 @@ def perturb(
 
     if eps is None:
         eps = standard_normal(x)
-    out, multiplier = NoiseTail.apply(x, mu, scale, eps, float(noise_coeff), None if clip is None else float(clip))
+    if fused:
+        out, multiplier = NoiseTail.apply(x, mu, scale, eps, float(noise_coeff), None if clip is None else float(clip))
+    else:
+        multiplier = scale.view(1, c, 1, 1) * F.softplus(mu + eps)
+        if noise_coeff != 1.0:
+            multiplier = 1 + noise_coeff * (multiplier - 1)
+        out = x * multiplier
+        out = out.clamp(max=clip) if clip is not None else out
+        multiplier = multiplier.detach()
     if layout_in is None:
         out = out.contiguous()
     return out, scale, multiplier
@@ -289,6 +303,7 @@ class PerturbSite(nn.Module):
         self.noise_coeff = 1.0
         self.clip: Optional[float] = None
         self.active = True
+        self.fused = True  # False: plain autograd ops, differentiable twice (see `perturb`)
         self.register_buffer("running_mean", torch.zeros(channels, _NUM_SCALE_KERNELS))
         self.register_buffer("running_var", torch.ones(channels, _NUM_SCALE_KERNELS))
         self.record_stats = True  # keep the last scale and multiplier for inspection (cheap: no copy, no sync)
@@ -332,6 +347,7 @@ class PerturbSite(nn.Module):
             clip=self.clip,
             eps=eps,
             double_bessel=self.double_bessel,
+            fused=self.fused,
         )
         if self.record_stats:
             self.last_scale = scale.detach()
