@@ -909,6 +909,15 @@ class Run:
             with open(path, "ab") as handle:
                 handle.write(b"\n")
 
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop metric lines of steps after ``after_step`` (written by a process that stopped past its last
+        checkpoint), atomically, so a resumed run does not log those steps twice."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [row for row in self.read_metrics() if int(row.get("step", 0)) <= after_step]
+        atomic_write_text(path, "".join(json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n" for row in rows))
+
     def read_metrics(self, stage: str | None = None) -> list[dict[str, Any]]:
         """All metric lines (of one ``stage`` if given), in file order.
 

@@ -66,6 +66,7 @@ from .attach import attach
 from .config import Config, parse_overrides, require
 from .data import (Augment, BatchIterator, ImageDataset, SourceTask, channel_stats, describe_tasks, eval_batches,
                    load_dataset, source_tasks, target_view)
+from ._runtime import config_difference, cpu_copy, resolve_device
 from .errors import WorkbenchError
 from .lookahead import lookahead_meta_grad, twice_differentiable
 from .models import build
@@ -185,20 +186,6 @@ class MetaTrainConfig(Config):
         return self.lookahead_lr if self.lookahead_lr is not None else self.lr
 
 
-def resolve_device(spec: str, check_available: bool = True) -> torch.device:
-    """``"auto"`` -> CUDA when available else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given."""
-    spec = (spec or "").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise WorkbenchError(f"device {spec!r} is not valid; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise WorkbenchError(f"device {spec!r} is not supported for meta-training; use auto, cpu, cuda or cuda:N")
-    if check_available and device.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError(f"device {spec!r} was asked for but CUDA is not available here; use device=cpu or auto")
-    return device
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -532,18 +519,18 @@ class MetaTrainer:
         """phi, phi's optimiser, the step, and every task of this process (CPU tensors, weights_only-safe)."""
         return {
             "step": self.step,
-            "phi": _cpu(self.phi.state_dict()),
-            "phi_optimizer": _cpu(self.phi_optimizer.state_dict()),
+            "phi": cpu_copy(self.phi.state_dict()),
+            "phi_optimizer": cpu_copy(self.phi_optimizer.state_dict()),
             "tasks": {slot.index: self._slot_state(slot) for slot in self.slots},
         }
 
     def _slot_state(self, slot: TaskSlot) -> dict[str, Any]:
         return {
             "name": slot.task.name,
-            "model": _cpu(slot.model.state_dict()),
-            "optimizer": _cpu(slot.optimizer.state_dict()),
-            "train_iter": _cpu(slot.train_iter.state_dict()),
-            "valid_iter": _cpu(slot.valid_iter.state_dict()),
+            "model": cpu_copy(slot.model.state_dict()),
+            "optimizer": cpu_copy(slot.optimizer.state_dict()),
+            "train_iter": cpu_copy(slot.train_iter.state_dict()),
+            "valid_iter": cpu_copy(slot.valid_iter.state_dict()),
             "rng": slot.rng.state_dict(),
         }
 
@@ -574,15 +561,6 @@ class MetaTrainer:
         self.phi_optimizer = None  # type: ignore[assignment]
 
 
-def _cpu(obj: Any) -> Any:
-    """A copy of ``obj`` with every tensor detached on the CPU (containers rebuilt as plain dicts/lists)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().clone()
-    if isinstance(obj, Mapping):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj) if isinstance(obj, list) else tuple(_cpu(v) for v in obj)
-    return obj
 
 
 # ================================================================================================= data
@@ -718,15 +696,6 @@ def _save_arrays(run: Run, trainer: MetaTrainer, log: _Log) -> None:
                     parameter_names=np.asarray(names, dtype=str), parameter_sizes=np.asarray(sizes, dtype=np.int64))
 
 
-def _truncate_metrics(run: Run, step: int) -> None:
-    """Drop metric lines written after ``step`` (by the killed process, past its last checkpoint)."""
-    path = run.path / "metrics.jsonl"
-    if not path.exists():
-        return
-    import json
-
-    rows = [r for r in run.read_metrics() if int(r.get("step", 0)) <= step]
-    atomic_write_text(path, "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in rows))
 
 
 def _checkpoint(run: Optional[Run], trainer: MetaTrainer, log: _Log, config: MetaTrainConfig, dist: DistContext) -> None:
@@ -752,14 +721,11 @@ def _checkpoint(run: Optional[Run], trainer: MetaTrainer, log: _Log, config: Met
     _save_arrays(run, trainer, log)
 
 
-def _config_difference(stored: Mapping[str, Any], config: MetaTrainConfig) -> list[str]:
-    given = config.to_dict()
-    return [k for k in given if k not in RESUME_MUTABLE and stored.get(k) != given[k]]
 
 
 def _load_resume(run: Run, config: MetaTrainConfig) -> dict[str, Any]:
     """The checkpoint of ``run``, checked against ``config`` (one-line errors for every mismatch)."""
-    differ = _config_difference(run.config, config)
+    differ = config_difference(run.config, config, RESUME_MUTABLE)
     if differ:
         shown = ", ".join(f"{k}: {run.config.get(k)!r} -> {config.to_dict()[k]!r}" for k in differ[:4])
         raise WorkbenchError(f"run {run.run_id} was started with a different config ({shown}); resume it without "
@@ -771,7 +737,7 @@ def _load_resume(run: Run, config: MetaTrainConfig) -> dict[str, Any]:
     if checkpoint.get("schema") != CHECKPOINT_SCHEMA or checkpoint.get("version") != CHECKPOINT_VERSION:
         raise WorkbenchError(f"run {run.run_id}: checkpoints/last.pt is not a meta-training checkpoint of version "
                              f"{CHECKPOINT_VERSION}; start a new run")
-    if _config_difference(checkpoint.get("config", {}), config):
+    if config_difference(checkpoint.get("config", {}), config, RESUME_MUTABLE):
         raise WorkbenchError(f"run {run.run_id}: its checkpoint was written with a different config than config.json; "
                              f"start a new run")
     if int(checkpoint["step"]) >= config.steps and run.status == "finished":
@@ -798,7 +764,7 @@ def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore
                         or stored_split.get("tasks") != to_jsonable(data.description["tasks"])):
                     raise WorkbenchError(f"run {run.run_id} was made from other source data or another task split "
                                          f"than {config.source} gives now; resume with the data it used")
-                _truncate_metrics(run, int(checkpoint["step"]))
+                run.truncate_metrics(int(checkpoint["step"]))
                 run.mark_running()
             else:
                 checkpoint = None
@@ -889,7 +855,7 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
     seconds = time.perf_counter() - started
     heldout = trainer.heldout_accuracy()
     phi = MetaPerturb()
-    phi.load_state_dict(_cpu(trainer.phi.state_dict()))
+    phi.load_state_dict(cpu_copy(trainer.phi.state_dict()))
     summary = {
         "steps": config.steps,
         "heldout_acc_mean": float(heldout.mean()),
@@ -1011,7 +977,7 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
                 if parent.status == "finished":
                     raise WorkbenchError(f"run {resume_id} already finished (chose {parent.summary.get('chosen_run_id')}); "
                                          f"nothing to resume")
-                differ = _config_difference(parent.config, config)
+                differ = config_difference(parent.config, config, RESUME_MUTABLE)
                 if differ:
                     raise WorkbenchError(f"run {resume_id} was started with a different config ({', '.join(differ)}); "
                                          f"resume it without --config/--set")
@@ -1067,7 +1033,7 @@ def _finished_result(store: Optional[RunStore], run_id: str, dist: DistContext) 
     if dist.is_main:
         run = store.open_run(run_id)
         phi = MetaPerturb.load(run.path / PHI_FILE)
-        payload = (_cpu(phi.state_dict()), run.summary, str(run.path / PHI_FILE))
+        payload = (cpu_copy(phi.state_dict()), run.summary, str(run.path / PHI_FILE))
     state, summary, path = dist.broadcast(payload)
     phi = MetaPerturb()
     phi.load_state_dict(state)

@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .artifacts import Run, RunStore, atomic_write_text
 from .config import Config, parse_overrides, require
+from ._runtime import config_difference, cpu_copy, resolve_device
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate
 from .regularizers import (
@@ -172,20 +173,6 @@ class TransferConfig(Config):
         return {n: list(getattr(self, f"robust_eps_{n}")) for n in self.robust_norms}
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cpu``, ``cuda``, ``cuda:N`` as given (checked)."""
-    spec = (spec or "").strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise WorkbenchError(f"device {spec!r} is not valid; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise WorkbenchError(f"device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError(f"device {spec!r} was asked for but CUDA is not available here; use device=cpu or auto")
-    return device
 
 
 # ============================================================================================ schedules
@@ -394,14 +381,6 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu().to(torch.uint8), device)
 
 
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
 
 
 def _network_payload(setup: _Setup) -> dict[str, Any]:
@@ -418,8 +397,8 @@ def _network_payload(setup: _Setup) -> dict[str, Any]:
         "method_options": dict(cfg.method_options),
         "mean": list(setup.augment.mean),
         "std": list(setup.augment.std),
-        "phi": _cpu(setup.phi.state_dict()) if setup.phi is not None else None,
-        "state_dict": _cpu(setup.model.state_dict()),
+        "phi": cpu_copy(setup.phi.state_dict()) if setup.phi is not None else None,
+        "state_dict": cpu_copy(setup.model.state_dict()),
         "config": json.loads(json.dumps(cfg.to_dict())),
     }
 
@@ -430,11 +409,11 @@ def _checkpoint(run: Run, setup: _Setup, step: int) -> None:
         "version": CHECKPOINT_VERSION,
         "config": json.loads(json.dumps(setup.config.to_dict())),
         "step": step,
-        "model": _cpu(setup.model.state_dict()),
-        "optimizer": _cpu(setup.optimizer.state_dict()),
+        "model": cpu_copy(setup.model.state_dict()),
+        "optimizer": cpu_copy(setup.optimizer.state_dict()),
         "scheduler": _scheduler_state(setup.scheduler),
-        "regularizer": _cpu(setup.regularizer.state_dict()),
-        "batches": _cpu(setup.batches.state_dict()),
+        "regularizer": cpu_copy(setup.regularizer.state_dict()),
+        "batches": cpu_copy(setup.batches.state_dict()),
         "rng": _rng_state(setup.device),
         "torch": str(torch.__version__),
     }, "last")
@@ -451,25 +430,15 @@ def _load_scheduler_state(scheduler, state: Mapping[str, Any]) -> None:
     scheduler._last_lr = list(state["last_lr"])
 
 
-def _config_difference(stored: Mapping[str, Any], config: TransferConfig) -> list[str]:
-    given = json.loads(json.dumps(config.to_dict()))
-    return [k for k in given if k not in RESUME_MUTABLE and stored.get(k) != given[k]]
 
 
-def _truncate_metrics(run: Run, step: int) -> None:
-    """Drop metric lines written after ``step`` (by a process that stopped past its last checkpoint)."""
-    path = run.path / "metrics.jsonl"
-    if not path.exists():
-        return
-    rows = [r for r in run.read_metrics() if int(r.get("step", 0)) <= step]
-    atomic_write_text(path, "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in rows))
 
 
 def _open_resume(store: RunStore, run_id: str, config: TransferConfig, kind: str) -> tuple[Run, dict[str, Any]]:
     run = store.open_run(run_id)
     if run.kind != kind:
         raise WorkbenchError(f"run {run_id} is a {run.kind!r} run, not a {kind!r} run; resume it with its own command")
-    differ = _config_difference(run.config, config)
+    differ = config_difference(run.config, config, RESUME_MUTABLE)
     if differ:
         given = json.loads(json.dumps(config.to_dict()))
         shown = ", ".join(f"{k}: {run.config.get(k)!r} -> {given[k]!r}" for k in differ[:4])
@@ -482,7 +451,7 @@ def _open_resume(store: RunStore, run_id: str, config: TransferConfig, kind: str
     if state.get("schema") != CHECKPOINT_SCHEMA or state.get("version") != CHECKPOINT_VERSION:
         raise WorkbenchError(f"run {run_id}: checkpoints/last.pt is not a transfer checkpoint of version "
                              f"{CHECKPOINT_VERSION}; start a new run")
-    if _config_difference(state.get("config", {}), config):
+    if config_difference(state.get("config", {}), config, RESUME_MUTABLE):
         raise WorkbenchError(f"run {run_id}: its checkpoint was written with a different config than config.json; "
                              "start a new run")
     return run, state
@@ -579,7 +548,7 @@ def transfer(config: TransferConfig | Mapping[str, Any] | None = None, store: Ru
             setup.batches.load_state_dict(state["batches"])
             _set_rng_state(state["rng"], setup.device)
             start_step = int(state["step"])
-            _truncate_metrics(run, start_step)
+            run.truncate_metrics(start_step)
             run.mark_running()
         else:
             run = store.create_run(kind, config, tags=_tags(config, setup, kind), run_id=config.run_name)
