@@ -1,0 +1,50 @@
+"""Accuracy across target tasks: methods x targets (x architectures), mean and spread over seeds, difference to Base."""
+
+import streamlit as st
+
+import charts
+import ui
+from workbench import dashboard_data as dd
+
+
+def render() -> None:
+    st.title("Accuracy across target tasks")
+    ctx = ui.context()
+    runs = dd.finished(ctx.view, dd.KIND_TRANSFER)
+    if runs.empty:
+        ui.how_to("accuracy", ctx)
+        return
+    metrics = dd.metric_columns(runs)
+    names = ui.summary_names(metrics)
+    default = metrics.index(dd.ACCURACY_KEY) if dd.ACCURACY_KEY in metrics else 0
+    metric = st.selectbox("Metric (from each run's summary.json)", metrics, index=default, key="acc_metric",
+                          format_func=lambda c: names[c])
+    label = names[metric]
+    table = dd.accuracy_table(runs, metric)
+    if table.empty:
+        st.info(f"No finished transfer run among the selected ones records {label}.")
+        return
+    st.caption(f"{int(table['n'].sum())} finished transfer runs · mean and sample standard deviation over seeds · "
+               "Δ Base: difference of the means to Base on the same architecture and target, ± its standard error")
+    st.dataframe(
+        table, hide_index=True, key="acc_table",
+        column_config={
+            "mean": st.column_config.NumberColumn(label, format="%.4f"),
+            "std": st.column_config.NumberColumn("std over seeds", format="%.4f"),
+            "n": st.column_config.NumberColumn("seeds", help="number of runs averaged"),
+            "seeds": "seed values",
+            "delta_base": st.column_config.NumberColumn("Δ Base", format="%+.4f"),
+            "delta_base_se": st.column_config.NumberColumn("± se", format="%.4f"),
+        },
+    )
+    with st.expander("Methods x targets at a glance (mean ± std)"):
+        st.dataframe(dd.wide_table(table), key="acc_wide")
+    st.plotly_chart(charts.accuracy_bars(table, label), key="acc_bars")
+    st.plotly_chart(charts.delta_bars(table, label), key="acc_delta")
+    unfinished = ctx.view[(ctx.view["kind"] == dd.KIND_TRANSFER) & (ctx.view["status"] != "finished")]
+    if not unfinished.empty:
+        st.caption(f"{len(unfinished)} transfer runs that are not finished (running, failed, stale, corrupt) are "
+                   "left out; the page *Studies and runs* lists them.")
+
+
+render()
