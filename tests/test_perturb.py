@@ -233,3 +233,18 @@ def test_noise_draw_is_reproducible_and_independent_of_thread_count():
     assert torch.equal(draws[0], draws[1])
     assert draws[0].is_contiguous(memory_format=torch.channels_last)
     assert abs(draws[0].mean().item()) < 0.01 and abs(draws[0].std().item() - 1) < 0.01
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_clipped_site_followed_by_inplace_relu_trains(native, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_NATIVE", native)
+    phi = MetaPerturb(init_std=0.3)
+    h = (torch.randn(3, 4, 6, 6) * 3).requires_grad_(True)
+    eps = torch.randn_like(h)
+    grads = []
+    for relu in (torch.relu_, torch.relu):  # the in-place ReLU must not corrupt what the backward saved
+        site = _site(phi, 4)
+        site.clip = 0.5
+        (grad,) = torch.autograd.grad(relu(site(h, eps=eps)).sum(), h)
+        grads.append(grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -55,18 +55,20 @@ class NoiseTail(torch.autograd.Function):
         if noise_coeff != 1.0:
             m.sub_(1).mul_(noise_coeff).add_(1)
         out = x * m
+        kept = None
         if clip is not None:
+            kept = out <= clip  # a mask, not `out`: the next layer's in-place ReLU may overwrite `out`
             out.clamp_(max=clip)
-        ctx.noise_coeff, ctx.clip = noise_coeff, clip
-        ctx.save_for_backward(x, z, m, scale, out if clip is not None else None)
+        ctx.noise_coeff = noise_coeff
+        ctx.save_for_backward(x, z, m, scale, kept)
         ctx.mark_non_differentiable(m)
         return out, m
 
     @staticmethod
     def backward(ctx, grad_out, _grad_m):
-        x, z, m, scale, out = ctx.saved_tensors
-        if out is not None:
-            grad_out = torch.where(out < ctx.clip, grad_out, 0.0)
+        x, z, m, scale, kept = ctx.saved_tensors
+        if kept is not None:
+            grad_out = torch.where(kept, grad_out, 0.0)
         grad_x = grad_out * m if ctx.needs_input_grad[0] else None
         grad_mu = grad_scale = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:

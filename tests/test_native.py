@@ -1,0 +1,211 @@
+"""The fused C++ perturbation kernel (workbench._native) against the eager path and the authors' reference output."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import OFFICIAL_OUTPUT
+from workbench import MetaPerturb, PerturbSite, WorkbenchError, _native
+from workbench import perturb as perturb_module
+from workbench.perturb import reference_perturb
+
+if _native.load() is None:
+    pytest.skip("the native perturbation kernel could not be built (see the logged warning)", allow_module_level=True)
+
+SHAPES = [(3, 5, 9, 7), (2, 3, 1, 6), (2, 1, 1, 1), (4, 7, 6, 10), (2, 16, 5, 5)]
+
+
+def _call(fn, h, phi, rm, rv, training, eps, clip=1.5, k=0.7, **kw):
+    return fn(h, phi, rm, rv, channel_norm=16, spatial_norm=9, training=training, noise_coeff=k, clip=clip, eps=eps,
+              **kw)
+
+
+def _stats(c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(c, 4, generator=g), torch.rand(c, 4, generator=g) + 0.5
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def test_official_reference_output_and_running_stats(official_phi_path):
+    ref = np.load(OFFICIAL_OUTPUT)
+    phi = MetaPerturb.from_official(official_phi_path)
+    h, eps = torch.from_numpy(ref["h"]), torch.from_numpy(ref["eps"])
+    rm, rv = torch.zeros(16, 4), torch.ones(16, 4)
+    out, scale, _ = _native.perturb(h, phi, rm, rv, channel_norm=float(ref["channel_norm"]),
+                                    spatial_norm=float(ref["spatial_norm"]), training=True,
+                                    noise_coeff=float(ref["noise_coeff"]), clip=float(ref["clip"]), eps=eps)
+    assert out.shape == h.shape and out.is_contiguous()
+    assert (out - torch.from_numpy(ref["out"])).abs().max().item() < 1e-5
+    assert torch.allclose(rm, torch.from_numpy(ref["running_mean"]), atol=1e-6)
+    assert torch.allclose(rv, torch.from_numpy(ref["running_var"]), atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_reference_transcription(shape, training):
+    torch.manual_seed(1)
+    phi = MetaPerturb(init_std=0.3)
+    h, eps = 3 * torch.randn(shape), torch.randn(shape)
+    rm, rv = _stats(shape[1])
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    out, scale, mult = _call(_native.perturb, h, phi, rm, rv, training, eps)
+    with torch.no_grad():
+        ref = reference_perturb(h, phi, rm_ref, rv_ref, channel_norm=16, spatial_norm=9, eps=eps, clip=1.5,
+                                noise_coeff=0.7, training=training)
+    assert (out - ref).abs().max().item() < 1e-5
+    if h.numel() > 50:
+        assert (ref < 1.5).any() and (ref == 1.5).any()  # the clip is exercised
+    assert torch.allclose(rm, rm_ref, atol=1e-6) and torch.allclose(rv, rv_ref, atol=1e-6)
+    assert mult.shape == h.shape and torch.allclose(torch.minimum(h * mult, torch.tensor(1.5)), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_eager_autograd(shape, training):
+    torch.manual_seed(2)
+    phi = MetaPerturb(init_std=0.3)
+    h = (3 * torch.randn(shape)).requires_grad_(True)  # large enough that clip=1.5 cuts some outputs
+    eps, weight = torch.randn(shape), torch.randn(shape)
+    params = list(phi.parameters())
+    grads = []
+    for fn in (perturb_module.perturb, _native.perturb):
+        rm, rv = _stats(shape[1])
+        out, _, _ = _call(fn, h, phi, rm, rv, training, eps)
+        grads.append(torch.autograd.grad((out * weight).sum(), [h, *params], allow_unused=True))
+    for name, eager, native in zip(["h"] + [n for n, _ in phi.named_parameters()], *grads):
+        assert (eager is None) == (native is None), name
+        if eager is not None:
+            assert _rel(native, eager) < 1e-4, name
+    assert (grads[1][params.index(phi.scale_kernels) + 1] is None) == (not training)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_frozen_phi_layouts_and_site_dispatch(monkeypatch, layout):
+    torch.manual_seed(3)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = torch.randn(4, 6, 8, 5).contiguous(memory_format=layout).requires_grad_(True)
+    eps = torch.randn(h.shape)
+    sites = []
+    outs, grads = [], []
+    for native in (False, True):
+        if native:
+            monkeypatch.setattr(perturb_module, "perturb", _native.perturb)
+        site = PerturbSite(phi, 6, channel_norm=64, spatial_norm=8)
+        site.noise_coeff, site.clip = 0.5, 2.0
+        out = site(h, eps=eps)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), h)[0])
+        sites.append(site)
+    assert outs[1].is_contiguous(memory_format=layout)
+    assert torch.allclose(outs[1], outs[0], atol=1e-5)
+    assert _rel(grads[1], grads[0]) < 1e-4
+    assert torch.allclose(sites[1].running_var, sites[0].running_var, atol=1e-6)
+    assert sites[1].last_multiplier_stats is not None
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    torch.manual_seed(4)
+    phi = MetaPerturb(init_std=0.3)
+    h = torch.randn(3, 5, 12, 9, requires_grad=True)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        torch.manual_seed(9)
+        out, _, _ = _call(_native.perturb, h, phi, *_stats(5), True, None)
+        results.append((out, *torch.autograd.grad(out.sum(), [h, *phi.parameters()])))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_drawn_noise_is_standard_normal_and_reproducible():
+    torch.manual_seed(5)
+    like = torch.empty(64, 16, 32, 32)
+    noise = _native.standard_normal(like)
+    assert noise.shape == like.shape
+    values = noise.flatten().double()
+    assert abs(values.mean().item()) < 0.005 and abs(values.std().item() - 1) < 0.005
+    inside_one_sigma = (values.abs() < 1).double().mean().item()
+    assert abs(inside_one_sigma - 0.6827) < 0.003
+    assert abs((values.abs() > 3).double().mean().item() - 0.0027) < 0.0005
+    assert abs((values ** 4).mean().item() - 3) < 0.05  # kurtosis of a normal
+    # neighbouring elements are uncorrelated (each Philox counter gives four of them)
+    flat = values.view(-1, 4)
+    assert abs((flat[:, 0] * flat[:, 1]).mean().item()) < 0.01 and abs((flat[:, 1] * flat[:, 2]).mean().item()) < 0.01
+    torch.manual_seed(5)
+    assert torch.equal(_native.standard_normal(like), noise)
+    assert not torch.equal(_native.standard_normal(like), noise)
+
+
+def test_in_kernel_noise_is_the_seeded_draw_and_follows_manual_seed():
+    phi = MetaPerturb(init_std=0.3)
+    h = torch.randn(3, 4, 7, 6)
+    torch.manual_seed(6)
+    first, _, _ = _call(_native.perturb, h, phi, *_stats(4), True, None)
+    torch.manual_seed(6)
+    again, _, _ = _call(_native.perturb, h, phi, *_stats(4), True, None)
+    different, _, _ = _call(_native.perturb, h, phi, *_stats(4), True, None)
+    assert torch.equal(first, again) and not torch.equal(first, different)
+    torch.manual_seed(6)
+    eps = _native.standard_normal(h)  # the perturbation draws exactly one seed from the global RNG
+    given, _, _ = _call(_native.perturb, h, phi, *_stats(4), True, eps)
+    assert torch.equal(first, given)
+
+
+def test_switch_off_and_unsupported_inputs(monkeypatch):
+    phi = MetaPerturb()
+    h = torch.randn(2, 3, 4, 4)
+    assert _native.available(h, phi)
+    assert not _native.available(h.double(), phi)
+    monkeypatch.setenv("WORKBENCH_NATIVE", "0")
+    assert not _native.available(h, phi)
+
+
+def test_unfused_request_goes_to_the_twice_differentiable_eager_path():
+    phi = MetaPerturb(init_std=0.3)
+    h = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    out, _, _ = _call(_native.perturb, h, phi.double(), *(t.double() for t in _stats(4)), True, torch.randn(h.shape,
+                      dtype=torch.float64), fused=False)
+    (grad,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)
+    assert grad.requires_grad  # a second derivative exists
+
+
+def test_training_needs_a_batch_of_two():
+    phi = MetaPerturb()
+    with pytest.raises(WorkbenchError, match="batch of at least 2"):
+        _call(_native.perturb, torch.randn(1, 3, 4, 4), phi, *_stats(3), True, None)
+    out, _, _ = _call(_native.perturb, torch.randn(1, 3, 4, 4), phi, *_stats(3), False, None)
+    assert out.shape == (1, 3, 4, 4) and torch.isfinite(out).all()
+
+
+def test_failed_build_warns_once_and_reports_unavailable(monkeypatch, caplog):
+    import torch.utils.cpp_extension as cpp_extension
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_build_failed", False)
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    phi, h = MetaPerturb(), torch.randn(2, 3, 4, 4)
+    with caplog.at_level("WARNING", logger="workbench._native"):
+        assert not _native.available(h, phi)
+        assert not _native.available(h, phi)
+    warnings = [r for r in caplog.records if "native perturbation kernel unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "Ninja is required" in warnings[0].getMessage()
+    with pytest.raises(WorkbenchError, match="not built"):
+        _call(_native.perturb, h, phi, *_stats(3), True, None)
+
+
+def test_output_takes_an_inplace_relu_like_the_next_layer_does():
+    torch.manual_seed(7)
+    phi = MetaPerturb(init_std=0.3)
+    h = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    eps = torch.randn(h.shape)
+    out, _, _ = _call(perturb_module.perturb, h, phi, *_stats(4), True, eps)
+    expected = torch.autograd.grad(torch.relu(out).sum(), h)[0]
+    out, _, multiplier = _call(_native.perturb, h, phi, *_stats(4), True, eps)
+    assert out._base is None and multiplier._base is None  # real tensors, not views of the kernel's buffers
+    torch.relu_(out)
+    assert _rel(torch.autograd.grad(out.sum(), h)[0], expected) < 1e-4

@@ -1,0 +1,255 @@
+"""Optional fused C++ CPU kernel for the perturbation site (the math of ``perturb.perturb``, in two sweeps).
+
+The eager fast path runs six depthwise convolutions and ~30 elementwise passes per site, each allocating a feature
+map; here the site is two sweeps over the channels_last (NHWC) map, each 3x3 stencil vectorised over W*C:
+
+* sweep 1 reads h and writes ``r1 = relu(E1(h))`` and its channel mean, and accumulates the scale features
+  ``f[b, c, j]`` (spatial means of ``relu(K_j * h)``, never stored) plus one mask byte per element for the backward;
+* the per-channel scale (batch statistics of f, running-stat update, the linear map) stays in PyTorch: it works on
+  (B, C, 4) tensors, so it costs microseconds, and autograd gives phi's ``scale_fc`` gradient for free;
+* sweep 2 computes ``mu = E2(r1)``, draws eps in-kernel when none is given (Philox4x32-10 keyed by a seed taken from
+  the global torch RNG, Box-Muller; so ``torch.manual_seed`` reproduces a run for any thread count), and writes
+  ``out = min(h * (1 + k (s softplus(mu + eps) - 1)), clip)``.
+
+Each sweep is a ``torch.autograd.Function`` whose backward is the transposed stencils in the same fused style,
+including the gradients of phi's kernels when phi requires grad. The kernel builds on first use with
+``torch.utils.cpp_extension.load`` (cached in torch's extension directory); when it cannot be built, one warning is
+logged and :func:`available` returns False, so callers keep the eager path. ``WORKBENCH_NATIVE=0`` disables it.
+
+Dispatch from ``perturb.perturb``::
+
+    if fused and _native.available(h, phi):
+        return _native.perturb(h, phi, running_mean, running_var, ...same keyword arguments...)
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .errors import WorkbenchError
+
+_log = logging.getLogger(__name__)
+_SOURCE = Path(__file__).with_name("_native_src") / "perturb_kernel.cpp"
+_module = None
+_build_failed = False
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU's feature flags: -march=native objects must not be reused on another CPU."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags += next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def enabled() -> bool:
+    """False when the environment variable ``WORKBENCH_NATIVE`` is ``0`` (or ``false``/``off``)."""
+    return os.environ.get("WORKBENCH_NATIVE", "1").strip().lower() not in {"0", "false", "off", "no"}
+
+
+def _put_ninja_on_path() -> None:
+    """torch builds with the ``ninja`` found on PATH; the pip ``ninja`` package (a dependency) installs it into the
+    environment's scripts folder, which is not on PATH when the interpreter is run without activating it."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # the PyPI package ships the binary
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load(verbose: bool = False):
+    """Build (first time) and import the extension; returns the module or None when it cannot be built."""
+    global _module, _build_failed
+    if _module is not None or _build_failed:
+        return _module
+    try:
+        _put_ninja_on_path()
+        from torch.utils.cpp_extension import load as load_extension
+
+        _module = load_extension(
+            name=f"workbench_perturb_native_{_cpu_tag()}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            verbose=verbose,
+        )
+    except Exception as exc:  # no compiler, no ninja, unsupported flags...: keep the eager path
+        _build_failed = True
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        _log.warning("workbench: native perturbation kernel unavailable (%s); using the eager path", first[:200])
+    return _module
+
+
+def available(h: torch.Tensor, phi) -> bool:
+    """Whether :func:`perturb` can serve this call: enabled, float32 CPU tensors, no double backward, and built."""
+    if not enabled() or h.device.type != "cpu" or h.dtype != torch.float32 or h.dim() != 4:
+        return False
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in phi.parameters()):
+        return False
+    return load() is not None
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """The NHWC-contiguous buffer of a (B, C, H, W) tensor (no copy when it is channels_last already)."""
+    return t.permute(0, 2, 3, 1).contiguous()
+
+
+def _nchw_view(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+class _Handoff:
+    """Carries sweep 2's direct gradient term (g * m, for h) to sweep 1's backward, which adds its own terms into
+    it in-kernel: h then gets one gradient instead of two that autograd would add as a further pass."""
+
+    __slots__ = ("grad",)
+
+    def __init__(self):
+        self.grad: Optional[torch.Tensor] = None
+
+
+class _Sweep1(torch.autograd.Function):
+    """(h, K_id1, K_all1, K_scale) -> (r1 = relu(E1(h)) [NHWC], mean_c r1 [B,H,W], f [B,C,4] or empty)."""
+
+    @staticmethod
+    def forward(ctx, h, kid, kall, kscale, training: bool, handoff: _Handoff):
+        x = _nhwc(h.detach())
+        r1, mr, f, mh, mask = _module.sweep1_forward(x, kid.detach(), kall.detach(), kscale.detach(), training)
+        ctx.handoff = handoff
+        ctx.save_for_backward(x, mh, mask, kid, kall, kscale)
+        ctx.mark_non_differentiable(*(() if training else (f,)))
+        return r1, mr, f
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_r1, g_mr, g_f):
+        x, mh, mask, kid, kall, kscale = ctx.saved_tensors
+        need_x, need_kid, need_kall, need_ks = ctx.needs_input_grad[:4]
+        handed, ctx.handoff.grad = ctx.handoff.grad, None
+        if not (need_x or need_kid or need_kall or need_ks):
+            return None, None, None, None, None, None
+        g_r1 = torch.zeros_like(x) if g_r1 is None else g_r1.contiguous()
+        g_mr = torch.zeros_like(mh) if g_mr is None else g_mr.contiguous()
+        g_f = torch.empty(0) if g_f is None or g_f.numel() == 0 else g_f.contiguous()
+        gx, gkid, gkall, gks = _module.sweep1_backward(
+            x, mh, mask, g_r1, g_mr, g_f, kid.detach(), kall.detach(), kscale.detach(),
+            bool(need_x), bool(need_kid or need_kall), bool(need_ks and g_f.numel() > 0),
+            handed if handed is not None and need_x else torch.empty(0))
+        return (_nchw_view(gx) if need_x else None, gkid if need_kid else None, gkall if need_kall else None,
+                gks if need_ks and g_f.numel() > 0 else None, None, None)
+
+
+class _Sweep2(torch.autograd.Function):
+    """(h, r1, mr, scale, K_id2, K_all2) -> (out, multiplier), both (B, C, H, W) views of NHWC buffers."""
+
+    @staticmethod
+    def forward(ctx, h, r1, mr, scale, kid, kall, eps: Optional[torch.Tensor], seed: int, noise_coeff: float,
+                clip: Optional[float], handoff: _Handoff):
+        x = _nhwc(h.detach())
+        e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
+        out, mult, a = _module.sweep2_forward(x, r1.detach(), mr.detach(), scale.detach(), kid.detach(),
+                                              kall.detach(), e, int(seed), float(noise_coeff), clip is not None,
+                                              0.0 if clip is None else float(clip))
+        ctx.noise_coeff, ctx.clip, ctx.handoff = float(noise_coeff), clip, handoff
+        ctx.save_for_backward(x, r1, mr, a, mult, scale, kid, kall)
+        ctx.mark_non_differentiable(mult)
+        return out, mult  # (B, C, H, W) channels_last tensors of their own, not views
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_out, _g_mult):
+        x, r1, mr, a, mult, scale, kid, kall = ctx.saved_tensors
+        mult = _nhwc(mult)  # no copy: the same NHWC memory the kernel wrote
+        need_x, need_r1, need_mr, need_scale, need_kid, need_kall = ctx.needs_input_grad[:6]
+        if g_out is None or not any(ctx.needs_input_grad[:6]):
+            return (None,) * 11
+        clip = ctx.clip
+        gx, gr1, gmr, gscale, gkid, gkall = _module.sweep2_backward(
+            x, r1.detach(), mr.detach(), a, mult, scale.detach(), _nhwc(g_out), kid.detach(), kall.detach(),
+            ctx.noise_coeff, clip is not None, 0.0 if clip is None else float(clip),
+            bool(need_x), bool(need_r1 or need_mr), bool(need_scale), bool(need_kid or need_kall))
+        grad_h = _nchw_view(gx) if need_x else None
+        if need_x and need_r1:
+            # r1 = relu(E1(h)) needs grad, so sweep 1's backward runs next and adds its terms into this map
+            ctx.handoff.grad, grad_h = gx, None
+        return (grad_h, gr1 if need_r1 else None, gmr if need_mr else None, gscale if need_scale else None,
+                gkid if need_kid else None, gkall if need_kall else None, None, None, None, None, None)
+
+
+def draw_seed() -> int:
+    """A 63-bit seed from the global torch RNG (so ``torch.manual_seed`` fixes the in-kernel noise)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+
+
+def standard_normal(like: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
+    """The noise the kernel draws for a map shaped like ``like`` (B, C, H, W), as a channels_last tensor."""
+    if load() is None:
+        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
+    b, c, height, width = like.shape
+    values = _module.draw(like.numel(), draw_seed() if seed is None else int(seed))
+    return values.view(b, height, width, c).permute(0, 3, 1, 2)
+
+
+def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch.Tensor, *, channel_norm: float,
+            spatial_norm: float, training: bool, momentum: float = 0.1, noise_coeff: float = 1.0,
+            clip: Optional[float] = None, eps: Optional[torch.Tensor] = None, double_bessel: bool = True,
+            fused: bool = True):
+    """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``.
+
+    The kernel's backward is hand-written (differentiable once): ``fused=False`` (twice-differentiable plain ops,
+    for second-order meta-training) is handed to the eager ``perturb`` unchanged.
+
+    ``out`` keeps the input's layout (NCHW in, NCHW out; channels_last in, channels_last out); the multiplier is
+    a channels_last tensor. With ``eps=None`` the noise is drawn in-kernel (not the same numbers as the eager
+    path's ``torch.randn`` draw, but the same distribution).
+    """
+    if not fused:
+        from .perturb import perturb as eager_perturb
+
+        return eager_perturb(h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
+                             training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
+                             double_bessel=double_bessel, fused=False)
+    if load() is None:
+        raise WorkbenchError("the native perturbation kernel is not built; check available() before calling it")
+    b, c, height, width = h.shape
+    if training and b < 2:
+        raise WorkbenchError(
+            "a perturbation site in training mode needs a batch of at least 2 (it uses the batch variance); "
+            "use a larger batch or call model.eval()"
+        )
+    channels_last_in = h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
+    handoff = _Handoff()
+    r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
+                                     handoff)
+    if training:
+        mean = features.mean(dim=0)
+        var = features.var(dim=0)
+        with torch.no_grad():
+            correction = b / (b - 1) if double_bessel else 1.0
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
+    else:
+        mean, var = running_mean, running_var
+    scale = phi.channel_scale(mean, var, c / channel_norm, height / spatial_norm)
+    seed = draw_seed() if eps is None else 0
+    out, multiplier = _Sweep2.apply(h, r1, mr, scale, phi.noise2.w_identity, phi.noise2.w_all, eps, seed,
+                                    float(noise_coeff), None if clip is None else float(clip), handoff)
+    if not channels_last_in:
+        out = out.contiguous()
+    return out, scale, multiplier
+
+
+__all__ = ["available", "enabled", "load", "perturb", "standard_normal", "draw_seed"]

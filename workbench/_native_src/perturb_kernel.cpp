@@ -1,0 +1,764 @@
+// Fused CPU kernels for the MetaPerturb perturbation site (see workbench/_native.py for the maths and the
+// autograd wiring). All maps are NHWC (channels_last memory), so every 3x3 stencil is a three-row sweep over
+// contiguous W*C floats with shifts of +-C, and the channel loop vectorises for any C.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <vector>
+
+namespace {
+
+using idx = int64_t;
+
+// ------------------------------------------------------------------------------------------------ vector math
+// Branch-free polynomial exp/log/sin/cos (Cephes single precision) so loops over them auto-vectorise; libm calls
+// would not, and the noise draw and softplus touch every element.
+__attribute__((always_inline)) inline float bits_to_float(uint32_t b) { return std::bit_cast<float>(b); }
+__attribute__((always_inline)) inline uint32_t float_to_bits(float f) { return std::bit_cast<uint32_t>(f); }
+
+// exp(x) for x <= 88: the exponent is clamped in integers (float min/max with NaN semantics would not vectorise),
+// so results below 2^-126 come out as about 1e-38 instead of 0 (harmless for softplus and sigmoid).
+__attribute__((always_inline)) inline float fast_exp(float x) {
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;
+  const float z = x * x;
+  float y = 1.9875691500E-4f;
+  y = y * x + 1.3981999507E-3f;
+  y = y * x + 8.3334519073E-3f;
+  y = y * x + 4.1665795894E-2f;
+  y = y * x + 1.6666665459E-1f;
+  y = y * x + 5.0000001201E-1f;
+  y = y * z + x + 1.0f;
+  int32_t ni = static_cast<int32_t>(n);
+  ni = ni < -126 ? -126 : ni;
+  ni = ni > 127 ? 127 : ni;
+  return y * bits_to_float(static_cast<uint32_t>(ni + 127) << 23);
+}
+
+// log of a positive normal float
+__attribute__((always_inline)) inline float fast_log(float x) {
+  const uint32_t bits = float_to_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>((bits >> 23) & 0xff) - 126);
+  float m = bits_to_float((bits & 0x807fffffu) | 0x3f000000u);  // in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292E-2f;
+  y = y * m - 1.1514610310E-1f;
+  y = y * m + 1.1676998740E-1f;
+  y = y * m - 1.2420140846E-1f;
+  y = y * m + 1.4249322787E-1f;
+  y = y * m - 1.6668057665E-1f;
+  y = y * m + 2.0000714765E-1f;
+  y = y * m - 2.4999993993E-1f;
+  y = y * m + 3.3333331174E-1f;
+  y = y * z * m;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+
+// log(1 + e) for e in [0, 1], accurate for tiny e: the rounding error of u = 1 + e is compensated to first order
+// (fast_log(1) is exactly 0, so e below half an ulp of 1 comes out as e). Branch-free, so it vectorises.
+__attribute__((always_inline)) inline float fast_log1p_unit(float e) {
+  const float u = 1.0f + e;
+  return fast_log(u) + (e - (u - 1.0f)) / u;
+}
+
+__attribute__((always_inline)) inline float softplus(float a) {
+  const float e = fast_exp(-std::fabs(a));
+  return (a > 0.0f ? a : 0.0f) + fast_log1p_unit(e);
+}
+__attribute__((always_inline)) inline float sigmoid_of(float a) {
+  const float e = fast_exp(-std::fabs(a));
+  const float r = 1.0f / (1.0f + e);
+  return a >= 0.0f ? r : e * r;
+}
+
+// ------------------------------------------------------------------------------------------------ noise
+// Philox4x32-10 keyed by the seed, counter = group index: one counter gives four normals (two Box-Muller pairs).
+// Element e of the NHWC tensor takes normal e % 4 of counter e / 4, independent of threads and row splits.
+constexpr int kNoiseBlock = 64;  // counters per vectorised block
+
+__attribute__((always_inline)) inline void box_muller(uint32_t a, uint32_t b, float& n0, float& n1) {
+  const float u1 = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * (1.0f / 16777216.0f);  // (0, 1]
+  const float u2 = static_cast<float>(static_cast<int32_t>(b >> 8)) * (1.0f / 16777216.0f);         // [0, 1)
+  const float radius = std::sqrt(-2.0f * fast_log(u1));
+  // angle 2 pi u2 = q pi/2 + x with x in [-pi/4, pi/4]
+  const float t = u2 * 4.0f;
+  const float q = (t + 12582912.f) - 12582912.f;
+  const float x = (t - q) * 1.57079632679489662f;
+  const float z = x * x;
+  const float s = ((-1.9515295891E-4f * z + 8.3321608736E-3f) * z - 1.6666654611E-1f) * z * x + x;
+  const float c = ((2.443315711809948E-5f * z - 1.388731625493765E-3f) * z + 4.166664568298827E-2f) * z * z -
+                  0.5f * z + 1.0f;
+  const int quadrant = static_cast<int>(q) & 3;
+  const float sin_v = quadrant == 0 ? s : quadrant == 1 ? c : quadrant == 2 ? -s : -c;
+  const float cos_v = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
+  n0 = radius * cos_v;
+  n1 = radius * sin_v;
+}
+
+// Philox4x32-10 for counters (g0 + i, 0, 0) with i < kNoiseBlock: four normals per counter, written to
+// out[4 i .. 4 i + 3]. Structure of arrays so each of the ten rounds and the Box-Muller run over SIMD lanes.
+void philox_normals_block(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out) {
+  uint32_t c0[kNoiseBlock], c1[kNoiseBlock], c2[kNoiseBlock], c3[kNoiseBlock];
+  for (int i = 0; i < kNoiseBlock; ++i) {
+    const uint64_t g = g0 + static_cast<uint64_t>(i);
+    c0[i] = static_cast<uint32_t>(g);
+    c1[i] = static_cast<uint32_t>(g >> 32);
+    c2[i] = 0;
+    c3[i] = 0;
+  }
+  uint32_t k0 = k0_init, k1 = k1_init;
+  for (int r = 0; r < 10; ++r) {
+#pragma omp simd
+    for (int i = 0; i < kNoiseBlock; ++i) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[i];
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[i];
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[i] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[i] ^ k1;
+      c1[i] = static_cast<uint32_t>(p1);
+      c3[i] = static_cast<uint32_t>(p0);
+      c0[i] = n0;
+      c2[i] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  float a0[kNoiseBlock], a1[kNoiseBlock], b0[kNoiseBlock], b1[kNoiseBlock];
+#pragma omp simd
+  for (int i = 0; i < kNoiseBlock; ++i) {
+    box_muller(c0[i], c1[i], a0[i], a1[i]);
+    box_muller(c2[i], c3[i], b0[i], b1[i]);
+  }
+  for (int i = 0; i < kNoiseBlock; ++i) {
+    out[4 * i] = a0[i];
+    out[4 * i + 1] = a1[i];
+    out[4 * i + 2] = b0[i];
+    out[4 * i + 3] = b1[i];
+  }
+}
+
+// Normals for NHWC-linear element indices [start, start + n) into dst: element e is normal e % 4 of counter e / 4,
+// so the values do not depend on how rows are split over threads.
+void draw_normals(float* dst, idx start, idx n, uint64_t seed, std::vector<float>& scratch) {
+  const idx g0 = start >> 2, g1 = (start + n + 3) >> 2;
+  const idx blocks = (g1 - g0 + kNoiseBlock - 1) / kNoiseBlock;
+  scratch.resize(static_cast<size_t>(4 * kNoiseBlock * blocks));
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (idx blk = 0; blk < blocks; ++blk)
+    philox_normals_block(static_cast<uint64_t>(g0 + blk * kNoiseBlock), k0, k1, scratch.data() + 4 * kNoiseBlock * blk);
+  std::memcpy(dst, scratch.data() + (start - 4 * g0), static_cast<size_t>(n) * sizeof(float));
+}
+
+// ------------------------------------------------------------------------------------------------ stencils
+// out (=, or += with kAccumulate) sum_{dy, dx} K[3 dy + dx] * rows[dy][x + dx - 1, c]: one 3x3 stencil row in a
+// single pass (9 loads, 1 store per element). A null row is zero padding (read from a zero row).
+template <bool kAccumulate = false>
+void stencil_row(float* __restrict out, const float* const rows[3], const float* K, idx W, idx C) {
+  const idx n = W * C;
+  static thread_local std::vector<float> zeros;
+  if (static_cast<idx>(zeros.size()) < n) zeros.assign(static_cast<size_t>(n), 0.0f);
+  const float* __restrict r0 = rows[0] ? rows[0] : zeros.data();
+  const float* __restrict r1 = rows[1] ? rows[1] : zeros.data();
+  const float* __restrict r2 = rows[2] ? rows[2] : zeros.data();
+  const float k00 = K[0], k01 = K[1], k02 = K[2], k10 = K[3], k11 = K[4], k12 = K[5], k20 = K[6], k21 = K[7],
+              k22 = K[8];
+  if (W == 1) {
+    for (idx i = 0; i < n; ++i) {
+      const float v = k01 * r0[i] + k11 * r1[i] + k21 * r2[i];
+      out[i] = kAccumulate ? out[i] + v : v;
+    }
+    return;
+  }
+  for (idx i = 0; i < C; ++i) {
+    const float v = k01 * r0[i] + k02 * r0[i + C] + k11 * r1[i] + k12 * r1[i + C] + k21 * r2[i] + k22 * r2[i + C];
+    out[i] = kAccumulate ? out[i] + v : v;
+  }
+  for (idx i = C; i < n - C; ++i) {
+    const float v = k00 * r0[i - C] + k01 * r0[i] + k02 * r0[i + C] + k10 * r1[i - C] + k11 * r1[i] +
+                    k12 * r1[i + C] + k20 * r2[i - C] + k21 * r2[i] + k22 * r2[i + C];
+    out[i] = kAccumulate ? out[i] + v : v;
+  }
+  for (idx i = n - C; i < n; ++i) {
+    const float v = k00 * r0[i - C] + k01 * r0[i] + k10 * r1[i - C] + k11 * r1[i] + k20 * r2[i - C] + k21 * r2[i];
+    out[i] = kAccumulate ? out[i] + v : v;
+  }
+}
+
+// acc[dx] += sum_i g[i] * in[i + (dx-1) C] (zero padded): the weight gradient of one kernel row
+inline void hcorr_acc(const float* __restrict g, const float* __restrict in, idx W, idx C, double acc[3]) {
+  const idx n = W * C;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f;
+#pragma omp simd reduction(+ : s0)
+  for (idx i = C; i < n; ++i) s0 += g[i] * in[i - C];
+#pragma omp simd reduction(+ : s1)
+  for (idx i = 0; i < n; ++i) s1 += g[i] * in[i];
+#pragma omp simd reduction(+ : s2)
+  for (idx i = 0; i < n - C; ++i) s2 += g[i] * in[i + C];
+  acc[0] += s0; acc[1] += s1; acc[2] += s2;
+}
+
+inline void corr_row(const float* g, const float* const rows[3], idx W, idx C, double acc[9]) {
+  for (int dy = 0; dy < 3; ++dy)
+    if (rows[dy]) hcorr_acc(g, rows[dy], W, C, acc + 3 * dy);
+}
+
+inline void flip9(const float* K, float* out) { for (int t = 0; t < 9; ++t) out[t] = K[8 - t]; }
+
+struct Geometry {
+  idx B, H, W, C;
+  idx row() const { return W * C; }
+};
+
+// rows y-1, y, y+1 of image b in an NHWC buffer with `width` floats per row (nullptr outside the image)
+inline void neighbours(const float* base, const Geometry& g, idx b, idx y, idx width, const float* rows[3]) {
+  for (int dy = 0; dy < 3; ++dy) {
+    const idx yy = y + dy - 1;
+    rows[dy] = (yy < 0 || yy >= g.H) ? nullptr : base + (b * g.H + yy) * width;
+  }
+}
+
+__attribute__((always_inline)) inline float channel_mean(const float* __restrict p, idx C) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (idx c = 0; c < C; ++c) s += p[c];
+  return s / static_cast<float>(C);
+}
+
+__attribute__((always_inline)) inline float channel_sum(const float* __restrict p, idx C) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (idx c = 0; c < C; ++c) s += p[c];
+  return s;
+}
+
+// A fresh float32 map for the kernel's outputs. Large ones are 2 MB aligned and marked for transparent huge pages:
+// a fresh 8 MB tensor otherwise takes ~2000 page faults on first touch, which costs more than the kernel pass that
+// fills it. Small ones (and non-Linux builds) use torch's allocator.
+torch::Tensor empty_map(at::IntArrayRef sizes, at::ScalarType dtype = torch::kFloat) {
+  idx numel = 1;
+  for (auto v : sizes) numel *= v;
+  if (numel == 0) return torch::empty(sizes, torch::dtype(dtype));
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (bytes >= kHuge) {
+    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = std::aligned_alloc(kHuge, rounded);
+    if (p != nullptr) {
+      madvise(p, rounded, MADV_HUGEPAGE);
+      return torch::from_blob(p, sizes, [](void* q) { std::free(q); }, torch::dtype(dtype));
+    }
+  }
+#endif
+  return torch::empty(sizes, torch::dtype(dtype));
+}
+
+// (B, C, H, W) with channels_last strides over NHWC memory, as a tensor of its own (not a permuted view: autograd
+// forbids in-place ops, such as the next layer's ReLU(inplace=True), on view outputs of a Function)
+torch::Tensor empty_channels_last(idx B, idx C, idx H, idx W) {
+  auto nhwc = empty_map({B, H, W, C});
+  auto storage = nhwc.storage();
+  return torch::empty({0}, nhwc.options()).set_(storage, 0, {B, C, H, W}, {H * W * C, 1, W * C, C});
+}
+
+Geometry geometry(const torch::Tensor& x_nhwc) {
+  TORCH_CHECK(x_nhwc.dim() == 4 && x_nhwc.scalar_type() == torch::kFloat && x_nhwc.is_contiguous(),
+              "native perturb expects a contiguous float32 NHWC tensor");
+  return {x_nhwc.size(0), x_nhwc.size(1), x_nhwc.size(2), x_nhwc.size(3)};
+}
+
+std::vector<float> kernel9(const torch::Tensor& k) {
+  auto c = k.detach().to(torch::kFloat).contiguous();
+  return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
+}
+
+constexpr int kScaleKernels = 4;
+constexpr int32_t kReluBit = 1 << kScaleKernels;
+
+// ------------------------------------------------------------------------------------------------ row kernels
+// out = relu(e + pix[x]), mask = relu bit, mean[x] = mean_c out
+void relu_row(const float* __restrict e, const float* __restrict pix, float* __restrict out,
+              int32_t* __restrict mask, float* __restrict mean, idx W, idx C) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx xx = 0; xx < W; ++xx) {
+    const float p = pix[xx];
+    const idx o = xx * C;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (idx c = 0; c < C; ++c) {
+      const float v = e[o + c] + p;
+      const float r = v > 0.f ? v : 0.f;
+      out[o + c] = r;
+      mask[o + c] = v > 0.f ? kReluBit : 0;
+      sum += r;
+    }
+    mean[xx] = sum * inv_c;
+  }
+}
+
+// acc[c] += sum_x relu(s[x, c]); mask |= bit where s > 0
+void relu_sum_row(const float* __restrict s, float* __restrict acc, int32_t* __restrict mask, int32_t bit, idx W,
+                  idx C) {
+  for (idx xx = 0; xx < W; ++xx) {
+    const idx o = xx * C;
+#pragma omp simd
+    for (idx c = 0; c < C; ++c) {
+      const float v = s[o + c];
+      const bool pos = v > 0.f;
+      acc[c] += pos ? v : 0.f;
+      mask[o + c] |= pos ? bit : 0;
+    }
+  }
+}
+
+void channel_mean_row(const float* __restrict in, float* __restrict mean, idx W, idx C) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx xx = 0; xx < W; ++xx) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (idx c = 0; c < C; ++c) sum += in[xx * C + c];
+    mean[xx] = sum * inv_c;
+  }
+}
+
+void noise_tail_row(const float* __restrict h, const float* __restrict mu, const float* __restrict pix,
+                    const float* __restrict eps, const float* __restrict scale, float* __restrict out,
+                    float* __restrict mult, float* __restrict a_out, float k, bool has_clip, float clip, idx W, idx C) {
+  const float cl = has_clip ? clip : std::numeric_limits<float>::infinity();
+  for (idx xx = 0; xx < W; ++xx) {
+    const float p = pix[xx];
+    const idx o = xx * C;
+#pragma omp simd
+    for (idx c = 0; c < C; ++c) {
+      const float av = mu[o + c] + p + eps[o + c];
+      const float z = softplus(av);
+      const float m = 1.0f + k * (scale[c] * z - 1.0f);
+      const float v = h[o + c] * m;
+      a_out[o + c] = av;
+      mult[o + c] = m;
+      out[o + c] = v < cl ? v : cl;
+    }
+  }
+}
+
+// backward of the noise tail for one row: g_x = g m (direct term), g_mu, its channel sums, and acc[c] += g_m z.
+// Everything is always written (callers pass scratch rows for what they do not need): no branches in the loop.
+void noise_tail_backward_row(const float* __restrict h, const float* __restrict mult, const float* __restrict a,
+                             const float* __restrict g_out, const float* __restrict scale, float* __restrict g_x,
+                             float* __restrict g_mu, float* __restrict g_mu_sum, float* __restrict acc, float k,
+                             bool has_clip, float clip, idx W, idx C) {
+  const float cl = has_clip ? clip : std::numeric_limits<float>::infinity();
+  for (idx xx = 0; xx < W; ++xx) {
+    const idx o = xx * C;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (idx c = 0; c < C; ++c) {
+      const float hv = h[o + c], m = mult[o + c];
+      // clamp(max=clip) passes the gradient where h m <= clip (torch's convention at equality)
+      const float go = (hv * m <= cl) ? g_out[o + c] : 0.f;
+      const float gm = go * hv * k;
+      const float av = a[o + c];
+      const float e = fast_exp(-std::fabs(av));
+      const float r = 1.0f / (1.0f + e);
+      const float sig = av >= 0.0f ? r : e * r;
+      g_x[o + c] = go * m;
+      acc[c] += gm * ((av > 0.0f ? av : 0.0f) + fast_log1p_unit(e));
+      const float gmu = gm * scale[c] * sig;
+      g_mu[o + c] = gmu;
+      sum += gmu;
+    }
+    g_mu_sum[xx] = sum;
+  }
+}
+
+// g_e = relu mask * (g_r1 + g_mr[x] / C), gsum[x] = sum_c g_e
+void relu_backward_row(const int32_t* __restrict mask, const float* __restrict g_r1, const float* __restrict g_mr,
+                       float* __restrict g_e, float* __restrict gsum, idx W, idx C) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx xx = 0; xx < W; ++xx) {
+    const idx o = xx * C;
+    const float add = g_mr[xx] * inv_c;
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (idx c = 0; c < C; ++c) {
+      const float v = (mask[o + c] & kReluBit) ? g_r1[o + c] + add : 0.f;
+      g_e[o + c] = v;
+      sum += v;
+    }
+    gsum[xx] = sum;
+  }
+}
+
+// dst[x, c] = bit set ? gf[c] : 0
+void expand_row(const int32_t* __restrict mask, const float* __restrict gf, int32_t bit, float* __restrict dst, idx W,
+                idx C) {
+  for (idx xx = 0; xx < W; ++xx) {
+    const idx o = xx * C;
+#pragma omp simd
+    for (idx c = 0; c < C; ++c) dst[o + c] = (mask[o + c] & bit) ? gf[c] : 0.f;
+  }
+}
+
+// out += pix[x] * scale (broadcast over channels)
+void add_pixel_row(float* __restrict out, const float* __restrict pix, float scale, idx W, idx C) {
+  for (idx xx = 0; xx < W; ++xx) {
+    const float p = pix[xx] * scale;
+#pragma omp simd
+    for (idx c = 0; c < C; ++c) out[xx * C + c] += p;
+  }
+}
+
+void pack_mask(const int32_t* __restrict in, uint8_t* __restrict out, idx n) {
+  for (idx i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(in[i]);
+}
+
+void unpack_mask(const uint8_t* __restrict in, int32_t* __restrict out, idx n) {
+  for (idx i = 0; i < n; ++i) out[i] = in[i];
+}
+
+void add_row(float* __restrict out, const float* __restrict in, idx n) {
+#pragma omp simd
+  for (idx i = 0; i < n; ++i) out[i] += in[i];
+}
+
+}  // namespace
+
+// ================================================================================================== sweep 1
+// r1 = relu(E1(h)), mr = mean_c r1, f[b,c,j] = mean_xy relu(K_j * h) (training), plus what the backward needs:
+// mh = mean_c h and one mask byte per element (bits 0-3: K_j * h > 0, bit 4: E1 > 0).
+std::vector<torch::Tensor> sweep1_forward(torch::Tensor x, torch::Tensor kid, torch::Tensor kall,
+                                          torch::Tensor kscale, bool training) {
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  const auto Kid = kernel9(kid), Kall = kernel9(kall);
+  const auto Ks = training ? kernel9(kscale) : std::vector<float>();
+  auto opts = x.options();
+  auto r1 = empty_map(x.sizes());
+  auto mh = torch::empty({g.B, g.H, g.W}, opts);
+  auto mr = torch::empty({g.B, g.H, g.W}, opts);
+  auto mask = empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8);
+  auto fpart = training ? torch::empty({rows_total, kScaleKernels, g.C}, opts) : torch::empty({0}, opts);
+  const float* xp = x.data_ptr<float>();
+  float* r1p = r1.data_ptr<float>();
+  float* mhp = mh.data_ptr<float>();
+  float* mrp = mr.data_ptr<float>();
+  uint8_t* mp = mask.data_ptr<uint8_t>();
+  float* fp = training ? fpart.data_ptr<float>() : nullptr;
+
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    for (idx r = r0; r < r1_; ++r) channel_mean_row(xp + r * rw, mhp + r * g.W, g.W, g.C);
+  });
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    std::vector<float> e(rw), s(rw), pix(g.W);
+    std::vector<int32_t> bits(rw);
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / g.H, y = r % g.H;
+      const float *hrows[3], *mrows[3];
+      neighbours(xp, g, b, y, rw, hrows);
+      neighbours(mhp, g, b, y, g.W, mrows);
+      stencil_row(e.data(), hrows, Kid.data(), g.W, g.C);
+      stencil_row(pix.data(), mrows, Kall.data(), g.W, 1);
+      relu_row(e.data(), pix.data(), r1p + r * rw, bits.data(), mrp + r * g.W, g.W, g.C);
+      if (training) {
+        for (int j = 0; j < kScaleKernels; ++j) {
+          stencil_row(s.data(), hrows, Ks.data() + 9 * j, g.W, g.C);
+          float* acc = fp + (r * kScaleKernels + j) * g.C;
+          std::fill(acc, acc + g.C, 0.f);
+          relu_sum_row(s.data(), acc, bits.data(), 1 << j, g.W, g.C);
+        }
+      }
+      pack_mask(bits.data(), mp + r * rw, rw);
+    }
+  });
+  torch::Tensor f;
+  if (training) {
+    // (B, H, 4, C) row sums -> (B, C, 4) spatial means, summed in double for size independence
+    f = fpart.view({g.B, g.H, kScaleKernels, g.C}).to(torch::kDouble).sum(1).div_(static_cast<double>(g.H * g.W))
+            .transpose(1, 2).to(torch::kFloat).contiguous();
+  } else {
+    f = torch::empty({0}, opts);
+  }
+  return {r1, mr, f, mh, mask};
+}
+
+// grad wrt h of sweep 1 given g_r1 (NHWC), g_mr (B,H,W), g_f (B,C,4) or empty; plus kernel gradients when asked.
+std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor g_r1,
+                                           torch::Tensor g_mr, torch::Tensor g_f, torch::Tensor kid,
+                                           torch::Tensor kall, torch::Tensor kscale, bool need_x, bool need_k1,
+                                           bool need_ks, torch::Tensor gx_init) {
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  const bool with_scale = g_f.numel() > 0;
+  float Kid[9], Kall[9];
+  flip9(kernel9(kid).data(), Kid);
+  flip9(kernel9(kall).data(), Kall);
+  std::vector<float> Ks(9 * kScaleKernels, 0.f);
+  if (with_scale) {
+    const auto k = kernel9(kscale);
+    for (int j = 0; j < kScaleKernels; ++j) flip9(k.data() + 9 * j, Ks.data() + 9 * j);
+  }
+  auto opts = x.options();
+  const float* xp = x.data_ptr<float>();
+  const float* mhp = mh.data_ptr<float>();
+  const uint8_t* mp = mask.data_ptr<uint8_t>();
+  const float* grp = g_r1.data_ptr<float>();
+  const float* gmrp = g_mr.data_ptr<float>();
+  // g_f scaled by 1/(H W), laid out (B, 4, C) for the channel loop
+  torch::Tensor gf = with_scale ? g_f.to(torch::kFloat).div(static_cast<double>(g.H * g.W)).transpose(1, 2).contiguous()
+                                : torch::empty({0}, opts);
+  const float* gfp = with_scale ? gf.data_ptr<float>() : nullptr;
+
+  const float inv_c = 1.0f / static_cast<float>(g.C);
+
+  // gx_init (the direct term g * m from sweep 2) is accumulated into, saving autograd an add of two maps
+  const bool accumulate = need_x && gx_init.numel() == x.numel();
+  auto gx = accumulate ? gx_init : need_x ? empty_map(x.sizes()) : torch::empty({0}, opts);
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
+  const int n_acc = 18 + 9 * kScaleKernels;  // Kid, Kall, K_j
+  std::vector<double> kacc(static_cast<size_t>(rows_total) * ((need_k1 || need_ks) ? n_acc : 0), 0.0);
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    // Per image row, computed once into a ring of three slots (slot = row index mod 3) as the sweep moves down:
+    // g_E1 = relu mask * (g_r1 + g_mr / C), its channel sums, and g_S_j = [K_j * h > 0] * g_f[b, c, j] / (H W).
+    std::vector<float> pix(g.W), ge(3 * rw), gs(3 * g.W);
+    std::vector<int32_t> bits(rw);
+    std::vector<float> expanded(with_scale ? 3 * kScaleKernels * rw : 0);
+    idx slot_row[3] = {-1, -1, -1};
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / g.H, y = r % g.H;
+      const float *grows[3], *srows[3], *hrows[3], *mrows[3];
+      const float* erows[kScaleKernels][3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const idx yy = y + dy - 1;
+        const bool inside = yy >= 0 && yy < g.H;
+        const idx row = b * g.H + yy;
+        const int slot = inside ? static_cast<int>(row % 3) : 0;
+        if (inside && slot_row[slot] != row) {
+          unpack_mask(mp + row * rw, bits.data(), rw);
+          relu_backward_row(bits.data(), grp + row * rw, gmrp + row * g.W, ge.data() + slot * rw,
+                            gs.data() + slot * g.W, g.W, g.C);
+          if (with_scale)
+            for (int j = 0; j < kScaleKernels; ++j)
+              expand_row(bits.data(), gfp + (b * kScaleKernels + j) * g.C, 1 << j,
+                         expanded.data() + (slot * kScaleKernels + j) * rw, g.W, g.C);
+          slot_row[slot] = row;
+        }
+        grows[dy] = inside ? ge.data() + slot * rw : nullptr;
+        srows[dy] = inside ? gs.data() + slot * g.W : nullptr;
+        for (int j = 0; j < kScaleKernels; ++j)
+          erows[j][dy] = inside && with_scale ? expanded.data() + (slot * kScaleKernels + j) * rw : nullptr;
+      }
+      if (need_x) {
+        float* out = gxp + r * rw;
+        if (accumulate)
+          stencil_row<true>(out, grows, Kid, g.W, g.C);
+        else
+          stencil_row(out, grows, Kid, g.W, g.C);
+        stencil_row(pix.data(), srows, Kall, g.W, 1);
+        add_pixel_row(out, pix.data(), inv_c, g.W, g.C);
+        if (with_scale)
+          for (int j = 0; j < kScaleKernels; ++j) stencil_row<true>(out, erows[j], Ks.data() + 9 * j, g.W, g.C);
+      }
+      if (need_ks && with_scale) {
+        double* acc = kacc.data() + r * n_acc;
+        neighbours(xp, g, b, y, rw, hrows);
+        for (int j = 0; j < kScaleKernels; ++j) corr_row(erows[j][1], hrows, g.W, g.C, acc + 18 + 9 * j);
+      }
+      if (need_k1) {
+        double* acc = kacc.data() + r * n_acc;
+        neighbours(xp, g, b, y, rw, hrows);
+        neighbours(mhp, g, b, y, g.W, mrows);
+        corr_row(grows[1], hrows, g.W, g.C, acc);
+        corr_row(srows[1], mrows, g.W, 1, acc + 9);
+      }
+    }
+  });
+  auto sums = torch::zeros({n_acc}, torch::dtype(torch::kDouble));
+  if (need_k1 || need_ks) {
+    double* sp = sums.data_ptr<double>();
+    for (idx r = 0; r < rows_total; ++r)
+      for (int t = 0; t < n_acc; ++t) sp[t] += kacc[r * n_acc + t];
+  }
+  auto sf = sums.to(torch::kFloat);
+  return {gx, sf.slice(0, 0, 9).view({1, 1, 3, 3}).clone(), sf.slice(0, 9, 18).view({1, 1, 3, 3}).clone(),
+          sf.slice(0, 18, n_acc).view({kScaleKernels, 1, 3, 3}).clone()};
+}
+
+// ================================================================================================== sweep 2
+// mu = E2(r1) (with mr = mean_c r1), a = mu + eps, z = softplus(a), m = 1 + k (s z - 1), out = min(h m, clip).
+// eps: an NHWC tensor, or empty to draw it in-kernel from `seed`. Returns out, m, a.
+std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, torch::Tensor mr, torch::Tensor scale,
+                                          torch::Tensor kid, torch::Tensor kall, torch::Tensor eps, int64_t seed,
+                                          double noise_coeff, bool has_clip, double clip) {
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  const auto Kid = kernel9(kid), Kall = kernel9(kall);
+  auto s = scale.detach().to(torch::kFloat).contiguous();
+  const float* sp = s.data_ptr<float>();
+  const bool drawn = eps.numel() == 0;
+  const float* epsp = drawn ? nullptr : eps.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* rp = r1.data_ptr<float>();
+  const float* mrp = mr.data_ptr<float>();
+  // out and the multiplier are returned to the caller as (B, C, H, W) channels_last tensors
+  auto out = empty_channels_last(g.B, g.C, g.H, g.W), mult = empty_channels_last(g.B, g.C, g.H, g.W);
+  auto a = empty_map(x.sizes());
+  float* op = out.data_ptr<float>();
+  float* mp = mult.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  const float k = static_cast<float>(noise_coeff), cl = static_cast<float>(clip);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    std::vector<float> mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch;
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / g.H, y = r % g.H;
+      const float *rrows[3], *mrows[3];
+      neighbours(rp, g, b, y, rw, rrows);
+      neighbours(mrp, g, b, y, g.W, mrows);
+      stencil_row(mu.data(), rrows, Kid.data(), g.W, g.C);
+      stencil_row(pix.data(), mrows, Kall.data(), g.W, 1);
+      const float* e;
+      if (drawn) {
+        draw_normals(noise.data(), r * rw, rw, useed, scratch);
+        e = noise.data();
+      } else {
+        e = epsp + r * rw;
+      }
+      const idx o = r * rw;
+      noise_tail_row(xp + o, mu.data(), pix.data(), e, sp, op + o, mp + o, ap + o, k, has_clip, cl, g.W, g.C);
+    }
+  });
+  return {out, mult, a};
+}
+
+// Returns g_x (direct term), g_r1, g_mr, g_scale, g_Kid2, g_Kall2 (the last three empty when not asked).
+std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, torch::Tensor mr, torch::Tensor a,
+                                           torch::Tensor mult, torch::Tensor scale, torch::Tensor g_out,
+                                           torch::Tensor kid, torch::Tensor kall, double noise_coeff, bool has_clip,
+                                           double clip, bool need_x, bool need_r1, bool need_scale, bool need_k) {
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  float Kid[9], Kall[9];
+  flip9(kernel9(kid).data(), Kid);
+  flip9(kernel9(kall).data(), Kall);
+  auto s = scale.detach().to(torch::kFloat).contiguous();
+  const float* sp = s.data_ptr<float>();
+  auto opts = x.options();
+  const float* xp = x.data_ptr<float>();
+  const float* rp = r1.data_ptr<float>();
+  const float* mrp = mr.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* mp = mult.data_ptr<float>();
+  const float* gp = g_out.data_ptr<float>();
+  const float k = static_cast<float>(noise_coeff), cl = static_cast<float>(clip);
+  const bool need_mu = need_r1 || need_k;
+
+  auto gx = need_x ? empty_map(x.sizes()) : torch::empty({0}, opts);
+  auto gr1 = need_r1 ? empty_map(x.sizes()) : torch::empty({0}, opts);
+  auto gmr = need_r1 ? torch::empty({g.B, g.H, g.W}, opts) : torch::empty({0}, opts);
+  std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
+  std::vector<double> kacc(need_k ? static_cast<size_t>(rows_total * 18) : 0, 0.0);
+  float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
+  float* grp = need_r1 ? gr1.data_ptr<float>() : nullptr;
+  float* gmrp = need_r1 ? gmr.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    // g_mu rows and their channel sums live in a ring of three slots (slot = row index mod 3), each computed once
+    // as the sweep moves down; g_x and the scale partials are written only for this chunk's own rows.
+    std::vector<float> acc(g.C), dummy(rw), gm(3 * rw), gs(3 * g.W);
+    idx slot_row[3] = {-1, -1, -1};
+    auto produce = [&](idx row, int slot) {
+      const bool own = row >= r0 && row < r1_;
+      const idx o = row * rw;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      noise_tail_backward_row(xp + o, mp + o, ap + o, gp + o, sp, need_x && own ? gxp + o : dummy.data(),
+                              gm.data() + slot * rw, gs.data() + slot * g.W, acc.data(), k, has_clip, cl, g.W, g.C);
+      if (need_scale && own)
+        for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
+    };
+    for (idx r = r0; r < r1_; ++r) {
+      if (!need_mu) {
+        produce(r, 0);
+        continue;
+      }
+      const idx b = r / g.H, y = r % g.H;
+      const float *grows[3], *srows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const idx yy = y + dy - 1;
+        const bool inside = yy >= 0 && yy < g.H;
+        const idx row = b * g.H + yy;
+        const int slot = inside ? static_cast<int>(row % 3) : 0;
+        if (inside && slot_row[slot] != row) {
+          produce(row, slot);
+          slot_row[slot] = row;
+        }
+        grows[dy] = inside ? gm.data() + slot * rw : nullptr;
+        srows[dy] = inside ? gs.data() + slot * g.W : nullptr;
+      }
+      if (need_r1) {
+        stencil_row(grp + r * rw, grows, Kid, g.W, g.C);
+        stencil_row(gmrp + r * g.W, srows, Kall, g.W, 1);
+      }
+      if (need_k) {
+        const float *rrows[3], *mrows[3];
+        neighbours(rp, g, b, y, rw, rrows);
+        neighbours(mrp, g, b, y, g.W, mrows);
+        corr_row(grows[1], rrows, g.W, g.C, kacc.data() + r * 18);
+        corr_row(srows[1], mrows, g.W, 1, kacc.data() + r * 18 + 9);
+      }
+    }
+  });
+  torch::Tensor gscale = torch::empty({0}, opts), gkid = torch::empty({0}, opts), gkall = torch::empty({0}, opts);
+  if (need_scale) {
+    auto t = torch::zeros({g.C}, torch::dtype(torch::kDouble));
+    double* tp = t.data_ptr<double>();
+    for (idx r = 0; r < rows_total; ++r)
+      for (idx c = 0; c < g.C; ++c) tp[c] += spart[r * g.C + c];
+    gscale = t.to(torch::kFloat);
+  }
+  if (need_k) {
+    auto t = torch::zeros({18}, torch::dtype(torch::kDouble));
+    double* tp = t.data_ptr<double>();
+    for (idx r = 0; r < rows_total; ++r)
+      for (int i = 0; i < 18; ++i) tp[i] += kacc[r * 18 + i];
+    auto tf = t.to(torch::kFloat);
+    gkid = tf.slice(0, 0, 9).view({1, 1, 3, 3}).clone();
+    gkall = tf.slice(0, 9, 18).view({1, 1, 3, 3}).clone();
+  }
+  return {gx, gr1, gmr, gscale, gkid, gkall};
+}
+
+// standalone draw (for tests of the generator): NHWC-linear normals
+torch::Tensor draw(int64_t n, int64_t seed) {
+  auto out = torch::empty({n}, torch::dtype(torch::kFloat));
+  float* p = out.data_ptr<float>();
+  const idx chunk = 4096;
+  at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](idx c0, idx c1) {
+    std::vector<float> scratch;
+    for (idx c = c0; c < c1; ++c) {
+      const idx start = c * chunk, len = std::min(chunk, n - start);
+      draw_normals(p + start, start, len, static_cast<uint64_t>(seed), scratch);
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Fused MetaPerturb perturbation-site kernels (NHWC float32, CPU)";
+  m.def("sweep1_forward", &sweep1_forward);
+  m.def("sweep1_backward", &sweep1_backward);
+  m.def("sweep2_forward", &sweep2_forward);
+  m.def("sweep2_backward", &sweep2_backward);
+  m.def("draw", &draw);
+}
