@@ -1,0 +1,262 @@
+"""Generate the study notebooks from this file, so they are reviewed as code.
+
+    .venv/bin/python notebooks/_build.py           # (re)write notebooks/0*.ipynb
+    .venv/bin/python notebooks/_build.py --check   # exit 1 if a committed notebook differs from what this writes
+
+Every notebook has the same head: an introduction, a setup cell that imports and snapshots ``globals()``, the
+cell tagged ``parameters`` (generated from the notebook's typed config: exactly its fields, with their
+defaults), and a validation cell (``workbench.study.notebook_config``) that refuses unknown or ill-typed
+parameters, even under plain papermill. After that come thin cells that call ``workbench`` and show plotly figures.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from workbench.meta_train import MetaTrainConfig  # noqa: E402
+from workbench.study import (CalibrationStudyConfig, ScalesStudyConfig, TransferStudyConfig,  # noqa: E402
+                             config_path, parameters_source)
+
+RUNNING = """
+**Run it in JupyterLab** (`make lab`, then open this notebook): the parameters cell holds the defaults of
+`{config}`{defaults_note}. To step through with a profile's budget instead, uncomment the
+`load_profile` line of the cell after the parameters and *Run All*. Each run of the notebook is a study of profile
+`interactive` in the artifacts root (`$WORKBENCH_ARTIFACTS`, else the checkout's `artifacts/`).
+
+**Run it headless**: `workbench study run {name} --profile demo` (or `smoke`, `paper`, `results`; override with
+`-p KEY VALUE`, e.g. `-p {example}`). The executed notebook is saved in `artifacts/studies/<study id>/` with the
+parameters, versions and git revision; `workbench study list` shows the studies. Plain
+`papermill notebooks/{name}.ipynb out.ipynb -p KEY VALUE` works too, with the same validation.
+
+An unknown or ill-typed parameter stops the notebook at the validation cell with one line, e.g.
+`ParameterError: unknown {config_name} parameter(s) ['bogus']; valid names are: ...` or
+`ParameterError: {type_error}`.
+"""
+
+
+def header(name: str, title: str, what: str, cls, imports: str, example: str, type_error: str,
+           defaults_note: str = "") -> list:
+    intro = f"# {title}\n\n{what.strip()}\n" + RUNNING.format(
+        config=f"{cls.__module__}.{cls.__name__}", config_name=cls.__name__, name=name, example=example,
+        type_error=type_error, defaults_note=defaults_note)
+    setup = (f"# Setup. The snapshot of globals() lets the validation cell tell the parameters (and whatever papermill\n"
+             f"# injects after the parameters cell) apart from the names defined here.\n{imports.strip()}\n\n"
+             f"_names_before = set(globals())")
+    validate = (f"# Interactive use: uncomment to load a profile's parameters instead of the defaults above\n"
+                f"# (`workbench study run` and papermill inject theirs after the parameters cell).\n"
+                f"# globals().update(study.load_profile(\"demo\", \"{name}\"))\n\n"
+                f"config = study.notebook_config({cls.__name__}, globals(), _names_before)\n"
+                f"session = study.open_session(\"{name}\", config)\n"
+                f"config")
+    return [
+        new_markdown_cell(intro),
+        new_code_cell(setup),
+        new_code_cell(parameters_source(cls), metadata={"tags": ["parameters"]}),
+        new_code_cell(validate),
+    ]
+
+
+def meta_train_notebook() -> tuple[str, type, list]:
+    name = "01_meta_train"
+    cells = header(
+        name, "01 · Meta-train phi",
+        """
+Meta-trains the MetaPerturb perturbation function phi jointly over class-disjoint tasks cut from a source dataset
+(by default the offline Tiny ImageNet, 32x32), one task network per task, phi shared
+(`workbench.meta_train.meta_train`). Then shows the training curves and the **learned scale function over
+layers**: the mean per-channel scale phi gives each perturbation site (layer) of the task networks.
+
+The meta-trained phi is what `02_transfer_study` transfers as *our phi* (`phi="latest"` picks the newest finished
+meta-training run).
+""", MetaTrainConfig,
+        "from workbench import plots, study\nfrom workbench.meta_train import MetaTrainConfig, meta_train",
+        "steps 100", "config field 'steps' must be an integer, got str 'ten'",
+        defaults_note=" (the released code's setting: hours on a CPU)")
+    cells += [
+        new_markdown_cell("## Meta-training\n\nOne progress bar per run (and one per candidate when `num_runs > 1`, "
+                          "followed by the selection of the best phi)."),
+        new_code_cell("result = meta_train(config, store=session.store)\nprint(study.describe_meta(result))"),
+        new_markdown_cell("## Curves\n\nMeans over the tasks of the task networks' train loss/accuracy (perturbed "
+                          "training batches) and held-out loss/accuracy (the batches phi's gradient comes from)."),
+        new_code_cell("history = study.meta_history(session.store, result)\nplots.meta_curves(history.curves)"),
+        new_markdown_cell("## The learned scale function over layers\n\nFor every perturbation site (in forward "
+                          "order) the mean of the per-channel scale `s` that phi computes from the site's "
+                          "features, averaged over the tasks at the last logged step; error bars are the spread "
+                          "over tasks. The dotted line is the standard deviation of the multiplicative noise "
+                          "`s * z` the site applies."),
+        new_code_cell("plots.scale_by_layer(history.final_sites())"),
+        new_code_cell("plots.scale_history(history.sites)"),
+        new_code_cell("history.final_sites()"),
+        new_markdown_cell("## Selection\n\nWith `num_runs > 1` the best phi is chosen on `select_target` (never on a "
+                          "test split)."),
+        new_code_cell("history.selection if history.selection else \"one run (num_runs=1): no selection\""),
+        new_code_cell("session.finish()"),
+    ]
+    return name, MetaTrainConfig, cells
+
+
+def transfer_notebook() -> tuple[str, type, list]:
+    name = "02_transfer_study"
+    cells = header(
+        name, "02 · Transfer study: targets x architectures x methods x seeds",
+        """
+Trains a fresh network for every cell of a grid of target datasets x architectures x methods x seeds
+(`workbench.study.run_transfer_grid`, one `workbench.transfer.transfer` run each): MetaPerturb with **our phi**
+(`metaperturb`, phi from `01_meta_train`, or a given run id), MetaPerturb with **the authors' released phi**
+(`metaperturb@official`), and the baselines (`base`, `dropblock`, `manifold_mixup`, `information_dropout`, ...).
+Then the accuracy table: mean and standard deviation over seeds and the difference to Base with its standard
+error; the same for the expected calibration error.
+
+Targets listed in `robust_targets` are also attacked with PGD; `03_calibration_robustness` and `04_scales` read
+this study's runs.
+""", TransferStudyConfig,
+        "from workbench import plots, study\nfrom workbench.study import TransferStudyConfig",
+        "seeds \"[0, 1]\"", "config field 'steps' must be an integer, got str 'ten'", defaults_note=" (the paper's target recipe: 10,000 steps, 100 MC samples)")
+    cells += [
+        new_markdown_cell("## The grid\n\nOne run per target x architecture x seed x method, in that order; "
+                          "each run's bar shows its steps, the outer bar the runs."),
+        new_code_cell("print(f\"{len(study.grid_cells(config))} runs: targets {config.targets}, archs "
+                      "{config.archs}, methods {config.methods}, seeds {config.seeds}\")\n"
+                      "grid = study.run_transfer_grid(config, session.store)\ngrid"),
+        new_markdown_cell("## Accuracy: mean ± std over seeds\n\n`delta_base` is the difference to Base of the "
+                          "same architecture and target; `delta_base_se` its standard error "
+                          "(`sqrt(sd²/n + sd_base²/n_base)`)."),
+        new_code_cell("accuracy = study.summarize(grid, \"test_accuracy\")\nstudy.wide(accuracy)"),
+        new_code_cell("accuracy"),
+        new_code_cell("plots.metric_bars(accuracy, \"test accuracy\")"),
+        new_code_cell("plots.delta_bars(accuracy, \"test accuracy\")"),
+        new_markdown_cell("## Calibration at a glance\n\nExpected calibration error (15 bins) of the final "
+                          "Monte-Carlo prediction; `03_calibration_robustness` shows the reliability diagrams."),
+        new_code_cell("ece = study.summarize(grid, \"test_ece\")\nstudy.wide(ece)"),
+        new_code_cell("report = study.save_report(session, \"02_transfer_study\", {\"runs\": grid, \"accuracy\": "
+                      "accuracy, \"ece\": ece},\n                          info={\"our_phi\": "
+                      "grid.attrs.get(\"our_phi\")})\nsession.finish()"),
+    ]
+    return name, TransferStudyConfig, cells
+
+
+def calibration_notebook() -> tuple[str, type, list]:
+    name = "03_calibration_robustness"
+    cells = header(
+        name, "03 · Calibration and robustness",
+        """
+Reads the runs of a transfer study (`source_study`: a study id, or `latest` = the newest finished
+`02_transfer_study` of the artifacts root; it trains nothing) and shows, per method and target, the expected
+calibration error and the negative log-likelihood (mean ± std over seeds), reliability diagrams (bins pooled over
+seeds), and the accuracy under PGD against the attack radius for the targets the transfer study attacked
+(its `robust_targets`).
+
+No transfer study yet? Run `workbench study run 02_transfer_study --profile demo` (or that notebook) first.
+""", CalibrationStudyConfig,
+        "from workbench import plots, study\nfrom workbench.study import CalibrationStudyConfig",
+        "source_study 20260101-120000-02-transfer-study-demo-ab12",
+        "config field 'targets' must be a list, got str 'cifar10'")
+    cells += [
+        new_markdown_cell("## The transfer study"),
+        new_code_cell("source = study.find_study(session.store, config.source_study)\n"
+                      "runs = study.study_runs(session.store, source, config.targets, config.archs, config.methods)\n"
+                      "print(f\"source study {source.study_id} (profile {source.profile}): {len(runs)} finished "
+                      "transfer runs\")\nruns"),
+        new_markdown_cell("## Expected calibration error and NLL (mean ± std over seeds)"),
+        new_code_cell("ece = study.summarize(runs, \"test_ece\")\nstudy.wide(ece)"),
+        new_code_cell("plots.metric_bars(ece, \"ECE\", title=\"Expected calibration error (lower is better)\")"),
+        new_code_cell("nll = study.summarize(runs, \"test_nll\")\nstudy.wide(nll)"),
+        new_markdown_cell("## Reliability diagrams\n\nAccuracy against confidence in 15 equal-width bins, each "
+                          "method's bins pooled over its seeds; marker size grows with the number of test images "
+                          "in the bin."),
+        new_code_cell("groups = study.reliability_groups(session.store, runs)\nplots.reliability_diagrams(groups)"),
+        new_markdown_cell("## Accuracy under PGD\n\nFrom the runs' `arrays/robustness.npz` (the transfer study's "
+                          "`robust_*` settings; stochastic methods are attacked with expectation over "
+                          "transformation). eps 0 is the clean accuracy of the attacked images."),
+        new_code_cell("robust = study.robustness_table(session.store, runs, config.robust_target)\n"
+                      "plots.robustness_curves(robust)"),
+        new_code_cell("robust"),
+        new_code_cell("report = study.save_report(session, \"03_calibration_robustness\", {\"ece\": ece, \"nll\": nll, "
+                      "\"robustness\": robust},\n                          info={\"source_study\": source.study_id}, "
+                      "tags={\"source_study\": source.study_id})\nsession.finish()"),
+    ]
+    return name, CalibrationStudyConfig, cells
+
+
+def scales_notebook() -> tuple[str, type, list]:
+    name = "04_scales"
+    cells = header(
+        name, "04 · Perturbation scales across targets and architectures",
+        """
+Reads the MetaPerturb runs of a transfer study (`source_study`: a study id or `latest`; it trains nothing) and
+shows the per-layer, per-channel perturbation scales phi produces on each target: the mean scale of every layer
+(site, in forward order) across targets and architectures, as in the paper's figure, and per-channel heatmaps.
+The scales are measured on the test images in evaluation mode and averaged over them (`arrays/site_scales.npz`
+of every MetaPerturb run), then averaged over seeds.
+
+No transfer study yet? Run `workbench study run 02_transfer_study --profile demo` (or that notebook) first.
+""", ScalesStudyConfig,
+        "from workbench import plots, study\nfrom workbench.study import ScalesStudyConfig",
+        "max_heatmaps 2", "config field 'max_heatmaps' must be an integer, got str 'ten'")
+    cells += [
+        new_markdown_cell("## The transfer study"),
+        new_code_cell("source = study.find_study(session.store, config.source_study)\n"
+                      "runs = study.study_runs(session.store, source, config.targets, config.archs, config.methods)\n"
+                      "scales = study.scale_data(session.store, runs, config.max_heatmaps)\n"
+                      "print(f\"source study {source.study_id}: {scales.profile['n'].max()} seed(s) per curve\")"),
+        new_markdown_cell("## Mean scale per layer\n\nOne panel per architecture, one colour per target, one dash "
+                          "per phi (ours, the authors'); error bars are the spread over seeds. A phi that adapts "
+                          "to the target gives different profiles on different targets."),
+        new_code_cell("plots.layer_profile(scales.profile)"),
+        new_code_cell("scales.profile"),
+        new_markdown_cell("## Per-channel scales\n\nSites x channels, averaged over seeds (one heatmap per "
+                          "architecture, target and phi; at most `max_heatmaps`)."),
+        new_code_cell("plots.scale_heatmaps(scales.heatmaps)"),
+        new_code_cell("report = study.save_report(session, \"04_scales\", {\"profile\": scales.profile},\n"
+                      "                          info={\"source_study\": source.study_id}, "
+                      "tags={\"source_study\": source.study_id})\nsession.finish()"),
+    ]
+    return name, ScalesStudyConfig, cells
+
+
+BUILDERS = [meta_train_notebook, transfer_notebook, calibration_notebook, scales_notebook]
+
+
+def build(name: str, cls, cells: list) -> nbformat.NotebookNode:
+    for i, cell in enumerate(cells):
+        cell["id"] = f"{name[:2]}-{i:02d}"  # stable ids: regenerating gives the same file
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+        "language_info": {"name": "python"},
+        "workbench": {"config": config_path(cls)},
+    })
+    nbformat.validate(nb)
+    return nb
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a notebook is out of date")
+    parser.add_argument("--out", type=Path, default=HERE, help="folder to write to (default: notebooks/)")
+    args = parser.parse_args(argv)
+    stale = []
+    for builder in BUILDERS:
+        name, cls, cells = builder()
+        text = nbformat.writes(build(name, cls, cells)) + "\n"
+        path = args.out / f"{name}.ipynb"
+        if args.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(path.name)
+            continue
+        path.write_text(text)
+        print(f"wrote {path}")
+    if stale:
+        print(f"out of date: {', '.join(stale)}; run .venv/bin/python notebooks/_build.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Every study notebook runs under papermill with the smoke profile and writes its artifacts; rerunning the smoke
+study gives the same numbers. The smoke study runs once per module (about a minute on a loaded 2-core machine)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from workbench.artifacts import RunStore
+from workbench.cli import main as cli_main
+from workbench.study import REPORT_KIND
+
+NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales"]
+SMOKE_GRID = {"targets": 2, "archs": 1, "seeds": 2, "methods": 4}  # notebooks/profiles/smoke.yaml
+
+
+def _run_smoke(root: Path, notebooks: list[str]) -> dict[str, object]:
+    code = cli_main(["study", "run", *notebooks, "--profile", "smoke", "--artifacts", str(root), "--quiet"])
+    assert code == 0, f"the smoke study failed; see the executed notebooks under {root / 'studies'}"
+    store = RunStore(root)
+    return {Path(r.notebook).stem: r for r in store.list_studies()}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke") / "artifacts"
+    return root, _run_smoke(root, NOTEBOOKS)
+
+
+def _outputs(nb) -> list:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def test_every_notebook_finishes_with_its_executed_notebook_saved(smoke):
+    root, studies = smoke
+    assert sorted(studies) == NOTEBOOKS
+    for name, record in studies.items():
+        assert record.status == "finished", (name, record.reason)
+        assert record.profile == "smoke" and record.notebook == f"notebooks/{name}.ipynb"
+        assert record.executed_notebook_exists
+        nb = nbformat.read(record.path / f"{name}.ipynb", as_version=4)
+        outputs = _outputs(nb)
+        assert not [o for o in outputs if o.output_type == "error"]
+        assert nb.metadata["papermill"]["parameters"] == record.parameters
+        code_cells = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(c.get("execution_count") for c in code_cells if c.source.strip())
+        figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+        assert len(figures) >= 2, f"{name} shows its plotly figures inline"
+        assert record.environment.get("torch") == torch.__version__
+
+
+def test_runs_are_linked_to_their_studies_and_carry_their_artifacts(smoke):
+    root, studies = smoke
+    store = RunStore(root)
+    meta_runs = store.list_runs(kind="meta_train")
+    assert len(meta_runs) == 1 and meta_runs[0].study_id == studies["01_meta_train"].study_id
+    meta = store.open_run(meta_runs[0].run_id)
+    assert (meta.path / "phi.pt").is_file() and meta.has_arrays("site_stats")
+
+    grid_study = studies["02_transfer_study"]
+    transfers = store.list_runs(kind="transfer")
+    expected = int(np.prod(list(SMOKE_GRID.values())))
+    assert len(transfers) == expected
+    assert {r.study_id for r in transfers} == {grid_study.study_id}
+    assert set(grid_study.run_ids) >= {r.run_id for r in transfers}
+    phis = {r.tags.get("phi") for r in transfers if r.tags["method"] == "metaperturb"}
+    assert phis == {"official", meta.run_id}, "metaperturb ran with our phi (phi=latest) and the authors'"
+    for record in transfers:
+        run = store.open_run(record.run_id)
+        assert record.status == "finished" and run.has_arrays("reliability") and run.has_arrays("predictions")
+        assert run.has_arrays("site_scales") == (record.tags["method"] == "metaperturb")
+        assert run.has_arrays("robustness") == (record.tags["target"] == "mnist_test10k")
+        assert run.summary["test_examples"] == 20 * 10, "test_per_class=20 on 10-class targets"
+
+    for name in ("02_transfer_study", "03_calibration_robustness", "04_scales"):
+        reports = store.list_runs(kind=REPORT_KIND, study_id=studies[name].study_id)
+        assert len(reports) == 1 and reports[0].status == "finished"
+    report = store.open_run(store.list_runs(kind=REPORT_KIND, study_id=grid_study.study_id)[0].run_id)
+    accuracy = report.load_json("accuracy")
+    assert len(accuracy) == 2 * 1 * 4  # targets x archs x method labels
+    labels = {row["method"] for row in accuracy}
+    assert labels == {"base", "dropblock", "metaperturb (ours)", "metaperturb (official)"}
+    assert all(row["n"] == 2 for row in accuracy)
+    assert all(row["delta_base"] is None for row in accuracy if row["method"] == "base")
+    assert report.load_json("info")["our_phi"] == meta.run_id
+
+    calib = store.open_run(store.list_runs(kind=REPORT_KIND, study_id=studies["03_calibration_robustness"]
+                                           .study_id)[0].run_id)
+    assert calib.tags["source_study"] == grid_study.study_id
+    robust = calib.load_json("robustness")
+    assert {row["target"] for row in robust} == {"mnist_test10k"}
+    assert sorted({row["eps"] for row in robust}) == pytest.approx([0.0, 0.0157, 0.0314])
+    scales = store.open_run(store.list_runs(kind=REPORT_KIND, study_id=studies["04_scales"].study_id)[0].run_id)
+    profile = scales.load_json("profile")
+    assert {row["label"] for row in profile} == {"metaperturb (ours)", "metaperturb (official)"}
+    assert {row["site_index"] for row in profile} == {0, 1, 2, 3}, "Conv-4 has four perturbation sites"
+
+
+def test_rerunning_the_smoke_study_gives_identical_numbers(smoke, tmp_path):
+    root, _ = smoke
+    again = tmp_path / "again"
+    _run_smoke(again, NOTEBOOKS[:2])
+
+    def numbers(path: Path) -> dict:
+        store = RunStore(path)
+        out = {}
+        [meta] = store.list_runs(kind="meta_train")
+        run = store.open_run(meta.run_id)
+        out["meta"] = (run.summary["heldout_acc"], run.summary["final_means"])
+        phi = torch.load(run.path / "phi.pt", map_location="cpu", weights_only=True)
+        out["phi"] = [v.numpy().tolist() for _, v in sorted(phi["state_dict"].items())]
+        for record in store.list_runs(kind="transfer"):
+            t = record.tags
+            phi_kind = None if "phi" not in t else ("official" if t["phi"] == "official" else "ours")
+            s = store.run_record(record.run_id).summary
+            out[(t["target"], t["arch"], t["method"], phi_kind, t["seed"])] = (
+                s["test_accuracy"], s["test_nll"], s["test_ece"], s.get("mean_scale"))
+        return out
+
+    first, second = numbers(root), numbers(again)
+    assert len(first) == 2 + int(np.prod(list(SMOKE_GRID.values())))
+    assert first == second
+
+
+def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_path):
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = tmp_path / "artifacts"
+    process = subprocess.Popen([sys.executable, "-m", "workbench", "demo", "--profile", "smoke", "--quiet",
+                                "--artifacts", str(root), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "dashboard running at" in line:
+                break
+        assert lines and "dashboard running at" in lines[-1], "".join(lines) + process.stderr.read()
+        url = f"http://127.0.0.1:{port}"
+        assert url in lines[-1]
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as response:
+            assert response.read().decode() == "ok"
+        text = "".join(lines)
+        assert "demo studies done in" in text and "test accuracy (mean ± std over seeds)" in text
+        studies = RunStore(root).list_studies()
+        assert [Path(s.notebook).stem for s in studies] == NOTEBOOKS
+        assert all(s.status == "finished" and s.profile == "smoke" for s in studies)
+        grid = studies[1]
+        assert grid.parameters["phi"] == RunStore(root).list_runs(kind="meta_train")[0].run_id
+        assert studies[2].parameters["source_study"] == grid.study_id == studies[3].parameters["source_study"]
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert "dashboard stopped" in process.stdout.read()
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

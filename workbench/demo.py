@@ -1,0 +1,174 @@
+"""``workbench demo``: the main job on a fresh machine, offline, in minutes; then the dashboard.
+
+The demo is the four study notebooks run with the ``demo`` profile (``notebooks/profiles/demo.yaml``), each as its
+own study in the artifacts root, with the kernels' progress streamed to the console:
+
+1. ``01_meta_train``: meta-train phi on tasks cut from the offline Tiny ImageNet;
+2. ``02_transfer_study``: transfer that phi (``phi=<the run just made>``) and the authors' released phi to
+   CIFAR-10 at 200 images per class and Fashion-MNIST at 500 per class, next to Base; accuracy and calibration;
+3. ``03_calibration_robustness`` and ``04_scales``: reliability diagrams and the per-layer scales of that study
+   (``source_study=<the study just made>``; they read, they do not train);
+
+then it starts the dashboard on 127.0.0.1, prints its address and keeps it running until Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .artifacts import RunStore, default_root
+from .errors import WorkbenchError
+
+NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales"]
+TITLES = {
+    "01_meta_train": "meta-train phi on the offline Tiny ImageNet tasks",
+    "02_transfer_study": "transfer phi (ours and the authors') and Base to the targets",
+    "03_calibration_robustness": "calibration of the transferred networks",
+    "04_scales": "per-layer perturbation scales",
+}
+
+
+def _needed_datasets(prepared) -> list[str]:
+    names = []
+    for item in prepared:
+        config = item.config
+        names += [getattr(config, "source", None)] + list(getattr(config, "targets", []) or [])
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def check_offline_data(prepared, data_root: Optional[str] = None) -> None:
+    """Refuse to start (one line) when a dataset the demo needs is not on this machine."""
+    from .data import available_datasets
+
+    known = {row["name"]: row for row in available_datasets(data_root)}
+    for name in _needed_datasets(prepared):
+        row = known.get(name)
+        if row is not None and not row["available"]:
+            raise WorkbenchError(f"the demo needs the dataset {name!r}, which is not on this machine; "
+                                 f"{row['how_to_get']} (see `workbench data list`)")
+
+
+def _port_is_free(port: int, address: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((address, port))
+        except OSError:
+            return False
+    return True
+
+
+def _chosen_phi(store: RunStore, study_id: str) -> str:
+    """The phi a meta-training study produced: its selection run, else its (only) meta_train run."""
+    runs = [store.run_record(r) for r in store.open_study(study_id).run_ids]
+    for kind in ("meta_select", "meta_train"):
+        done = [r for r in runs if r.kind == kind and r.status == "finished" and "parent" not in r.tags]
+        if done:
+            return done[-1].run_id
+    raise WorkbenchError(f"study {study_id} finished without a meta-training run; see its executed notebook")
+
+
+def _print_table(store: RunStore, study_id: str) -> None:
+    """The accuracy table of the transfer study (from its report run), as text."""
+    from .dashboard_data import wide_table
+    import pandas as pd
+
+    reports = store.list_runs(kind="study_report", study_id=study_id)
+    if not reports:
+        return
+    run = store.open_run(reports[-1].run_id)
+    for name, title in (("accuracy", "test accuracy"), ("ece", "expected calibration error")):
+        if name in run.list_json():
+            table = wide_table(pd.DataFrame(run.load_json(name)))
+            if not table.empty:
+                print(f"\n{title} (mean ± std over seeds):\n{table.to_string()}")
+
+
+def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: bool = True,
+             port: Optional[int] = None, stream: bool = True) -> int:
+    """Run the demo studies, then (``dashboard=True``) serve the dashboard until Ctrl-C. Returns an exit code."""
+    from . import study
+
+    started = time.perf_counter()
+    prepared = study.prepare_studies(NOTEBOOKS, profile)  # every parameter checked before anything runs
+    check_offline_data(prepared)
+    if port is not None and dashboard and not _port_is_free(port):
+        raise WorkbenchError(f"port {port} is in use; pass another --port or leave it out to pick a free one")
+    root = default_root(artifacts)
+    store = RunStore(root)
+    print(f"MetaPerturb Workbench demo (profile {profile}): {len(NOTEBOOKS)} studies into {root}", flush=True)
+    overrides: dict[str, dict] = {name: {} for name in NOTEBOOKS}
+    timings = []
+    for index, name in enumerate(NOTEBOOKS, start=1):
+        print(f"\n[{index}/{len(NOTEBOOKS)}] {TITLES[name]} ({name})", file=sys.stderr, flush=True)
+        item = study.prepare_studies([name], profile, overrides[name])[0]
+        outcome = study.execute_study(item, store, stream=stream)
+        timings.append((name, outcome.seconds))
+        if outcome.status != "finished":
+            print(f"error: the demo stopped: study {outcome.study_id} ({name}) failed: {outcome.reason}; the executed "
+                  f"notebook with the error is {outcome.executed_notebook}", file=sys.stderr)
+            return 1
+        if name == "01_meta_train":
+            overrides["02_transfer_study"]["phi"] = _chosen_phi(store, outcome.study_id)
+        if name == "02_transfer_study":
+            for later in ("03_calibration_robustness", "04_scales"):
+                overrides[later]["source_study"] = outcome.study_id
+            _print_table(store, outcome.study_id)
+    total = time.perf_counter() - started
+    print("\n" + ", ".join(f"{n} {s:.0f} s" for n, s in timings) + f"; demo studies done in {total / 60:.1f} min",
+          flush=True)
+    if not dashboard:
+        print(f"artifacts in {root}; look at them with `workbench dashboard --artifacts {root}`", flush=True)
+        return 0
+    from .dashboard import DEFAULT_PORT, launch, stop
+
+    if port is None:
+        port = DEFAULT_PORT if _port_is_free(DEFAULT_PORT) else None  # None: launch picks a free one
+    process, url = launch(root, port=port)
+    print(f"\ndashboard running at {url} (artifacts {root}); press Ctrl-C to stop it", flush=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo stops its server too
+    try:
+        code = process.wait()
+        print(f"error: the dashboard server exited with status {code}", file=sys.stderr)
+        return code or 1
+    except KeyboardInterrupt:
+        stop(process)
+        print("dashboard stopped", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _cli(args: argparse.Namespace) -> int:
+    return run_demo(args.artifacts, profile=args.profile, dashboard=not args.no_dashboard, port=args.port,
+                    stream=not args.quiet)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``workbench demo [--no-dashboard] [--port N] [--artifacts DIR] [--profile demo]``."""
+    parser = subparsers.add_parser(
+        "demo", help="the main job: meta-train, transfer, evaluate on offline data, then open the dashboard",
+        description="Run the demo study with no network (the notebooks 01-04 with the demo profile: meta-train phi "
+                    "on Tiny ImageNet tasks, transfer it and the authors' phi to CIFAR-10 and Fashion-MNIST next to "
+                    "Base, accuracy, calibration, per-layer scales), then start the dashboard on 127.0.0.1 and keep "
+                    "it running until Ctrl-C.")
+    parser.add_argument("--no-dashboard", action="store_true", help="stop after the studies")
+    parser.add_argument("--port", type=int, default=None, help="dashboard port (default 8501, or a free one if "
+                                                               "8501 is taken)")
+    parser.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or the "
+                                                           "checkout's artifacts/)")
+    parser.add_argument("--profile", default="demo", help="parameter profile (default demo; smoke for a check "
+                                                          "in seconds)")
+    parser.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
+    parser.set_defaults(func=_cli)
+
+
+__all__ = ["NOTEBOOKS", "check_offline_data", "register_cli", "run_demo"]

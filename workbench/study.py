@@ -1,0 +1,1149 @@
+"""Papermill studies: the typed configs of the study notebooks, profiles, the runner and ``workbench study``.
+
+A *study* is one executed notebook of ``notebooks/`` with one set of parameters. Each notebook declares its typed
+config in its metadata (``metadata.workbench.config``): ``01_meta_train`` uses
+:class:`workbench.meta_train.MetaTrainConfig`, the others the study configs defined here
+(:class:`TransferStudyConfig`, :class:`CalibrationStudyConfig`, :class:`ScalesStudyConfig`). The notebook's cell
+tagged ``parameters`` lists exactly that config's fields with their defaults; the next cell validates whatever
+papermill injected (:func:`notebook_config`): an unknown name or an ill-typed value stops the notebook with one
+line, even under plain ``papermill``, which only warns about unknown names.
+
+A *profile* (``notebooks/profiles/<name>.yaml``) maps notebook names to parameters: ``smoke`` (seconds, for the
+tests), ``demo`` (minutes on a laptop CPU), ``paper`` (the paper's budgets, for a GPU) and ``results`` (the results
+study). ``workbench study run NOTEBOOK... --profile P [-p KEY VALUE]...``:
+
+1. validates every notebook's parameters (profile + overrides) against its config before anything runs
+   (a bad parameter: one line, exit status 2, nothing written);
+2. for each notebook in turn creates a study record (``<artifacts>/studies/<study id>/study.json``: notebook,
+   profile, the full parameters, versions, git revision), executes the notebook with papermill in a kernel
+   running this Python (the kernel gets ``WORKBENCH_STUDY_ID``, so every run it creates is linked to the study),
+   streams the kernel's output and progress bars to the console, saves the executed notebook into the study
+   folder (atomically, also when a cell fails, with the error visible), and marks the study finished or failed;
+3. stops at the first failed notebook (later ones usually read its results) with exit status 1.
+
+Every notebook of one command is its own study; a later notebook finds the earlier one's results through
+``phi="latest"`` / ``source_study="latest"`` (the newest finished meta-training run / transfer study).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import yaml
+
+from .artifacts import RunRecord, RunStore, Study, StudyRecord, default_root, to_jsonable
+from .config import Config, require
+from .errors import WorkbenchError
+
+STUDY_ENV = "WORKBENCH_STUDY_ID"
+ARTIFACTS_ENV = "WORKBENCH_ARTIFACTS"
+PROGRESS_ENV = "WORKBENCH_PROGRESS"  # "text": plain tqdm bars (the runner streams them to its console)
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO / "notebooks"
+PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
+REPORT_KIND = "study_report"
+TRANSFER_NOTEBOOK = "02_transfer_study"
+OFFICIAL = "official"
+LATEST = "latest"
+INTERACTIVE_PROFILE = "interactive"
+KERNEL_START_TIMEOUT = 300  # seconds; a loaded 2-core machine needs more than papermill's default 60
+
+
+class ParameterError(WorkbenchError):
+    """A notebook parameter is unknown or ill-typed. Shown in a notebook as this one line, without a traceback."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython prints these lines instead of the traceback
+        return [f"{type(self).__name__}: {self}"]
+
+
+class StudyError(WorkbenchError):
+    """A study cannot proceed (no source study, no meta-trained phi ...). One line in a notebook, too."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+# ============================================================================================ study configs
+def _parse_method(spec: str) -> tuple[str, Optional[str]]:
+    """``"metaperturb@official"`` -> ``("metaperturb", "official")``; ``"base"`` -> ``("base", None)``."""
+    name, _, phi = str(spec).partition("@")
+    return name.strip(), (phi.strip() or None) if _ else None
+
+
+def method_label(method: str, phi: Optional[str] = None, ours: Optional[str] = None) -> str:
+    """How a method is named in tables: ``base``, ``metaperturb (ours)``, ``metaperturb (official)``.
+
+    ``phi`` is the phi a run used (``official``, a meta-train run id or a file); ``ours`` the study's own phi.
+    """
+    if phi is None or phi == "":
+        return method
+    if phi == OFFICIAL:
+        return f"{method} (official)"
+    if ours is None or phi == ours:
+        return f"{method} (ours)"
+    return f"{method} (phi {phi[-12:]})"
+
+
+# TransferConfig fields the grid sets itself (everything else may go through transfer_options).
+_GRID_FIELDS = ("target", "per_class", "image_size", "arch", "method", "method_options", "phi", "seed", "steps",
+                "batch_size", "lr", "weight_decay", "eval_every", "eval_mc_samples", "final_mc_samples",
+                "robust_norms", "robust_eps_linf", "robust_steps", "robust_eot_samples", "robust_mc_samples",
+                "robust_examples", "data_root", "device", "threads", "artifacts_root")
+
+
+@dataclass
+class TransferStudyConfig(Config):
+    """The grid of ``02_transfer_study``: targets x archs x methods x seeds, one transfer run each.
+
+    targets: dataset specs (``cifar10``, ``fashion_mnist``, ``imagenette64``, ``mnist_test10k``, ``omniglot_small``
+        ...). per_class: training images per class (null: all), per_class_by_target: exceptions by target.
+    test_per_class: evaluate on the first N test images of each class (null: the whole test split); the same
+        images for every method and seed.
+    image_size: side every image is resized to. archs: registered models (``resnet20``, ``conv4``, ``conv4_32``).
+    methods: registered regularizers; a method that uses phi takes the study's ``phi`` unless written
+        ``name@phi`` (``metaperturb@official``: the authors' released phi). method_options: per method name.
+    phi: our phi: ``latest`` (the newest finished meta-training run of the artifacts root), a run id or a file.
+    seeds: one run per seed. steps ... final_mc_samples: the training recipe (see ``TransferConfig``).
+    robust_targets: targets whose runs are also attacked with PGD (robust_* settings, see ``TransferConfig``).
+    transfer_options: any other ``TransferConfig`` field, for every run (e.g. ``{noise_warmup: 0.4}``).
+    """
+
+    targets: list[str] = field(default_factory=lambda: ["cifar10", "fashion_mnist"])
+    per_class: Optional[int] = 200
+    per_class_by_target: dict[str, Any] = field(default_factory=lambda: {"fashion_mnist": 500})
+    test_per_class: Optional[int] = None
+    image_size: int = 32
+    archs: list[str] = field(default_factory=lambda: ["resnet20"])
+    methods: list[str] = field(default_factory=lambda: ["base", "metaperturb", "metaperturb@official"])
+    method_options: dict[str, Any] = field(default_factory=dict)
+    phi: str = LATEST
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    eval_every: int = 0
+    eval_mc_samples: int = 5
+    final_mc_samples: int = 100
+    robust_targets: list[str] = field(default_factory=list)
+    robust_norms: list[str] = field(default_factory=lambda: ["linf"])
+    robust_eps_linf: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    robust_steps: int = 200
+    robust_eot_samples: int = 10
+    robust_mc_samples: int = 10
+    robust_examples: int = 500
+    transfer_options: dict[str, Any] = field(default_factory=dict)
+    data_root: Optional[str] = None
+    device: str = "auto"
+    threads: Optional[int] = None
+    artifacts_root: Optional[str] = None
+
+    def validate(self) -> None:
+        from .regularizers import build_regularizer
+        from .transfer import TransferConfig
+
+        for name in ("targets", "archs", "methods", "seeds"):
+            values = getattr(self, name)
+            require(len(values) > 0, f"{name} must list at least one entry")
+            require(len(set(map(str, values))) == len(values), f"{name} lists an entry twice: {values}")
+        require(all(s >= 0 for s in self.seeds), f"seeds must be non-negative integers, got {self.seeds}")
+        require(self.per_class is None or self.per_class >= 1, f"per_class must be >= 1 or null, got {self.per_class}")
+        require(self.test_per_class is None or self.test_per_class >= 1,
+                f"test_per_class must be >= 1 or null (the whole test split), got {self.test_per_class}")
+        from .data import SOURCES, TORCHVISION
+
+        known = set(SOURCES) | {f"tv:{name}" for name in TORCHVISION}
+        for target, value in self.per_class_by_target.items():
+            # an entry for a known dataset the grid does not train on is harmless (e.g. the default's
+            # fashion_mnist with targets=[cifar10]); anything else is a typo
+            require(target in self.targets or target in known,
+                    f"per_class_by_target names {target!r}, which is neither among targets {self.targets} nor a "
+                    f"known dataset; fix the name or remove it")
+            require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
+                    f"per_class_by_target[{target!r}] must be a positive integer or null, got {value!r}")
+        from .robustness import check_norm
+
+        self.robust_norms = [check_norm(n) for n in self.robust_norms]
+        for target in self.robust_targets:
+            require(target in self.targets, f"robust_targets names {target!r}, which is not among targets "
+                                            f"{self.targets}")
+        require(self.phi.strip() != "", "phi must be 'latest', 'official', a meta-train run id or a phi file")
+        names = [_parse_method(m)[0] for m in self.methods]
+        for key, options in self.method_options.items():
+            require(key in names, f"method_options names {key!r}, which is not among methods {names}")
+            require(isinstance(options, Mapping), f"method_options[{key!r}] must be a mapping of option -> value")
+        fields = set(TransferConfig.field_names())
+        for key in self.transfer_options:
+            require(key != "run_name", "transfer_options cannot set run_name: the grid makes many runs, each "
+                                       "with its own generated id")
+            require(key in fields, f"transfer_options key {key!r} is not a TransferConfig field; valid: "
+                                   f"{', '.join(sorted(fields - set(_GRID_FIELDS)))}")
+            require(key not in _GRID_FIELDS, f"transfer_options key {key!r} is a field of the study itself; "
+                                             f"set the study parameter instead")
+        for spec in self.methods:
+            name, phi = _parse_method(spec)
+            require(bool(name), f"method {spec!r} has no name; write e.g. metaperturb@official")
+            reg = build_regularizer(name, self.method_options.get(name) or {})
+            require(phi is None or reg.needs_phi, f"method {spec!r}: only methods that use phi take '@phi' "
+                                                  f"({name} does not)")
+        # every cell of the grid must make a valid TransferConfig (bad archs, options, norms: one line, now)
+        for target in self.targets:
+            for spec in self.methods:
+                self.transfer_config(target, self.archs[0], spec, self.seeds[0], phi=OFFICIAL)
+        from .models import build
+
+        for arch in self.archs:  # an unknown architecture: one line now, not after the first runs
+            build(arch, 2, in_channels=3, image_size=self.image_size)
+
+    def per_class_for(self, target: str) -> Optional[int]:
+        return self.per_class_by_target[target] if target in self.per_class_by_target else self.per_class
+
+    def transfer_config(self, target: str, arch: str, method_spec: str, seed: int, phi: str):
+        """The :class:`TransferConfig` of one grid cell (``phi``: the resolved phi for methods that use one)."""
+        from .transfer import TransferConfig
+
+        name, own_phi = _parse_method(method_spec)
+        robust = target in self.robust_targets
+        values = {
+            **self.transfer_options,
+            "target": target, "per_class": self.per_class_for(target), "image_size": self.image_size,
+            "arch": arch, "method": name, "method_options": dict(self.method_options.get(name) or {}),
+            "phi": own_phi or phi, "seed": int(seed), "steps": self.steps, "batch_size": self.batch_size,
+            "lr": self.lr, "weight_decay": self.weight_decay, "eval_every": self.eval_every,
+            "eval_mc_samples": self.eval_mc_samples, "final_mc_samples": self.final_mc_samples,
+            "robust_norms": list(self.robust_norms) if robust else [], "robust_eps_linf": list(self.robust_eps_linf),
+            "robust_steps": self.robust_steps, "robust_eot_samples": self.robust_eot_samples,
+            "robust_mc_samples": self.robust_mc_samples, "robust_examples": self.robust_examples,
+            "data_root": self.data_root, "device": self.device, "threads": self.threads,
+            "artifacts_root": self.artifacts_root,
+        }
+        values.setdefault("checkpoint_every", max(1, self.steps))
+        return TransferConfig.from_dict(values)
+
+
+@dataclass
+class CalibrationStudyConfig(Config):
+    """``03_calibration_robustness``: calibration and PGD robustness of the runs of a transfer study.
+
+    source_study: a ``02_transfer_study`` study id, or ``latest`` (the newest finished one of the artifacts root).
+    targets / archs / methods: keep only these (empty: all); methods are names or labels
+        (``metaperturb``, ``metaperturb (official)``).
+    robust_target: the target whose PGD curves are shown (null: every target that has them).
+    """
+
+    source_study: str = LATEST
+    targets: list[str] = field(default_factory=list)
+    archs: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    robust_target: Optional[str] = None
+    artifacts_root: Optional[str] = None
+
+    def validate(self) -> None:
+        require(self.source_study.strip() != "", "source_study must be a study id or 'latest'")
+
+
+@dataclass
+class ScalesStudyConfig(Config):
+    """``04_scales``: per-layer, per-channel perturbation scales of the MetaPerturb runs of a transfer study.
+
+    source_study: a ``02_transfer_study`` study id, or ``latest``. targets / archs / methods: filters (empty: all).
+    max_heatmaps: at most this many sites x channels heatmaps (one per arch, target and phi, seeds averaged).
+    """
+
+    source_study: str = LATEST
+    targets: list[str] = field(default_factory=list)
+    archs: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    max_heatmaps: int = 6
+    artifacts_root: Optional[str] = None
+
+    def validate(self) -> None:
+        require(self.source_study.strip() != "", "source_study must be a study id or 'latest'")
+        require(self.max_heatmaps >= 0, f"max_heatmaps must be >= 0, got {self.max_heatmaps}")
+
+
+# ================================================================================= notebooks and profiles
+def config_class(path: str) -> type[Config]:
+    """The config class named ``module:Class`` (as written in a notebook's ``metadata.workbench.config``)."""
+    module_name, _, class_name = str(path).partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise WorkbenchError(f"config class {path!r} cannot be imported; write it as 'package.module:ClassName'") \
+            from None
+    if not (isinstance(cls, type) and issubclass(cls, Config)):
+        raise WorkbenchError(f"{path!r} is not a workbench Config class")
+    return cls
+
+
+def config_path(cls: type[Config]) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def available_notebooks(folder: Path = NOTEBOOKS_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(folder).glob("[0-9]*.ipynb"))
+
+
+def resolve_notebook(spec: str | os.PathLike) -> Path:
+    """A notebook path from a path, a name (``02_transfer_study``) or its number (``02``)."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if path.suffix == ".ipynb" or os.sep in text:
+        if path.is_file():
+            return path.resolve()
+        raise WorkbenchError(f"notebook {text} does not exist; available: {', '.join(available_notebooks())}")
+    names = available_notebooks()
+    matches = [n for n in names if n == text] or [n for n in names if n.split("_", 1)[0] == text or
+                                                  n.startswith(text)]
+    if len(matches) != 1:
+        what = "is ambiguous" if matches else "is not a notebook"
+        raise WorkbenchError(f"{text!r} {what}; give one of {', '.join(names)} (or a path to a .ipynb file)")
+    return (NOTEBOOKS_DIR / f"{matches[0]}.ipynb").resolve()
+
+
+def notebook_config_class(path: Path) -> type[Config]:
+    """The typed config a notebook declares in ``metadata.workbench.config``."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception as exc:  # not JSON, not a notebook
+        raise WorkbenchError(f"{path} is not a readable notebook ({str(exc).splitlines()[0][:120]})") from None
+    declared = (nb.metadata.get("workbench") or {}).get("config")
+    if not declared:
+        raise WorkbenchError(f"notebook {path.name} does not declare its config (metadata.workbench.config, e.g. "
+                             "'workbench.study:TransferStudyConfig'); study notebooks are built by notebooks/_build.py")
+    return config_class(declared)
+
+
+def available_profiles(folder: Path = PROFILES_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(folder).glob("*.yaml"))
+
+
+def profile_path(profile: str | os.PathLike) -> Path:
+    """``notebooks/profiles/<profile>.yaml`` for a name, or the given YAML file."""
+    text = str(profile)
+    path = Path(text).expanduser()
+    if path.suffix in (".yaml", ".yml") or os.sep in text:
+        if path.is_file():
+            return path.resolve()
+        raise WorkbenchError(f"profile file {text} does not exist")
+    candidate = PROFILES_DIR / f"{text}.yaml"
+    if not candidate.is_file():
+        raise WorkbenchError(f"no profile {text!r}; available: {', '.join(available_profiles())} "
+                             f"(files in {PROFILES_DIR}) or a path to a YAML file")
+    return candidate
+
+
+def read_profile(profile: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The whole profile: notebook name -> parameters."""
+    path = profile_path(profile)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise WorkbenchError(f"profile {path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, Mapping) or not all(isinstance(v, Mapping) or v is None for v in data.values()):
+        raise WorkbenchError(f"profile {path} must map notebook names to mappings of parameters")
+    return {str(k): dict(v or {}) for k, v in data.items()}
+
+
+def load_profile(profile: str | os.PathLike, notebook: str) -> dict[str, Any]:
+    """The parameters a profile gives one notebook, e.g. ``load_profile("demo", "02_transfer_study")``.
+
+    In JupyterLab: ``globals().update(load_profile("demo", "02_transfer_study"))`` right after the parameters
+    cell steps through the notebook with the demo budget.
+    """
+    data = read_profile(profile)
+    name = Path(str(notebook)).stem
+    if name not in data:
+        raise WorkbenchError(f"profile {profile_path(profile).name} has no entry for notebook {name!r}; it has "
+                             f"{', '.join(data) or 'none'} (add '{name}: {{}}' for the defaults)")
+    return data[name]
+
+
+def _literal(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_literal(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _literal(v) for k, v in value.items())
+    return False
+
+
+def notebook_config(cls: type[Config], namespace: Mapping[str, Any], before: set[str] | frozenset[str]) -> Config:
+    """Validate a notebook's parameters: the names bound since the ``before`` snapshot (taken just before the
+    ``parameters`` cell) are the parameters cell's and papermill's injected ones.
+
+    A new name that is not a field of ``cls`` is refused (papermill only warns about it), as is an ill-typed
+    value: :class:`ParameterError` with the message of :meth:`Config.from_dict`, e.g. ``unknown
+    TransferStudyConfig parameter(s) ['bogus']; valid names are: ...`` or ``config field 'steps' must be an
+    integer, got str 'ten'``. Names starting with ``_`` and names bound to non-literal objects (the notebook's own
+    results when a cell is re-run by hand) are not parameters: papermill can only inject literals.
+    """
+    fields = set(cls.field_names())
+    given = {name: value for name, value in namespace.items()
+             if name not in before and not name.startswith("_") and (name in fields or _literal(value))}
+    try:
+        return cls.from_dict(given)
+    except WorkbenchError as exc:
+        raise ParameterError(str(exc)) from None
+
+
+def parameters_source(cls: type[Config]) -> str:
+    """The source of a notebook's ``parameters`` cell: every field of ``cls`` with its default and type."""
+    hints = typing.get_type_hints(cls)
+    lines = [f"# Parameters: exactly the fields of {cls.__name__} (defaults shown); papermill injects overrides "
+             "after this cell."]
+    default = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        value = str(value) if isinstance(value, Path) else value
+        lines.append(f"{f.name} = {value!r}  # {_type_name(hints[f.name])}")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return " | ".join(inner) + (" | None" if type(None) in args else "")
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]" if args else origin.__name__
+    return getattr(annotation, "__name__", str(annotation))
+
+
+# ============================================================================================ the session
+class StudyRunStore(RunStore):
+    """A run store whose new runs belong to one study (``create_run`` defaults ``study_id`` to it)."""
+
+    def __init__(self, root: str | os.PathLike | None, study_id: str, **kwargs: Any):
+        super().__init__(root, **kwargs)
+        self.study_id = study_id
+
+    def create_run(self, kind, config, tags=None, run_id=None, study_id=None):
+        return super().create_run(kind, config, tags=tags, run_id=run_id, study_id=study_id or self.study_id)
+
+
+@dataclass
+class StudySession:
+    """A notebook's link to its study: the store to write runs into and the study record.
+
+    Under ``workbench study run`` the runner owns the study (it marks it finished or failed after saving the
+    executed notebook); in JupyterLab the session creates a study of profile ``interactive`` and
+    :meth:`finish` marks it finished.
+    """
+
+    notebook: str
+    store: StudyRunStore
+    study: Study
+    managed: bool
+
+    @property
+    def study_id(self) -> str:
+        return self.study.study_id
+
+    def finish(self) -> None:
+        """End of the notebook: an interactive study is marked finished (the runner does its own)."""
+        runs = len(self.study.run_ids)
+        if not self.managed:
+            self.study.mark_finished()
+        print(f"study {self.study_id} ({self.notebook}): {runs} run(s) under {self.store.root}")
+
+
+def _use_text_progress() -> None:
+    """Plain tqdm bars (stderr text) instead of widgets: the runner streams them to its console."""
+    import tqdm.auto
+    import tqdm.std
+
+    tqdm.auto.tqdm = tqdm.std.tqdm
+    tqdm.auto.trange = tqdm.std.trange
+
+
+def open_session(notebook: str, config: Config) -> StudySession:
+    """Open the study a notebook writes into (see :class:`StudySession`) and set up progress and plotting."""
+    root = getattr(config, "artifacts_root", None)
+    study_id = os.environ.get(STUDY_ENV)
+    if os.environ.get(PROGRESS_ENV) == "text":
+        _use_text_progress()
+    with contextlib.suppress(ImportError):
+        import plotly.io as pio
+
+        # The figure's JSON only: JupyterLab and VS Code render it offline; no 4 MB of plotly.js per notebook.
+        pio.renderers.default = os.environ.get("WORKBENCH_PLOTLY_RENDERER", "plotly_mimetype")
+    if study_id:
+        store = StudyRunStore(root, study_id)
+        study = store.open_study(study_id)
+        managed = True
+    else:
+        plain = RunStore(root)
+        study = plain.create_study(f"notebooks/{notebook}.ipynb", INTERACTIVE_PROFILE, config.to_dict())
+        store = StudyRunStore(root, study.study_id)
+        managed = False
+    print(f"study {study.study_id} ({'run by workbench study run' if managed else 'interactive'}); "
+          f"artifacts {store.root}")
+    return StudySession(notebook, store, study, managed)
+
+
+def save_report(session: StudySession, name: str, tables: Mapping[str, Any], info: Mapping[str, Any] | None = None,
+                arrays: Mapping[str, Mapping[str, Any]] | None = None, tags: Mapping[str, Any] | None = None) -> str:
+    """Store what a notebook computed as a run of kind ``study_report`` linked to its study.
+
+    tables: name -> pandas DataFrame (saved as ``records/<name>.json``, a list of row objects);
+    info: saved as ``records/info.json``; arrays: name -> dict of arrays (``arrays/<name>.npz``).
+    Returns the run id.
+    """
+    run = session.store.create_run(REPORT_KIND, {"notebook": session.notebook, **dict(info or {})},
+                                   tags={"notebook": session.notebook, **dict(tags or {})})
+    with run:
+        for key, frame in tables.items():
+            run.save_json(key, json.loads(frame.to_json(orient="records")))
+        if info:
+            run.save_json("info", info)
+        for key, values in (arrays or {}).items():
+            run.save_arrays(key, **values)
+        run.mark_finished({"tables": sorted(tables), "arrays": sorted(arrays or {}),
+                           "rows": {k: int(len(v)) for k, v in tables.items()}})
+    return run.run_id
+
+
+# ======================================================================================== 01: meta-training
+@dataclass
+class MetaHistory:
+    """What ``01_meta_train`` shows: the run's curves and the per-site scales phi produced during training."""
+
+    run_id: str
+    curves: Any  # DataFrame: step, train/heldout loss and accuracy (means over tasks), phi's norm and gradient norm
+    sites: Any   # DataFrame: step, site_index, site, scale (mean over tasks), scale_std (over tasks), multiplier_std
+    selection: Optional[dict[str, Any]] = None
+
+    def final_sites(self):
+        """The learned scale per layer at the last logged step (mean and spread over tasks)."""
+        if self.sites.empty:
+            return self.sites
+        return self.sites[self.sites["step"] == self.sites["step"].max()].reset_index(drop=True)
+
+
+def describe_meta(result: Any) -> str:
+    """One paragraph on a meta-training result: where phi is and how good the task networks got."""
+    s = result.summary
+    lines = [f"phi: {result.phi_path}"]
+    if result.selection_run_id:
+        lines.append(f"selection run {result.selection_run_id} chose run {result.run_id}: {s.get('reason')}")
+    else:
+        lines.append(f"run {result.run_id}: {s.get('steps')} meta steps in {s.get('seconds', float('nan')):.0f} s; "
+                     f"mean held-out accuracy of the final task networks {s.get('heldout_acc_mean', float('nan')):.4f}")
+    return "\n".join(lines)
+
+
+def meta_history(store: RunStore, result: Any) -> MetaHistory:
+    """Curves and per-site scale statistics of a meta-training result (the chosen run when several were made)."""
+    import numpy as np
+    import pandas as pd
+
+    run = store.open_run(result.run_id)
+    curves = pd.DataFrame(run.read_metrics("phi"))
+    sites = pd.DataFrame(columns=["step", "site_index", "site", "scale", "scale_std", "multiplier_std"])
+    if run.has_arrays("site_stats"):
+        arrays = run.load_arrays("site_stats")
+        steps = np.asarray(arrays["steps"])
+        scale = np.asarray(arrays["scale_mean"], dtype=np.float64)        # steps x tasks x sites
+        mult_std = np.asarray(arrays["multiplier_std"], dtype=np.float64)
+        names = [str(n) for n in np.asarray(arrays["site_names"]).reshape(-1)]
+        rows = []
+        for i, step in enumerate(steps):
+            for j, site in enumerate(names):
+                rows.append({"step": int(step), "site_index": j, "site": site,
+                             "scale": float(np.nanmean(scale[i, :, j])), "scale_std": float(np.nanstd(scale[i, :, j])),
+                             "multiplier_std": float(np.nanmean(mult_std[i, :, j]))})
+        sites = pd.DataFrame(rows, columns=sites.columns)
+    return MetaHistory(result.run_id, curves, sites, selection=getattr(result, "selection", None))
+
+
+# ========================================================================================== 02: the grid
+def latest_phi_run(store: RunStore) -> Optional[RunRecord]:
+    """The newest finished meta-training result of a store: a ``meta_select`` run, or a ``meta_train`` run that is
+    not one of a selection's candidates; None if there is none."""
+    candidates = [r for r in store.list_runs(kind="meta_select") if r.status == "finished"]
+    candidates += [r for r in store.list_runs(kind="meta_train") if r.status == "finished" and "parent" not in r.tags]
+    candidates = [r for r in candidates if (r.path / "phi.pt").is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (r.finished or r.created or "", r.run_id))
+
+
+def resolve_study_phi(spec: str, store: RunStore) -> str:
+    """The phi spec a grid passes to transfer: ``latest`` becomes that run's id; others are checked and kept."""
+    from .transfer import resolve_phi
+
+    if spec == LATEST:
+        record = latest_phi_run(store)
+        if record is None:
+            raise StudyError(f"phi='latest' but there is no finished meta-training run under {store.root}; run "
+                             "notebooks/01_meta_train.ipynb first (workbench study run 01 --profile demo), or set "
+                             "phi to 'official', a meta-train run id or a phi file")
+        return record.run_id
+    resolve_phi(spec, store)  # one line now if the phi does not exist, rather than after the first runs
+    return spec
+
+
+def limit_test(ds: Any, per_class: Optional[int]) -> Any:
+    """The dataset with its test split cut to the first ``per_class`` images of every class (all if fewer)."""
+    import torch
+
+    if per_class is None:
+        return ds
+    y = ds.y_test
+    keep = torch.zeros(len(y), dtype=torch.bool)
+    for label in range(ds.num_classes):
+        keep[torch.nonzero(y == label).flatten()[:per_class]] = True
+    index = torch.nonzero(keep).flatten()
+    return dataclasses.replace(ds, x_test=ds.x_test[index], y_test=ds.y_test[index])
+
+
+def grid_cells(config: TransferStudyConfig) -> list[tuple[str, str, int, str]]:
+    """(target, arch, seed, method spec) of every run, in the order they are made."""
+    return [(t, a, s, m) for t in config.targets for a in config.archs for s in config.seeds for m in config.methods]
+
+
+def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bool = True):
+    """Train every cell of the grid (one transfer run each, written to ``store``) and return one row per run:
+    run_id, target, arch, seed, method, phi, label, test_accuracy, test_nll, test_ece, mc_samples,
+    train_examples, test_examples, train_seconds. A failing run stops the grid with its error."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset
+    from .regularizers import build_regularizer
+    from .transfer import transfer
+
+    uses_ours = any(_parse_method(m)[1] is None and build_regularizer(_parse_method(m)[0]).needs_phi
+                    for m in config.methods)
+    ours = resolve_study_phi(config.phi, store) if uses_ours else None
+    if uses_ours:
+        print(f"our phi: {ours}" + (f" (phi='latest')" if config.phi == LATEST else ""))
+    cells = grid_cells(config)
+    rows = []
+    datasets: dict[str, Any] = {}
+    bar = tqdm(total=len(cells), desc="transfer grid", unit="run", disable=not progress)
+    try:
+        for target, arch, seed, spec in cells:
+            if target not in datasets:
+                datasets.clear()  # one target in memory at a time
+                datasets[target] = limit_test(load_dataset(target, root=config.data_root), config.test_per_class)
+            cfg = config.transfer_config(target, arch, spec, seed, phi=ours or OFFICIAL)
+            bar.set_postfix_str(f"{target} {arch} {spec} seed {seed}")
+            result = transfer(cfg, store, progress=progress, dataset=datasets[target])
+            s = result.summary
+            name, own = _parse_method(spec)
+            phi = (own or ours) if result.regularizer.needs_phi else None
+            rows.append({"run_id": result.run_id, "target": target, "arch": arch, "seed": int(seed), "method": name,
+                         "phi": phi, "label": method_label(name, phi, ours),
+                         "test_accuracy": s["test_accuracy"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
+                         "mc_samples": s["mc_samples"], "train_examples": s["train_examples"],
+                         "test_examples": s["test_examples"], "train_seconds": s["train_seconds_last_session"]})
+            bar.update(1)
+    finally:
+        bar.close()
+    frame = pd.DataFrame(rows)
+    frame.attrs["our_phi"] = ours
+    return frame
+
+
+def summarize(runs: Any, metric: str = "test_accuracy"):
+    """Mean, standard deviation and count of ``metric`` over seeds per (arch, target, method label), with the
+    difference to Base of the same arch and target and its standard error (the dashboard's aggregation)."""
+    from .dashboard_data import accuracy_table
+
+    return accuracy_table(runs, metric=metric, by=("arch", "target", "label"))
+
+
+def wide(table: Any, digits: int = 4):
+    """Methods x (arch / target) as ``mean ± std`` strings."""
+    from .dashboard_data import wide_table
+
+    return wide_table(table, digits=digits)
+
+
+# ================================================================================ 03 / 04: reading a study
+def find_study(store: RunStore, spec: str, notebook: str = TRANSFER_NOTEBOOK) -> StudyRecord:
+    """A finished study of ``notebook``: ``latest`` (the newest) or a study id."""
+    produce = (f"run `workbench study run {notebook} --profile demo` (or the notebook in JupyterLab) first, "
+               f"or pass source_study=<study id> (see `workbench study list`)")
+    if spec == LATEST:
+        found = [r for r in store.list_studies() if r.status == "finished" and r.notebook
+                 and Path(r.notebook).stem == notebook]
+        if not found:
+            raise StudyError(f"no finished {notebook} study under {store.root}; {produce}")
+        return max(found, key=lambda r: (r.finished or r.created or "", r.study_id))
+    record = store.study_record(spec)
+    if record.status == "corrupt":
+        raise StudyError(f"study {spec!r} cannot be read under {store.root} ({record.reason}); {produce}")
+    if record.status != "finished":
+        raise StudyError(f"study {spec} is {record.status}, not finished; its results may be incomplete. {produce}")
+    return record
+
+
+def study_runs(store: RunStore, study: StudyRecord, targets: Sequence[str] = (), archs: Sequence[str] = (),
+               methods: Sequence[str] = ()):
+    """The finished transfer runs of a study as a frame (run_id, target, arch, seed, method, phi, label and the
+    summary metrics), filtered by target, arch and method name or label (empty filters keep all)."""
+    import pandas as pd
+
+    records = [r for r in store.list_runs(kind="transfer", study_id=study.study_id) if r.status == "finished"]
+    if not records:
+        raise StudyError(f"study {study.study_id} has no finished transfer runs; pick another source_study "
+                         "(`workbench study list`)")
+    phis = {str(r.tags.get("phi")) for r in records if r.tags.get("phi") not in (None, OFFICIAL)}
+    ours = next(iter(phis)) if len(phis) == 1 else None
+    rows = []
+    for r in records:
+        summary = store.run_record(r.run_id).summary
+        method, phi = str(r.tags.get("method")), r.tags.get("phi")
+        rows.append({"run_id": r.run_id, "target": str(r.tags.get("target")), "arch": str(r.tags.get("arch")),
+                     "seed": r.tags.get("seed"), "method": method, "phi": phi,
+                     "label": method_label(method, phi, ours if ours is not None else ""),
+                     **{k: summary.get(k) for k in ("test_accuracy", "test_nll", "test_ece", "mc_samples",
+                                                    "sites", "mean_scale")}})
+    frame = pd.DataFrame(rows)
+    for column, wanted in (("target", targets), ("arch", archs)):
+        if wanted:
+            frame = frame[frame[column].isin(list(wanted))]
+    if methods:
+        frame = frame[frame["method"].isin(list(methods)) | frame["label"].isin(list(methods))]
+    if frame.empty:
+        raise StudyError(f"no runs of study {study.study_id} are left after filtering by targets={list(targets)}, "
+                         f"archs={list(archs)}, methods={list(methods)}")
+    return frame.reset_index(drop=True)
+
+
+def reliability_groups(store: RunStore, runs: Any) -> dict[str, dict[str, Any]]:
+    """``{"arch / target": {label: pooled reliability bins}}``: each method's bins pooled over its seeds."""
+    import pandas as pd
+
+    from .dashboard_data import pool_bins
+
+    groups: dict[str, dict[str, Any]] = {}
+    for (arch, target, label), part in runs.groupby(["arch", "target", "label"], sort=True):
+        frames = []
+        for run_id in part["run_id"]:
+            run = store.open_run(run_id)
+            if run.has_arrays("reliability"):
+                a = run.load_arrays("reliability")
+                frames.append(pd.DataFrame({k: a[k].reshape(-1) for k in ("lower", "upper", "count", "confidence",
+                                                                          "accuracy")}))
+        if frames:
+            groups.setdefault(f"{arch} / {target}", {})[label] = pool_bins(frames)
+    return groups
+
+
+def robustness_table(store: RunStore, runs: Any, target: Optional[str] = None):
+    """Accuracy under PGD per (arch, target, label, norm, eps): mean, std and count over seeds, from the runs'
+    ``arrays/robustness.npz`` (clean accuracy at eps 0). Empty if no run recorded curves."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    chosen = runs if target is None else runs[runs["target"] == target]
+    for row in chosen.itertuples():
+        run = store.open_run(row.run_id)
+        if not run.has_arrays("robustness"):
+            continue
+        a = run.load_arrays("robustness")
+        for norm in [str(n) for n in np.asarray(a["norms"]).reshape(-1)]:
+            eps = [0.0] + np.asarray(a[f"{norm}_eps"], dtype=float).tolist()
+            acc = [float(a["clean_accuracy"])] + np.asarray(a[f"{norm}_accuracy"], dtype=float).tolist()
+            for e, v in zip(eps, acc):
+                rows.append({"arch": row.arch, "target": row.target, "label": row.label, "seed": row.seed,
+                             "norm": norm, "eps": e, "accuracy": v})
+    columns = ["arch", "target", "label", "norm", "eps", "mean", "std", "n"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    frame = pd.DataFrame(rows).drop_duplicates(["arch", "target", "label", "seed", "norm", "eps"])
+    out = frame.groupby(["arch", "target", "label", "norm", "eps"], sort=True)["accuracy"].agg(
+        ["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
+    out["std"] = out["std"].fillna(0.0)
+    return out[columns]
+
+
+@dataclass
+class ScaleData:
+    """Per-site per-channel scales of a study's MetaPerturb runs."""
+
+    profile: Any    # DataFrame: arch, target, label, site_index, site, mean, std (over seeds), n, multiplier_std
+    heatmaps: list  # [(title, site names, sites x channels matrix averaged over seeds)]
+
+
+def scale_data(store: RunStore, runs: Any, max_heatmaps: int = 6) -> ScaleData:
+    """Read ``arrays/site_scales.npz`` of every run that has one; the per-layer profile is the mean scale over a
+    site's channels, then mean and spread over seeds (the paper's figure)."""
+    import numpy as np
+    import pandas as pd
+
+    rows, matrices = [], {}
+    for row in runs.itertuples():
+        run = store.open_run(row.run_id)
+        if not run.has_arrays("site_scales"):
+            continue
+        a = run.load_arrays("site_scales")
+        scale = np.asarray(a["scale"], dtype=np.float64)
+        names = [str(n) for n in np.asarray(a["site_names"]).reshape(-1)]
+        mult_std = np.asarray(a.get("multiplier_std", np.full(len(names), np.nan)), dtype=np.float64)
+        key = (row.arch, row.target, row.label)
+        matrices.setdefault(key, (names, []))[1].append(scale)
+        with np.errstate(all="ignore"):
+            means = np.nanmean(scale, axis=1)
+        for i, (name, value) in enumerate(zip(names, means)):
+            rows.append({"arch": row.arch, "target": row.target, "label": row.label, "seed": row.seed,
+                         "site_index": i, "site": name, "value": float(value), "multiplier_std": float(mult_std[i])})
+    columns = ["arch", "target", "label", "site_index", "site", "mean", "std", "n", "multiplier_std"]
+    if not rows:
+        raise StudyError("none of the selected runs recorded perturbation scales (only MetaPerturb runs do); include "
+                         "metaperturb in the transfer study's methods")
+    frame = pd.DataFrame(rows)
+    profile = frame.groupby(["arch", "target", "label", "site_index"], sort=True).agg(
+        site=("site", "first"), mean=("value", "mean"), std=("value", "std"), n=("value", "count"),
+        multiplier_std=("multiplier_std", "mean")).reset_index()
+    profile["std"] = profile["std"].fillna(0.0)
+    heatmaps = []
+    for (arch, target, label), (names, stack) in sorted(matrices.items())[:max_heatmaps]:
+        with np.errstate(all="ignore"):
+            mean = np.nanmean(np.stack(stack), axis=0)
+        heatmaps.append((f"{arch} / {target} / {label} ({len(stack)} seed{'s' if len(stack) != 1 else ''})",
+                         names, mean))
+    return ScaleData(profile[columns], heatmaps)
+
+
+# ============================================================================================== the runner
+@dataclass
+class PreparedStudy:
+    """A notebook with validated parameters, ready to execute."""
+
+    path: Path
+    name: str
+    config_class: type[Config]
+    config: Config
+    profile: str
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+
+@dataclass
+class StudyOutcome:
+    notebook: str
+    study_id: str
+    status: str
+    executed_notebook: Path
+    seconds: float
+    reason: Optional[str] = None
+
+
+def prepare_studies(notebooks: Sequence[str | os.PathLike], profile: str | os.PathLike,
+                    overrides: Mapping[str, Any] | None = None) -> list[PreparedStudy]:
+    """Resolve the notebooks and validate each one's parameters (profile entry + overrides) against its config.
+
+    An override ``key`` applies to every notebook whose config has that field (``notebook.key`` to one
+    notebook only); a key no notebook knows is refused. Nothing is written.
+    """
+    if not notebooks:
+        raise WorkbenchError("name at least one notebook, e.g. `workbench study run 02_transfer_study --profile demo`")
+    paths = [resolve_notebook(n) for n in notebooks]
+    names = [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise WorkbenchError(f"a notebook is named twice: {names}")
+    classes = [notebook_config_class(p) for p in paths]
+    per_notebook: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for key, value in (overrides or {}).items():
+        prefix, dot, field_name = key.rpartition(".")
+        if dot:
+            target = next((n for n in names if n == prefix or n.split("_", 1)[0] == prefix), None)
+            if target is None:
+                raise WorkbenchError(f"parameter {key!r}: {prefix!r} is not one of the notebooks run ({', '.join(names)})")
+            per_notebook[target][field_name] = value
+            continue
+        hits = [n for n, cls in zip(names, classes) if key in cls.field_names()]
+        if not hits and len(names) == 1:
+            hits = names  # its config refuses it below, with the same message a notebook shows
+        if not hits:
+            raise WorkbenchError(f"unknown parameter(s) [{key!r}]: not a field of any notebook's config here "
+                                 f"({'; '.join(f'{n}: {c.__name__}' for n, c in zip(names, classes))})")
+        for n in hits:
+            per_notebook[n][key] = value
+    profile_name = Path(str(profile)).stem if str(profile).endswith((".yaml", ".yml")) else str(profile)
+    prepared = []
+    for path, name, cls in zip(paths, names, classes):
+        values = {**load_profile(profile, name), **per_notebook[name]}
+        try:
+            config = cls.from_dict(values)
+        except WorkbenchError as exc:
+            raise WorkbenchError(f"{name}: {exc}") from None
+        prepared.append(PreparedStudy(path, name, cls, config, profile_name))
+    return prepared
+
+
+def _kernel_manager_class():
+    """A kernel manager that starts ipykernel with this interpreter, whatever python the kernelspec names."""
+    import zmq
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class CurrentPythonKernelManager(AsyncKernelManager):
+        @default("transport_encryption")
+        def _encrypt_when_possible(self) -> str:  # CurveZMQ keys where the kernel supports them
+            return "auto" if zmq.has("curve") else "disabled"
+
+        def _kernel_supports_curve_encryption(self) -> bool:
+            # an ipykernel spec runs this interpreter's ipykernel (below), whatever the kernelspec declares
+            argv = list(getattr(self.kernel_spec, "argv", None) or [])
+            return any("ipykernel" in part for part in argv[1:3]) or super()._kernel_supports_curve_encryption()
+
+        def format_kernel_cmd(self, extra_arguments=None):
+            cmd = super().format_kernel_cmd(extra_arguments)
+            if any("ipykernel" in part for part in cmd[1:3]):
+                cmd[0] = sys.executable
+            return cmd
+
+    return CurrentPythonKernelManager
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, Optional[str]]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_ANSI_MOVES = re.compile(r"\x1b\[[0-9;]*[ABCDEFGHJKSTfmnsu]")
+
+
+def _screen_text(text: str) -> str:
+    """What a terminal would show of streamed text: carriage returns overwrite, cursor moves dropped, cleared
+    (blank) lines removed; so progress bars keep their last state instead of every update."""
+    lines = []
+    for line in _ANSI_MOVES.sub("", text).split("\n"):
+        parts = line.split("\r")
+        shown = next((p for p in reversed(parts) if p), "")
+        if shown.strip() or not parts[:-1]:
+            lines.append(shown.rstrip() if len(parts) > 1 else shown)
+    return "\n".join(lines)
+
+
+def tidy_outputs(nb: Any) -> Any:
+    """Merge consecutive stream outputs of a cell (papermill keeps every message) and reduce them to their
+    screen text (:func:`_screen_text`). Returns the notebook, changed in place."""
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        merged: list = []
+        for out in cell.get("outputs", []):
+            if (out.get("output_type") == "stream" and merged and merged[-1].get("output_type") == "stream"
+                    and merged[-1].get("name") == out.get("name")):
+                merged[-1]["text"] += out["text"]
+            else:
+                merged.append(out)
+        for out in merged:
+            if out.get("output_type") == "stream":
+                out["text"] = _screen_text(out["text"])
+        cell["outputs"] = [o for o in merged if o.get("output_type") != "stream" or o["text"].strip()]
+    return nb
+
+
+def _failure_reason(exc: BaseException) -> str:
+    ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
+    if ename:
+        count = getattr(exc, "exec_count", None)
+        where = f"cell [{count}]" if count else f"cell {getattr(exc, 'cell_index', '?')}"
+        return f"{where} raised {ename}: {evalue}"
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def execute_study(prepared: PreparedStudy, store: RunStore, stream: bool = True) -> StudyOutcome:
+    """Create the study record, execute the notebook with papermill, save it into the study folder, and mark the
+    study finished or failed (the executed notebook keeps the failing cell's error)."""
+    import nbformat
+    import papermill
+
+    parameters = prepared.parameters
+    study = store.create_study(os.path.relpath(prepared.path, REPO) if _inside_repo(prepared.path)
+                               else str(prepared.path), prepared.profile, parameters)
+    final = study.executed_notebook_path
+    partial = final.with_name(f".{final.stem}.partial.ipynb")
+    env = {STUDY_ENV: study.study_id, ARTIFACTS_ENV: str(store.root),
+           PROGRESS_ENV: "text" if stream else "off", "TQDM_MININTERVAL": "1" if stream else None,
+           "TQDM_DISABLE": None if stream else "1"}
+    started = time.perf_counter()
+    print(f"== {prepared.name}: study {study.study_id} (profile {prepared.profile})", file=sys.stderr, flush=True)
+    reason = None
+    try:
+        with _environment(env):
+            papermill.execute_notebook(
+                str(prepared.path), str(partial), parameters=parameters, cwd=str(prepared.path.parent),
+                progress_bar=False, log_output=False, stdout_file=sys.stdout if stream else None,
+                stderr_file=sys.stderr if stream else None, start_timeout=KERNEL_START_TIMEOUT,
+                kernel_manager_class=_kernel_manager_class(), request_save_on_cell_execute=True)
+    except KeyboardInterrupt:
+        reason = "interrupted (Ctrl-C)"
+        raise
+    except Exception as exc:  # PapermillExecutionError: a cell failed; anything else: the kernel or papermill
+        reason = _failure_reason(exc)
+    finally:
+        if not partial.is_file():  # the kernel never ran a cell: keep the notebook with the reason on top
+            nb = nbformat.read(str(prepared.path), as_version=4)
+            nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"**This study failed before any cell ran:** "
+                                                             f"{reason or 'interrupted'}"))
+            nbformat.write(nb, str(partial))
+        else:
+            with contextlib.suppress(Exception):  # tidying is cosmetic; never lose the notebook over it
+                nbformat.write(tidy_outputs(nbformat.read(str(partial), as_version=4)), str(partial))
+        os.replace(partial, final)
+        if reason is None:
+            study.mark_finished()
+        else:
+            study.mark_failed(reason)
+    seconds = time.perf_counter() - started
+    status = "failed" if reason else "finished"
+    print(f"== {prepared.name}: study {study.study_id} {status} in {seconds:.0f} s; executed notebook {final}"
+          + (f"\n   {reason}" if reason else ""), file=sys.stderr, flush=True)
+    return StudyOutcome(prepared.name, study.study_id, status, final, seconds, reason)
+
+
+def _inside_repo(path: Path) -> bool:
+    try:
+        path.resolve().relative_to(REPO)
+        return True
+    except ValueError:
+        return False
+
+
+def run_studies(notebooks: Sequence[str | os.PathLike], profile: str | os.PathLike,
+                overrides: Mapping[str, Any] | None = None, artifacts: str | os.PathLike | None = None,
+                stream: bool = True) -> list[StudyOutcome]:
+    """Validate all, then execute the notebooks one after another (each its own study) until one fails."""
+    prepared = prepare_studies(notebooks, profile, overrides)
+    roots = {p.name: p.config.artifacts_root for p in prepared if getattr(p.config, "artifacts_root", None)}
+    root = default_root(artifacts if artifacts is not None else next(iter(roots.values()), None))
+    for name, value in roots.items():
+        if default_root(value) != root:
+            raise WorkbenchError(f"{name}: artifacts_root={value} differs from the artifacts root {root} of this "
+                                 "command; drop the parameter or pass the same --artifacts")
+    store = RunStore(root)
+    outcomes = []
+    for item in prepared:
+        outcome = execute_study(item, store, stream=stream)
+        outcomes.append(outcome)
+        if outcome.status != "finished":
+            break
+    return outcomes
+
+
+# ================================================================================================== the CLI
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def _cli_run(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    for key, raw in args.parameter or []:
+        overrides[key] = _parse_value(raw)
+    outcomes = run_studies(args.notebooks, args.profile, overrides, artifacts=args.artifacts, stream=not args.quiet)
+    failed = [o for o in outcomes if o.status != "finished"]
+    skipped = len(args.notebooks) - len(outcomes)
+    for o in outcomes:
+        print(f"{o.status:<9} {o.study_id}  {o.executed_notebook}")
+    if failed:
+        print(f"error: study {failed[0].study_id} ({failed[0].notebook}) failed: {failed[0].reason}"
+              + (f"; {skipped} later notebook(s) not run" if skipped else ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cli_list(args: argparse.Namespace) -> int:
+    store = RunStore(args.artifacts)
+    records = store.list_studies()
+    if args.json:
+        print(json.dumps([to_jsonable(r.row(store.root)) for r in records], indent=2))
+        return 0
+    if not records:
+        print(f"no studies under {store.root}; run one with `workbench study run 02_transfer_study --profile smoke`")
+        return 0
+    print(f"{'study id':<52} {'status':<9} {'profile':<11} {'runs':>4}  created              notebook / reason")
+    for r in records:
+        created = (r.created or "")[:19].replace("T", " ")
+        tail = r.notebook or ""
+        if r.status in ("failed", "corrupt", "stale") and r.reason:
+            tail = f"{tail}  ({r.reason[:100]})"
+        print(f"{r.study_id:<52} {r.status:<9} {str(r.profile or '-'):<11} {len(r.run_ids):>4}  {created:<20} {tail}")
+    return 0
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``workbench study run`` and ``workbench study list``."""
+    parser = subparsers.add_parser(
+        "study", help="run the study notebooks headless (papermill) and list studies",
+        description="Execute the notebooks of notebooks/ with a parameter profile; each notebook becomes a study "
+                    "in <artifacts>/studies/<study id>/ with its executed notebook and the runs it made.")
+    sub = parser.add_subparsers(dest="study_command", metavar="ACTION")
+    run = sub.add_parser(
+        "run", help="execute notebooks with a profile",
+        description="Validate every notebook's parameters, then execute the notebooks one after another, each as "
+                    "its own study; stops at the first failure (exit 1). A bad parameter exits 2 before anything "
+                    f"runs. Notebooks: {', '.join(available_notebooks()) or 'none found'} (a number such as 02 "
+                    f"works). Profiles: {', '.join(available_profiles()) or 'none found'} (or a YAML file).")
+    run.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="notebook path, name or number")
+    run.add_argument("--profile", required=True, help="profile name (notebooks/profiles/NAME.yaml) or YAML file")
+    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                     help="override a parameter (VALUE is YAML: 10, 1e-3, [a, b], null); KEY or NOTEBOOK.KEY")
+    run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or the "
+                                                        "checkout's artifacts/)")
+    run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
+    run.set_defaults(func=_cli_run)
+    listing = sub.add_parser("list", help="list the studies of an artifacts root")
+    listing.add_argument("--artifacts", metavar="DIR", help="artifacts root")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a table")
+    listing.set_defaults(func=_cli_list)
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
+
+
+__all__ = [
+    "CalibrationStudyConfig", "MetaHistory", "ParameterError", "PreparedStudy", "ScaleData", "ScalesStudyConfig",
+    "StudyError", "StudyOutcome", "StudyRunStore", "StudySession", "TransferStudyConfig", "available_notebooks",
+    "describe_meta",
+    "available_profiles", "execute_study", "find_study", "grid_cells", "latest_phi_run", "limit_test",
+    "load_profile", "meta_history", "method_label", "notebook_config", "notebook_config_class", "open_session",
+    "parameters_source", "prepare_studies", "read_profile", "register_cli", "reliability_groups",
+    "resolve_notebook", "resolve_study_phi", "robustness_table", "run_studies", "run_transfer_grid", "save_report",
+    "scale_data", "study_runs", "summarize", "tidy_outputs", "wide",
+]
