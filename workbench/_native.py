@@ -77,7 +77,14 @@ def load(verbose: bool = False):
         return _module
     try:
         _put_ninja_on_path()
-        from torch.utils.cpp_extension import load as load_extension
+        # Importing cpp_extension on a machine without CUDA logs "No CUDA runtime is found": noise for a CPU build.
+        extension_log = logging.getLogger("torch.utils.cpp_extension")
+        level = extension_log.level
+        extension_log.setLevel(logging.ERROR)
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+        finally:
+            extension_log.setLevel(level)
 
         _module = load_extension(
             name=f"workbench_perturb_native_{_cpu_tag()}",
@@ -234,16 +241,10 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     handoff = _Handoff()
     r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
                                      handoff)
-    if training:
-        mean = features.mean(dim=0)
-        var = features.var(dim=0)
-        with torch.no_grad():
-            correction = b / (b - 1) if double_bessel else 1.0
-            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
-    else:
-        mean, var = running_mean, running_var
-    scale = phi.channel_scale(mean, var, c / channel_norm, height / spatial_norm)
+    from .perturb import site_scale
+
+    scale = site_scale(phi, features if training else None, running_mean, running_var, c / channel_norm,
+                       height / spatial_norm, momentum, double_bessel)
     seed = draw_seed() if eps is None else 0
     out, multiplier = _Sweep2.apply(h, r1, mr, scale, phi.noise2.w_identity, phi.noise2.w_all, eps, seed,
                                     float(noise_coeff), None if clip is None else float(clip), handoff)

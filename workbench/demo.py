@@ -14,6 +14,7 @@ then it starts the dashboard on 127.0.0.1, prints its address and keeps it runni
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import socket
 import sys
@@ -89,23 +90,29 @@ def _print_table(store: RunStore, study_id: str) -> None:
 
 
 def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: bool = True,
-             port: Optional[int] = None, stream: bool = True) -> int:
-    """Run the demo studies, then (``dashboard=True``) serve the dashboard until Ctrl-C. Returns an exit code."""
+             port: Optional[int] = None, stream: bool = True, overrides: Optional[dict] = None) -> int:
+    """Run the demo studies, then (``dashboard=True``) serve the dashboard until Ctrl-C. Returns an exit code.
+
+    overrides: parameters as for ``workbench study run -p`` (``KEY`` for every notebook that has it,
+    ``NOTEBOOK.KEY`` for one).
+    """
     from . import study
 
     started = time.perf_counter()
-    prepared = study.prepare_studies(NOTEBOOKS, profile)  # every parameter checked before anything runs
+    prepared = study.prepare_studies(NOTEBOOKS, profile, overrides)  # every parameter checked before anything runs
     check_offline_data(prepared)
     if port is not None and dashboard and not _port_is_free(port):
         raise WorkbenchError(f"port {port} is in use; pass another --port or leave it out to pick a free one")
     root = default_root(artifacts)
     store = RunStore(root)
     print(f"MetaPerturb Workbench demo (profile {profile}): {len(NOTEBOOKS)} studies into {root}", flush=True)
-    overrides: dict[str, dict] = {name: {} for name in NOTEBOOKS}
+    links: dict[str, dict] = {name: {} for name in NOTEBOOKS}  # what a study passes on to the next ones
     timings = []
-    for index, name in enumerate(NOTEBOOKS, start=1):
+    for index, item in enumerate(prepared, start=1):
+        name = item.name
         print(f"\n[{index}/{len(NOTEBOOKS)}] {TITLES[name]} ({name})", file=sys.stderr, flush=True)
-        item = study.prepare_studies([name], profile, overrides[name])[0]
+        if links[name]:
+            item = dataclasses.replace(item, config=item.config.replace(**links[name]))
         outcome = study.execute_study(item, store, stream=stream)
         timings.append((name, outcome.seconds))
         if outcome.status != "finished":
@@ -113,10 +120,10 @@ def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: 
                   f"notebook with the error is {outcome.executed_notebook}", file=sys.stderr)
             return 1
         if name == "01_meta_train":
-            overrides["02_transfer_study"]["phi"] = _chosen_phi(store, outcome.study_id)
+            links["02_transfer_study"]["phi"] = _chosen_phi(store, outcome.study_id)
         if name == "02_transfer_study":
             for later in ("03_calibration_robustness", "04_scales"):
-                overrides[later]["source_study"] = outcome.study_id
+                links[later]["source_study"] = outcome.study_id
             _print_table(store, outcome.study_id)
     total = time.perf_counter() - started
     print("\n" + ", ".join(f"{n} {s:.0f} s" for n, s in timings) + f"; demo studies done in {total / 60:.1f} min",
@@ -148,12 +155,15 @@ def _interrupt(signum, frame):
 
 
 def _cli(args: argparse.Namespace) -> int:
+    from .study import _parse_value
+
+    overrides = {key: _parse_value(raw) for key, raw in args.parameter or []}
     return run_demo(args.artifacts, profile=args.profile, dashboard=not args.no_dashboard, port=args.port,
-                    stream=not args.quiet)
+                    stream=not args.quiet, overrides=overrides)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``workbench demo [--no-dashboard] [--port N] [--artifacts DIR] [--profile demo]``."""
+    """Add ``workbench demo [--no-dashboard] [--port N] [--artifacts DIR] [--profile demo] [-p KEY VALUE]``."""
     parser = subparsers.add_parser(
         "demo", help="the main job: meta-train, transfer, evaluate on offline data, then open the dashboard",
         description="Run the demo study with no network (the notebooks 01-04 with the demo profile: meta-train phi "
@@ -167,6 +177,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                                            "checkout's artifacts/)")
     parser.add_argument("--profile", default="demo", help="parameter profile (default demo; smoke for a check "
                                                           "in seconds)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                        help="override a parameter as in `workbench study run` (e.g. -p threads null to use every "
+                             "core of a quiet machine)")
     parser.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
     parser.set_defaults(func=_cli)
 

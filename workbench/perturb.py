@@ -214,6 +214,23 @@ def _load_state(path, map_location) -> dict:
     return state
 
 
+def site_scale(phi: MetaPerturb, features: Optional[torch.Tensor], running_mean: torch.Tensor,
+               running_var: torch.Tensor, channel_ratio: float, size_ratio: float, momentum: float,
+               double_bessel: bool) -> torch.Tensor:
+    """The per-channel scale s (C,): from the batch statistics of ``features`` (B, C, 4), updating the running ones
+    in place (training), or from the running statistics when ``features`` is None (evaluation)."""
+    if features is None:
+        mean, var = running_mean, running_var
+    else:
+        b = features.shape[0]
+        mean, var = features.mean(dim=0), features.var(dim=0)
+        with torch.no_grad():
+            correction = b / (b - 1) if double_bessel else 1.0
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
+    return phi.channel_scale(mean, var, channel_ratio, size_ratio)
+
+
 def perturb(
     h: torch.Tensor,
     phi: MetaPerturb,
@@ -254,15 +271,10 @@ def perturb(
                 "use a larger batch or call model.eval()"
             )
         features = _scale_features_fast(x, phi.scale_kernels, fused)
-        mean = features.mean(dim=0)
-        var = features.var(dim=0)
-        with torch.no_grad():
-            correction = b / (b - 1) if double_bessel else 1.0
-            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
     else:
-        mean, var = running_mean, running_var
-    scale = phi.channel_scale(mean, var, c / channel_norm, height / spatial_norm)
+        features = None
+    scale = site_scale(phi, features, running_mean, running_var, c / channel_norm, height / spatial_norm,
+                       momentum, double_bessel)
 
     if eps is None:
         eps = standard_normal(x)
