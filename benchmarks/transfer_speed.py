@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.evaluate import evaluate  # noqa: E402
+from workbench.evaluate import DEFAULT_MAX_ROWS, evaluate  # noqa: E402
 from workbench.models import build  # noqa: E402
 from workbench.perturb import MetaPerturb  # noqa: E402
 from workbench.regularizers import TrainContext, build_regularizer  # noqa: E402
@@ -41,7 +41,7 @@ def setup(method: str, device: torch.device, phi: MetaPerturb, steps: int):
     reg = build_regularizer(method)
     ctx = TrainContext(arch="resnet20", num_classes=10, in_channels=3, image_size=32, total_steps=steps,
                        train_size=50000, device=device, phi=phi)
-    model = reg.prepare(model, ctx).to(device)
+    model = reg.prepare(model, ctx).to(device, memory_format=torch.channels_last)  # as workbench.transfer does
     opt = torch.optim.Adam(reg.param_groups(model, 5e-4), lr=1e-3)
     return model, reg, opt
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=1000, help="test images for the evaluation benchmark")
     parser.add_argument("--samples", type=int, default=100, help="Monte-Carlo samples K")
     parser.add_argument("--eval-batch", type=int, default=500)
-    parser.add_argument("--max-rows", type=int, default=2048, help="rows per tiled MC forward")
+    parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per tiled MC forward")
     parser.add_argument("--repeats", type=int, default=5, help="timed single evaluation passes (median)")
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args(argv)

@@ -332,7 +332,8 @@ def _build(config: TransferConfig, store: RunStore, dataset=None) -> _Setup:
     ctx = TrainContext(arch=config.arch, num_classes=view.num_classes, in_channels=view.channels,
                        image_size=view.image_size, total_steps=config.steps, train_size=len(view.train),
                        device=device, phi=phi, source=source, noise_warmup=config.noise_warmup, clip=config.clip)
-    model = regularizer.prepare(model, ctx).to(device)
+    # channels_last: the faster layout on CPU for these networks and for the perturbation's depthwise stencils
+    model = regularizer.prepare(model, ctx).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(regularizer.param_groups(model, config.weight_decay), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=lr_milestone_steps(config.steps, config.lr_milestones), gamma=config.lr_gamma)
