@@ -44,3 +44,27 @@ def config_difference(stored: Mapping[str, Any], config: Any, mutable: Iterable[
     given = json.loads(json.dumps(config.to_dict()))
     skip = set(mutable)
     return [k for k in given if k not in skip and stored.get(k) != given[k]]
+
+
+def load_resume_checkpoint(run: Any, config: Any, mutable: Iterable[str], schema: str, version: int,
+                           what: str) -> dict:
+    """The ``last`` checkpoint of ``run`` for a resume with ``config``, after every check a resume needs: the run's
+    config and the checkpoint's match ``config`` (except ``mutable`` fields), a checkpoint exists, and it is a
+    ``what`` checkpoint of this ``schema`` and ``version``. Each mismatch is a one-line error."""
+    differ = config_difference(run.config, config, mutable)
+    if differ:
+        given = json.loads(json.dumps(config.to_dict()))
+        shown = ", ".join(f"{k}: {run.config.get(k)!r} -> {given[k]!r}" for k in differ[:4])
+        raise WorkbenchError(f"run {run.run_id} was started with a different config ({shown}); resume it without "
+                             "--config/--set, or start a new run")
+    if not run.has_checkpoint("last"):
+        raise WorkbenchError(f"run {run.run_id} has no checkpoint to resume from (checkpoints are written every "
+                             f"checkpoint_every={config.checkpoint_every} steps); start a new run instead")
+    checkpoint = run.load_checkpoint("last", map_location="cpu")
+    if checkpoint.get("schema") != schema or checkpoint.get("version") != version:
+        raise WorkbenchError(f"run {run.run_id}: checkpoints/last.pt is not a {what} checkpoint of version {version}; "
+                             "start a new run")
+    if config_difference(checkpoint.get("config", {}), config, mutable):
+        raise WorkbenchError(f"run {run.run_id}: its checkpoint was written with a different config than "
+                             "config.json; start a new run")
+    return checkpoint

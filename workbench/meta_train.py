@@ -66,7 +66,7 @@ from .attach import attach
 from .config import Config, parse_overrides, require
 from .data import (Augment, BatchIterator, ImageDataset, SourceTask, channel_stats, describe_tasks, eval_batches,
                    load_dataset, source_tasks, target_view)
-from ._runtime import config_difference, cpu_copy, resolve_device
+from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device
 from .errors import WorkbenchError
 from .lookahead import lookahead_meta_grad, twice_differentiable
 from .models import build
@@ -725,21 +725,8 @@ def _checkpoint(run: Optional[Run], trainer: MetaTrainer, log: _Log, config: Met
 
 def _load_resume(run: Run, config: MetaTrainConfig) -> dict[str, Any]:
     """The checkpoint of ``run``, checked against ``config`` (one-line errors for every mismatch)."""
-    differ = config_difference(run.config, config, RESUME_MUTABLE)
-    if differ:
-        shown = ", ".join(f"{k}: {run.config.get(k)!r} -> {config.to_dict()[k]!r}" for k in differ[:4])
-        raise WorkbenchError(f"run {run.run_id} was started with a different config ({shown}); resume it without "
-                             f"--config/--set, or start a new run")
-    if not run.has_checkpoint("last"):
-        raise WorkbenchError(f"run {run.run_id} has no checkpoint to resume from (checkpoints are written every "
-                             f"checkpoint_every={config.checkpoint_every} steps); start a new run instead")
-    checkpoint = run.load_checkpoint("last", map_location="cpu")
-    if checkpoint.get("schema") != CHECKPOINT_SCHEMA or checkpoint.get("version") != CHECKPOINT_VERSION:
-        raise WorkbenchError(f"run {run.run_id}: checkpoints/last.pt is not a meta-training checkpoint of version "
-                             f"{CHECKPOINT_VERSION}; start a new run")
-    if config_difference(checkpoint.get("config", {}), config, RESUME_MUTABLE):
-        raise WorkbenchError(f"run {run.run_id}: its checkpoint was written with a different config than config.json; "
-                             f"start a new run")
+    checkpoint = load_resume_checkpoint(run, config, RESUME_MUTABLE, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION,
+                                        "meta-training")
     if int(checkpoint["step"]) >= config.steps and run.status == "finished":
         raise WorkbenchError(f"run {run.run_id} already finished all {config.steps} steps; nothing to resume "
                              f"(its phi is {run.path / PHI_FILE})")

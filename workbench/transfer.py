@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .artifacts import Run, RunStore, atomic_write_text
 from .config import Config, parse_overrides, require
-from ._runtime import config_difference, cpu_copy, resolve_device
+from ._runtime import cpu_copy, load_resume_checkpoint, resolve_device
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate
 from .regularizers import (
@@ -439,22 +439,7 @@ def _open_resume(store: RunStore, run_id: str, config: TransferConfig, kind: str
     run = store.open_run(run_id)
     if run.kind != kind:
         raise WorkbenchError(f"run {run_id} is a {run.kind!r} run, not a {kind!r} run; resume it with its own command")
-    differ = config_difference(run.config, config, RESUME_MUTABLE)
-    if differ:
-        given = json.loads(json.dumps(config.to_dict()))
-        shown = ", ".join(f"{k}: {run.config.get(k)!r} -> {given[k]!r}" for k in differ[:4])
-        raise WorkbenchError(f"run {run_id} was started with a different config ({shown}); resume it without "
-                             "--config/--set, or start a new run")
-    if not run.has_checkpoint("last"):
-        raise WorkbenchError(f"run {run_id} has no checkpoint to resume from (written every checkpoint_every="
-                             f"{config.checkpoint_every} steps); start a new run instead")
-    state = run.load_checkpoint("last", map_location="cpu")
-    if state.get("schema") != CHECKPOINT_SCHEMA or state.get("version") != CHECKPOINT_VERSION:
-        raise WorkbenchError(f"run {run_id}: checkpoints/last.pt is not a transfer checkpoint of version "
-                             f"{CHECKPOINT_VERSION}; start a new run")
-    if config_difference(state.get("config", {}), config, RESUME_MUTABLE):
-        raise WorkbenchError(f"run {run_id}: its checkpoint was written with a different config than config.json; "
-                             "start a new run")
+    state = load_resume_checkpoint(run, config, RESUME_MUTABLE, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, "transfer")
     return run, state
 
 
