@@ -209,3 +209,28 @@ def test_output_takes_an_inplace_relu_like_the_next_layer_does():
     assert out._base is None and multiplier._base is None  # real tensors, not views of the kernel's buffers
     torch.relu_(out)
     assert _rel(torch.autograd.grad(out.sum(), h)[0], expected) < 1e-4
+
+
+def test_large_maps_are_recycled_and_stay_correct():
+    torch.manual_seed(3)
+    phi = MetaPerturb(init_std=0.3)
+    shape = (4, 64, 16, 16)  # 256 KiB maps: the smallest size the kernel takes from its pool
+    h = torch.randn(shape).requires_grad_(True)
+    eps = torch.randn(shape)
+
+    def run(fn):
+        rm, rv = _stats(shape[1])
+        out, _, _ = _call(fn, h, phi, rm, rv, True, eps)
+        (grad,) = torch.autograd.grad(out.square().sum(), [h])
+        return out.detach().clone(), grad
+
+    _native.release_pool()
+    first = run(_native.perturb)
+    held = _native.pooled_bytes()
+    assert held >= 4 * 256 * 1024  # the freed maps went back to the pool
+    second = run(_native.perturb)  # served from the pool
+    assert _native.pooled_bytes() == held
+    reference = run(perturb_module.perturb)
+    assert _rel(first[0], reference[0]) < 1e-5 and _rel(first[1], reference[1]) < 1e-4
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert _native.release_pool() == held and _native.pooled_bytes() == 0

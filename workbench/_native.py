@@ -11,6 +11,9 @@ map; here the site is two sweeps over the channels_last (NHWC) map, each 3x3 ste
   the global torch RNG, Box-Muller; so ``torch.manual_seed`` reproduces a run for any thread count), and writes
   ``out = min(h * (1 + k (s softplus(mu + eps) - 1)), clip)``.
 
+Large maps the kernel returns come from a pool of recycled buffers (a fresh 25 MB map cost as much in page faults
+and page zeroing as the sweep that fills it); :func:`release_pool` frees what the pool holds.
+
 Each sweep is a ``torch.autograd.Function`` whose backward is the transposed stencils in the same fused style,
 including the gradients of phi's kernels when phi requires grad. The kernel builds on first use with
 ``torch.utils.cpp_extension.load`` (cached in torch's extension directory); when it cannot be built, one warning is
@@ -196,6 +199,17 @@ class _Sweep2(torch.autograd.Function):
                 gkid if need_kid else None, gkall if need_kall else None, None, None, None, None, None)
 
 
+def pooled_bytes() -> int:
+    """Bytes of freed kernel maps kept for reuse (the kernel recycles its large outputs; at most 1 GiB is kept)."""
+    return 0 if _module is None else int(_module.pool_held())
+
+
+def release_pool() -> int:
+    """Free the recycled kernel maps (for example after training, before a memory-hungry stage); returns the bytes
+    freed. Maps still in use are unaffected."""
+    return 0 if _module is None else int(_module.pool_release())
+
+
 def draw_seed() -> int:
     """A 63-bit seed from the global torch RNG (so ``torch.manual_seed`` fixes the in-kernel noise)."""
     return int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
@@ -253,4 +267,4 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     return out, scale, multiplier
 
 
-__all__ = ["available", "enabled", "load", "perturb", "standard_normal", "draw_seed"]
+__all__ = ["available", "enabled", "load", "perturb", "standard_normal", "draw_seed", "pooled_bytes", "release_pool"]

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 #include <cstdlib>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -230,40 +232,97 @@ inline void neighbours(const float* base, const Geometry& g, idx b, idx y, idx w
   }
 }
 
-__attribute__((always_inline)) inline float channel_mean(const float* __restrict p, idx C) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (idx c = 0; c < C; ++c) s += p[c];
-  return s / static_cast<float>(C);
+// sum of p[0..C) in 16 lanes and a tree: an `omp simd reduction` over one pixel's channels compiles (gcc) to a
+// serial sum of the vector lanes through the stack, which cost more than the stencils it closes
+__attribute__((always_inline)) inline float channel_total(const float* __restrict p, idx C) {
+  float lane[16] = {};
+  idx c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int l = 0; l < 16; ++l) lane[l] += p[c + l];
+  float tail = 0.f;
+  for (; c < C; ++c) tail += p[c];
+  for (int w = 8; w > 0; w >>= 1)
+    for (int l = 0; l < w; ++l) lane[l] += lane[l + w];
+  return lane[0] + tail;
 }
 
-__attribute__((always_inline)) inline float channel_sum(const float* __restrict p, idx C) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (idx c = 0; c < C; ++c) s += p[c];
-  return s;
+// Buffers for the kernel's maps, recycled. A fresh 25 MB map costs the kernel about 6000 page faults and as many
+// zeroed pages on first touch (measured: clear_page took as much time as the sweep that fills the map), and glibc
+// gives large blocks back to the system on free. A training step asks for the same sizes every time, so freed maps
+// go to a free list keyed by byte size (at most kPoolBytes held, the rest is freed) and the next request reuses one.
+class MapPool {
+ public:
+  static constexpr size_t kMinBytes = size_t(256) << 10;  // smaller maps are cheap to allocate: torch's allocator
+  static constexpr size_t kPoolBytes = size_t(1) << 30;
+  static constexpr size_t kAlign = size_t(2) << 20;
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        held_ -= bytes;
+        return p;
+      }
+    }
+    void* p = std::aligned_alloc(bytes >= kAlign ? kAlign : 4096, bytes);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (p != nullptr) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+    return p;
+  }
+
+  void give(void* p, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (held_ + bytes <= kPoolBytes) {
+        free_[bytes].push_back(p);
+        held_ += bytes;
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  int64_t release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto freed = static_cast<int64_t>(held_);
+    for (auto& [bytes, blocks] : free_)
+      for (void* p : blocks) std::free(p);
+    free_.clear();
+    held_ = 0;
+    return freed;
+  }
+
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(held_);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t held_ = 0;
+};
+
+MapPool& map_pool() {
+  static auto* pool = new MapPool();  // never destroyed: tensors may still return buffers during interpreter exit
+  return *pool;
 }
 
-// A fresh float32 map for the kernel's outputs. Large ones are 2 MB aligned and marked for transparent huge pages:
-// a fresh 8 MB tensor otherwise takes ~2000 page faults on first touch, which costs more than the kernel pass that
-// fills it. Small ones (and non-Linux builds) use torch's allocator.
+// An uninitialised map for the kernel's outputs (from the pool when large).
 torch::Tensor empty_map(at::IntArrayRef sizes, at::ScalarType dtype = torch::kFloat) {
   idx numel = 1;
   for (auto v : sizes) numel *= v;
-  if (numel == 0) return torch::empty(sizes, torch::dtype(dtype));
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  if (bytes >= kHuge) {
-    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = std::aligned_alloc(kHuge, rounded);
-    if (p != nullptr) {
-      madvise(p, rounded, MADV_HUGEPAGE);
-      return torch::from_blob(p, sizes, [](void* q) { std::free(q); }, torch::dtype(dtype));
-    }
-  }
-#endif
-  return torch::empty(sizes, torch::dtype(dtype));
+  if (bytes < MapPool::kMinBytes) return torch::empty(sizes, torch::dtype(dtype));
+  const size_t unit = bytes >= MapPool::kAlign ? MapPool::kAlign : 4096;  // huge pages only for maps that fill one
+  const size_t rounded = (bytes + unit - 1) / unit * unit;
+  void* p = map_pool().take(rounded);
+  TORCH_CHECK(p != nullptr, "native perturb: out of memory allocating ", rounded, " bytes");
+  return torch::from_blob(p, sizes, [rounded](void* q) { map_pool().give(q, rounded); }, torch::dtype(dtype));
 }
 
 // (B, C, H, W) with channels_last strides over NHWC memory, as a tensor of its own (not a permuted view: autograd
@@ -296,16 +355,14 @@ void relu_row(const float* __restrict e, const float* __restrict pix, float* __r
   for (idx xx = 0; xx < W; ++xx) {
     const float p = pix[xx];
     const idx o = xx * C;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) {
       const float v = e[o + c] + p;
       const float r = v > 0.f ? v : 0.f;
       out[o + c] = r;
       mask[o + c] = v > 0.f ? kReluBit : 0;
-      sum += r;
     }
-    mean[xx] = sum * inv_c;
+    mean[xx] = channel_total(out + o, C) * inv_c;
   }
 }
 
@@ -314,7 +371,7 @@ void relu_sum_row(const float* __restrict s, float* __restrict acc, int32_t* __r
                   idx C) {
   for (idx xx = 0; xx < W; ++xx) {
     const idx o = xx * C;
-#pragma omp simd
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) {
       const float v = s[o + c];
       const bool pos = v > 0.f;
@@ -326,12 +383,7 @@ void relu_sum_row(const float* __restrict s, float* __restrict acc, int32_t* __r
 
 void channel_mean_row(const float* __restrict in, float* __restrict mean, idx W, idx C) {
   const float inv_c = 1.0f / static_cast<float>(C);
-  for (idx xx = 0; xx < W; ++xx) {
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (idx c = 0; c < C; ++c) sum += in[xx * C + c];
-    mean[xx] = sum * inv_c;
-  }
+  for (idx xx = 0; xx < W; ++xx) mean[xx] = channel_total(in + xx * C, C) * inv_c;
 }
 
 void noise_tail_row(const float* __restrict h, const float* __restrict mu, const float* __restrict pix,
@@ -341,7 +393,7 @@ void noise_tail_row(const float* __restrict h, const float* __restrict mu, const
   for (idx xx = 0; xx < W; ++xx) {
     const float p = pix[xx];
     const idx o = xx * C;
-#pragma omp simd
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) {
       const float av = mu[o + c] + p + eps[o + c];
       const float z = softplus(av);
@@ -363,8 +415,7 @@ void noise_tail_backward_row(const float* __restrict h, const float* __restrict 
   const float cl = has_clip ? clip : std::numeric_limits<float>::infinity();
   for (idx xx = 0; xx < W; ++xx) {
     const idx o = xx * C;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) {
       const float hv = h[o + c], m = mult[o + c];
       // clamp(max=clip) passes the gradient where h m <= clip (torch's convention at equality)
@@ -378,9 +429,8 @@ void noise_tail_backward_row(const float* __restrict h, const float* __restrict 
       acc[c] += gm * ((av > 0.0f ? av : 0.0f) + fast_log1p_unit(e));
       const float gmu = gm * scale[c] * sig;
       g_mu[o + c] = gmu;
-      sum += gmu;
     }
-    g_mu_sum[xx] = sum;
+    g_mu_sum[xx] = channel_total(g_mu + o, C);
   }
 }
 
@@ -391,14 +441,12 @@ void relu_backward_row(const int32_t* __restrict mask, const float* __restrict g
   for (idx xx = 0; xx < W; ++xx) {
     const idx o = xx * C;
     const float add = g_mr[xx] * inv_c;
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) {
       const float v = (mask[o + c] & kReluBit) ? g_r1[o + c] + add : 0.f;
       g_e[o + c] = v;
-      sum += v;
     }
-    gsum[xx] = sum;
+    gsum[xx] = channel_total(g_e + o, C);
   }
 }
 
@@ -407,7 +455,7 @@ void expand_row(const int32_t* __restrict mask, const float* __restrict gf, int3
                 idx C) {
   for (idx xx = 0; xx < W; ++xx) {
     const idx o = xx * C;
-#pragma omp simd
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) dst[o + c] = (mask[o + c] & bit) ? gf[c] : 0.f;
   }
 }
@@ -416,7 +464,7 @@ void expand_row(const int32_t* __restrict mask, const float* __restrict gf, int3
 void add_pixel_row(float* __restrict out, const float* __restrict pix, float scale, idx W, idx C) {
   for (idx xx = 0; xx < W; ++xx) {
     const float p = pix[xx] * scale;
-#pragma omp simd
+#pragma omp simd simdlen(16)
     for (idx c = 0; c < C; ++c) out[xx * C + c] += p;
   }
 }
@@ -429,10 +477,6 @@ void unpack_mask(const uint8_t* __restrict in, int32_t* __restrict out, idx n) {
   for (idx i = 0; i < n; ++i) out[i] = in[i];
 }
 
-void add_row(float* __restrict out, const float* __restrict in, idx n) {
-#pragma omp simd
-  for (idx i = 0; i < n; ++i) out[i] += in[i];
-}
 
 }  // namespace
 
@@ -761,4 +805,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep2_forward", &sweep2_forward);
   m.def("sweep2_backward", &sweep2_backward);
   m.def("draw", &draw);
+  m.def("pool_release", [] { return map_pool().release(); }, "free the recycled map buffers; returns the bytes freed");
+  m.def("pool_held", [] { return map_pool().held(); }, "bytes of recycled map buffers held for reuse");
 }
