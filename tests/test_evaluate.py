@@ -115,6 +115,20 @@ def test_tiling_at_first_stochastic_module_equals_tiling_at_input():
     assert torch.allclose(at_input, at_noise, atol=1e-6)
 
 
+def test_tiled_mc_runs_the_deterministic_prefix_once_per_image_and_estimates_the_same_mean():
+    torch.manual_seed(0)
+    model = NoisyNet().eval()
+    x = torch.randn(7, 1, 8, 8)
+    rows = []
+    model.prefix.register_forward_hook(lambda _m, args, _out: rows.append(len(args[0])))
+    tiled = mc_predict(model, x, 100, tile_at=model.noise, max_rows=256)
+    assert sum(rows) == 7 and max(rows) == 2  # blocks of 2 images x 100 samples, the prefix once per image
+    rows.clear()
+    at_input = mc_predict(model, x, 100, max_rows=256)
+    assert sum(rows) == 7 * 100
+    assert torch.allclose(tiled, at_input, atol=0.04) and torch.allclose(tiled.sum(1), torch.ones(7), atol=1e-5)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True])
 def test_mc_samples_below_one_is_a_one_line_error(bad):
     with pytest.raises(WorkbenchError, match="Monte-Carlo samples must be an integer >= 1"):

@@ -6,7 +6,8 @@ the softmax averaged over ``K`` noisy forward passes, with BatchNorm and the per
 batch, the ``K`` passes are independent given the input, so they are batched: the batch is tiled ``K`` times
 (sample-major, ``x.repeat(k, 1, 1, 1)``) in chunks of at most ``max_rows`` rows, which bounds memory while giving
 the device large batches. Optionally the tiling happens at the input of the first stochastic module
-(``tile_at``): everything before it is deterministic in eval mode, so it is computed once instead of ``K`` times.
+(``tile_at``): everything before it is deterministic in eval mode, so it is computed once instead of ``K`` times;
+the batch is then cut into blocks of a few images so that each forward holds many samples of each.
 
 Calibration uses 15 equal-width confidence bins ``[0, 1/15), [1/15, 2/15), ..., [14/15, 1]`` (left-closed like
 torchmetrics; the last bin also holds confidence exactly 1, which torchmetrics puts in a 16th bin of its own).
@@ -108,17 +109,26 @@ def mc_predict(
     """
     check_samples(samples)
     b = x.shape[0]
-    per_chunk = max(1, min(samples, max_rows // max(b, 1)))
-    total = None
-    done = 0
+    # With ``tile_at`` the layers before it run once per image and forward, so each forward takes as many samples
+    # of as few images as fit in ``max_rows`` (100 samples: 2 images x 100 rows, the prefix on 2 rows instead of
+    # 200). Without it, tiling costs the same either way and the whole batch is tiled.
+    block = max(1, max_rows // min(samples, max_rows)) if tile_at is not None and samples > 1 else max(b, 1)
+    parts = []
     with eval_mode(model), torch.no_grad():
-        while done < samples:
-            k = min(per_chunk, samples - done)
-            part = _softmax_sum(model, x, k, tile_at)
-            total = part if total is None else total + part
-            done += k
-            if on_forward is not None:
-                on_forward(k * b)
+        for start in range(0, b, block):
+            xb = x[start:start + block]
+            per_chunk = max(1, min(samples, max_rows // max(len(xb), 1)))
+            total = None
+            done = 0
+            while done < samples:
+                k = min(per_chunk, samples - done)
+                part = _softmax_sum(model, xb, k, tile_at)
+                total = part if total is None else total + part
+                done += k
+                if on_forward is not None:
+                    on_forward(k * len(xb))
+            parts.append(total)
+    total = parts[0] if len(parts) == 1 else torch.cat(parts)
     return total / samples
 
 
