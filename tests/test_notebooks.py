@@ -172,3 +172,29 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_results_report_tables_and_provenance(smoke):
+    import importlib.util
+    import json
+
+    root, studies = smoke
+    path = Path(__file__).resolve().parents[1] / "scripts" / "results_report.py"
+    spec = importlib.util.spec_from_file_location("results_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = module.report(root, "latest", "workbench study run 01 02 03 04 --profile smoke", write_provenance=True)
+    store = RunStore(root)
+    runs = [r for r in store.list_runs(kind="transfer")]
+    assert module.study_runs(store, module.find_study(store, "latest"))["label"].nunique() == SMOKE_GRID["methods"]
+    for heading in ("## Provenance", "## Test accuracy (%)", "difference to Base", "## Expected calibration error",
+                    "## Per-layer perturbation scales"):
+        assert heading in text
+    accuracy = text.split("## Test accuracy (%), mean ± std over seeds")[1].split("###")[0]
+    rows = [line for line in accuracy.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert len(rows) == SMOKE_GRID["methods"] and rows[0].startswith("| base |")
+    assert all(line.count("±") == SMOKE_GRID["targets"] * SMOKE_GRID["archs"] for line in rows)
+    prov = json.loads((root / "provenance.json").read_text())
+    assert {s["study_id"] for s in prov["studies"]} == {str(s.study_id) for s in studies.values()}
+    assert all(len(s["git_revision"] or "") == 40 for s in prov["studies"]) and prov["wall_minutes"] is not None
+    assert len(runs) == int(np.prod(list(SMOKE_GRID.values())))

@@ -1,0 +1,199 @@
+"""Tables and provenance of a finished results study, as Markdown (the numbers behind docs/results.md).
+
+    .venv/bin/python scripts/results_report.py [--artifacts artifacts/results] [--study latest] \
+        [--command "workbench study run ..."] [--out docs/results-tables.md] [--provenance]
+
+Reads the newest finished study of each notebook (01 meta-train, 02 transfer, 03 calibration/robustness,
+04 scales) under the artifacts root and prints: where the numbers come from (studies, git revision, wall time),
+accuracy and ECE as mean ± std over seeds, the difference to Base with its standard error, robustness under PGD
+and the per-layer scale profile. ``--provenance`` also writes ``provenance.json`` into the artifacts root
+(temporary file, then rename), which is what a shipped results folder carries.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workbench.artifacts import RunStore, atomic_write_text  # noqa: E402
+from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.study import (LATEST, TRANSFER_NOTEBOOK, find_study, robustness_table, scale_data,  # noqa: E402
+                             study_runs, summarize)
+
+NOTEBOOKS = ("01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales")
+METHOD_ORDER = ["base", "dropblock", "manifold_mixup", "information_dropout", "metaperturb (ours)",
+                "metaperturb (official)"]
+
+
+def _time(stamp: str | None) -> datetime | None:
+    return datetime.fromisoformat(stamp) if stamp else None
+
+
+def _studies(store: RunStore, transfer: str) -> list:
+    """The studies the report rests on: the transfer study and the newest finished study of each other notebook."""
+    chosen = []
+    for notebook in NOTEBOOKS:
+        try:
+            chosen.append(find_study(store, transfer if notebook == TRANSFER_NOTEBOOK else LATEST, notebook))
+        except WorkbenchError:
+            continue
+    return chosen
+
+
+def provenance(store: RunStore, studies: list, command: str | None) -> dict:
+    rows, starts, ends = [], [], []
+    for record in studies:
+        raw = json.loads((store.root / "studies" / record.study_id / "study.json").read_text())
+        start, end = _time(raw.get("created")), _time(raw.get("finished"))
+        starts.append(start)
+        ends.append(end)
+        env = raw.get("environment", {})
+        rows.append({"study_id": record.study_id, "notebook": raw.get("notebook"), "profile": raw.get("profile"),
+                     "started": raw.get("created"), "finished": raw.get("finished"),
+                     "minutes": round((end - start).total_seconds() / 60, 1) if start and end else None,
+                     "git_revision": raw.get("git_revision"), "git_dirty": raw.get("git_dirty"),
+                     "runs": len(raw.get("run_ids") or []), "torch": env.get("torch"), "cpu": env.get("cpu"),
+                     "cpu_count": env.get("cpu_count"), "cuda": env.get("cuda_available")})
+    total = (max(ends) - min(starts)).total_seconds() / 60 if studies and all(starts + ends) else None
+    return {"command": command, "studies": rows, "wall_minutes": round(total, 1) if total else None,
+            "note": "network weights (checkpoints/) are not shipped; metrics, curves, calibration bins, "
+                    "predictions, robustness curves, scales and phi are"}
+
+
+def _ordered(frame, column: str = "method"):
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return frame.assign(_rank=frame[column].map(lambda m: rank.get(m, len(rank)))).sort_values(
+        ["_rank", column]).drop(columns="_rank")
+
+
+def metric_tables(runs, metric: str, scale: float, digits: int) -> tuple[str, str]:
+    """(mean ± std table, difference-to-Base table) as Markdown, methods x arch / target."""
+    table = summarize(runs, metric)
+    cols = sorted({(a, t) for a, t in zip(table["arch"], table["target"])})
+    head = "| method | " + " | ".join(f"{a} / {t}" for a, t in cols) + " |"
+    rule = "|---|" + "---|" * len(cols)
+    values, deltas = [head, rule], [head, rule]
+    for method, part in _ordered(table).groupby("method", sort=False):
+        cells, dcells = [], []
+        for a, t in cols:
+            row = part[(part["arch"] == a) & (part["target"] == t)]
+            if row.empty:
+                cells.append("")
+                dcells.append("")
+                continue
+            r = row.iloc[0]
+            cells.append(f"{scale * r['mean']:.{digits}f} ± {scale * r['std']:.{digits}f}")
+            if r["delta_base"] == r["delta_base"]:  # not NaN
+                d, se = scale * r["delta_base"], scale * r["delta_base_se"]
+                flag = " (>2 se)" if se > 0 and abs(d) > 2 * se else ""
+                dcells.append(f"{d:+.{digits}f} ± {se:.{digits}f}{flag}")
+            else:
+                dcells.append("—")
+        values.append(f"| {method} | " + " | ".join(cells) + " |")
+        deltas.append(f"| {method} | " + " | ".join(dcells) + " |")
+    return "\n".join(values), "\n".join(deltas)
+
+
+def robustness_markdown(store: RunStore, runs) -> str:
+    table = robustness_table(store, runs)
+    if table.empty:
+        return "_no robustness curves in this study_"
+    lines = []
+    for (arch, target, norm), part in table.groupby(["arch", "target", "norm"], sort=True):
+        eps = sorted(part["eps"].unique())
+        lines.append(f"**{arch} / {target}, PGD {norm}** (accuracy %, mean ± std over seeds; eps in [0, 1] pixels)\n")
+        lines.append("| method | " + " | ".join("clean" if e == 0 else f"eps {e:.4f}" for e in eps) + " |")
+        lines.append("|---|" + "---|" * len(eps))
+        for method, rows in _ordered(part.rename(columns={"label": "method"})).groupby("method", sort=False):
+            cells = []
+            for e in eps:
+                r = rows[rows["eps"] == e]
+                cells.append(f"{100 * r['mean'].iloc[0]:.1f} ± {100 * r['std'].iloc[0]:.1f}" if not r.empty else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def scales_markdown(store: RunStore, runs) -> str:
+    data = scale_data(store, runs)
+    profile = data.profile
+    if profile is None or len(profile) == 0:
+        return "_no scale arrays in this study_"
+    lines = []
+    for (arch, label), part in profile.groupby(["arch", "label"], sort=True):
+        part = part.sort_values("site_index")
+        targets = sorted(part["target"].unique())
+        lines.append(f"**{arch}, {label}**: mean per-channel scale at each site, by target (mean over seeds)\n")
+        sites = sorted(part["site_index"].unique())
+        lines.append("| target | " + " | ".join(f"site {i + 1}" for i in sites) + " |")
+        lines.append("|---|" + "---|" * len(sites))
+        for target in targets:
+            rows = part[part["target"] == target].set_index("site_index")
+            lines.append(f"| {target} | " + " | ".join(f"{rows.loc[i, 'mean']:.3f}" if i in rows.index else ""
+                                                    for i in sites) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(root: Path, transfer: str, command: str | None, write_provenance: bool) -> str:
+    store = RunStore(root)
+    studies = _studies(store, transfer)
+    study = next((s for s in studies if Path(s.notebook or "").stem == TRANSFER_NOTEBOOK), None)
+    if study is None:
+        raise WorkbenchError(f"no finished {TRANSFER_NOTEBOOK} study under {root}; run the results profile first")
+    prov = provenance(store, studies, command)
+    if write_provenance:
+        atomic_write_text(root / "provenance.json", json.dumps(prov, indent=2) + "\n")
+    runs = study_runs(store, study)
+    out = ["## Provenance\n"]
+    if command:
+        out.append(f"Command: `{command}`\n")
+    out.append("| study | notebook | started (UTC) | minutes | runs | git revision |")
+    out.append("|---|---|---|---|---|---|")
+    for s in prov["studies"]:
+        rev = (s["git_revision"] or "?")[:10] + (" (dirty)" if s["git_dirty"] else "")
+        out.append(f"| {s['study_id']} | {Path(s['notebook'] or '?').stem} | {(s['started'] or '')[:19]} | "
+                   f"{s['minutes']} | {s['runs']} | {rev} |")
+    out.append(f"\nWall time, first start to last finish: {prov['wall_minutes']} minutes.\n")
+    n_seeds = runs.groupby(["arch", "target", "label"])["seed"].nunique()
+    seeds = f"{n_seeds.min()}" if n_seeds.min() == n_seeds.max() else f"{n_seeds.min()}-{n_seeds.max()}"
+    out.append(f"Transfer runs: {len(runs)} finished (targets: {runs['target'].nunique()}, architectures: "
+               f"{runs['arch'].nunique()}, methods: {runs['label'].nunique()}; {seeds} seeds each).\n")
+    for metric, name, scale, digits in (("test_accuracy", "Test accuracy (%)", 100, 1),
+                                        ("test_ece", "Expected calibration error (%, 15 bins)", 100, 1),
+                                        ("test_nll", "Test NLL", 1, 3)):
+        values, deltas = metric_tables(runs, metric, scale, digits)
+        out.append(f"## {name}, mean ± std over seeds\n\n{values}\n")
+        out.append(f"### {name}: difference to Base (± standard error; `(>2 se)` where |difference| > 2 se)\n\n"
+                   f"{deltas}\n")
+    out.append("## Robustness\n\n" + robustness_markdown(store, runs))
+    out.append("## Per-layer perturbation scales\n\n" + scales_markdown(store, runs))
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts", default="artifacts/results", help="artifacts root of the study")
+    parser.add_argument("--study", default=LATEST, help="transfer study id (default: the newest finished)")
+    parser.add_argument("--command", default=None, help="the command that produced the study, for the record")
+    parser.add_argument("--out", default=None, help="write the Markdown here (temporary file, then rename)")
+    parser.add_argument("--provenance", action="store_true", help="also write provenance.json into the root")
+    args = parser.parse_args(argv)
+    try:
+        text = report(Path(args.artifacts), args.study, args.command, args.provenance)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        atomic_write_text(Path(args.out), text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
