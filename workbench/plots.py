@@ -1,7 +1,9 @@
-"""Plotly figures of the study notebooks, as plain functions of the tidy frames built by :mod:`workbench.study`.
+"""Plotly figures of the study notebooks and the dashboard, as plain functions of tidy frames (those built by
+:mod:`workbench.study` and :mod:`workbench.dashboard_data`).
 
 No file access and no computation beyond arranging traces: each function takes a pandas frame (or a dict of them)
-and returns a ``plotly.graph_objects.Figure``; an empty input gives a figure that says what is missing.
+and returns a ``plotly.graph_objects.Figure``; an empty input gives a figure that says what is missing. The
+helpers (colours, method order, placeholder, layout) are shared with the dashboard's own charts in ``app/charts.py``.
 """
 from __future__ import annotations
 
@@ -23,38 +25,43 @@ METHOD_ORDER = ("base", "dropout", "dropblock", "mixup", "manifold_mixup", "info
                 "finetune_metaperturb", "metaperturb (official)", "metaperturb (ours)")
 
 
-def _colors(keys: Sequence[Any]) -> dict[str, str]:
-    return {str(k): PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
+def label_colors(labels: Sequence[Any]) -> dict[str, str]:
+    """One palette colour per label, in the given order."""
+    return {str(k): PALETTE[i % len(PALETTE)] for i, k in enumerate(labels)}
 
 
-def _method_colors(labels: Sequence[Any]) -> dict[str, str]:
+def method_colors(labels: Sequence[Any]) -> dict[str, str]:
+    """The fixed colour of each method label (:data:`METHOD_ORDER` first, unknown labels alphabetically after)."""
     extra = sorted({str(v) for v in labels} - set(METHOD_ORDER))
     order = list(METHOD_ORDER) + extra
     return {str(v): PALETTE[order.index(str(v)) % len(PALETTE)] for v in labels}
 
 
-def _method_order(labels: Sequence[Any]) -> list[str]:
-    """Base first, then the others alphabetically."""
+def method_order(labels: Sequence[Any]) -> list[str]:
+    """Base first, then the others alphabetically: the order of methods in every figure."""
     return sorted({str(v) for v in labels}, key=lambda m: (m.lower() != "base", m))
 
 
-def _finish(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
-    fig.update_layout(template=TEMPLATE, title=title, height=height, margin=dict(l=60, r=20, t=70, b=50))
+def finish_layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
+    # The legend sits to the right (plotly reserves the room), where long run labels cannot cover the title.
+    fig.update_layout(template=TEMPLATE, title=dict(text=title, x=0, xanchor="left"), height=height,
+                      margin=dict(l=60, r=20, t=70, b=50), legend=dict(font=dict(size=11)))
     return fig
+
+
+def empty(title: str, message: str) -> go.Figure:
+    """A placeholder figure that says what is missing."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return finish_layout(fig, title, height=240)
 
 
 def _integer_ticks(fig: go.Figure, count: int) -> None:
     """Site indices are whole numbers: one tick per site while they fit."""
     if count <= 40:
         fig.update_xaxes(tickmode="linear", tick0=0, dtick=1 if count <= 20 else 2)
-
-
-def empty(title: str, message: str) -> go.Figure:
-    fig = go.Figure()
-    fig.add_annotation(text=message, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper")
-    fig.update_xaxes(visible=False)
-    fig.update_yaxes(visible=False)
-    return _finish(fig, title, height=220)
 
 
 # ------------------------------------------------------------------------------------------- meta-training
@@ -71,7 +78,7 @@ def meta_curves(curves: pd.DataFrame) -> go.Figure:
                 fig.add_scatter(x=curves["step"], y=curves[column], mode="lines+markers", name=split,
                                 line_color=color, legendgroup=split, showlegend=col == 1, row=1, col=col)
         fig.update_xaxes(title_text="meta step", row=1, col=col)
-    return _finish(fig, title)
+    return finish_layout(fig, title)
 
 
 def scale_history(sites: pd.DataFrame) -> go.Figure:
@@ -87,7 +94,7 @@ def scale_history(sites: pd.DataFrame) -> go.Figure:
         fig.add_scatter(x=part["step"], y=part["scale"], mode="lines", name=f"{index}: {site}", line_color=color)
     fig.update_xaxes(title_text="meta step")
     fig.update_yaxes(title_text="mean scale")
-    return _finish(fig, title, height=460)
+    return finish_layout(fig, title, height=460)
 
 
 def scale_by_layer(final: pd.DataFrame, title: str = "Learned scale per layer (last logged step)") -> go.Figure:
@@ -107,50 +114,90 @@ def scale_by_layer(final: pd.DataFrame, title: str = "Learned scale per layer (l
     _integer_ticks(fig, len(final))
     fig.update_yaxes(title_text="mean scale", secondary_y=False)
     fig.update_yaxes(title_text="multiplier std", secondary_y=True)
-    return _finish(fig, title)
+    return finish_layout(fig, title)
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
 def metric_bars(table: pd.DataFrame, metric: str = "accuracy", value: str = "mean", error: str = "std",
                 title: str | None = None) -> go.Figure:
-    """Grouped bars per target, one bar per method, error bars = ``error``, one panel per architecture.
+    """Grouped bars per target, one bar per method (Base first), error bars = ``error``, one panel per
+    architecture; the hover gives the number of seeds where ``table`` has a column n.
 
-    ``table``: columns arch, target, method, ``value``, ``error`` (as :func:`workbench.study.summarize` gives).
+    ``table``: columns arch, target, method, ``value``, ``error`` (as :func:`workbench.study.summarize` and
+    :func:`workbench.dashboard_data.accuracy_table` give).
     """
     title = title or f"{metric}: mean ± std over seeds"
     if table.empty:
         return empty(title, "no finished runs")
     archs = sorted(table["arch"].astype(str).unique())
-    methods = _method_order(table["method"])
-    colors = _method_colors(methods)
-    fig = make_subplots(rows=len(archs), cols=1, subplot_titles=archs, vertical_spacing=0.5 / max(2, len(archs)))
+    methods = method_order(table["method"])
+    colors = method_colors(methods)
+    fig = make_subplots(rows=len(archs), cols=1, subplot_titles=archs, vertical_spacing=min(0.12, 0.5 / len(archs)))
     for row, arch in enumerate(archs, start=1):
         part = table[table["arch"].astype(str) == arch]
         for method in methods:
             sub = part[part["method"].astype(str) == method]
             if sub.empty:
                 continue
-            fig.add_bar(x=sub["target"].astype(str), y=sub[value], name=method, legendgroup=method,
+            fig.add_bar(x=sub["target"].astype(str).tolist(), y=sub[value].tolist(), name=method, legendgroup=method,
                         showlegend=row == 1, marker_color=colors[method],
-                        error_y=dict(type="data", array=sub[error].fillna(0), visible=True), row=row, col=1)
+                        error_y=dict(type="data", array=sub[error].fillna(0).tolist(), visible=True),
+                        customdata=sub["n"].tolist() if "n" in sub else ["?"] * len(sub),
+                        hovertemplate=f"{method}<br>%{{x}}: %{{y:.4f}} ± %{{error_y.array:.4f}}"
+                                      "<br>seeds: %{customdata}<extra></extra>", row=row, col=1)
         fig.update_yaxes(title_text=metric, row=row, col=1)
     fig.update_layout(barmode="group")
-    return _finish(fig, title, height=max(380, 300 * len(archs)))
+    return finish_layout(fig, title, height=max(380, 300 * len(archs)))
 
 
 def delta_bars(table: pd.DataFrame, metric: str = "accuracy") -> go.Figure:
-    """The difference to Base of the same arch and target, error bars = its standard error."""
+    """The difference to Base of the same arch and target, one bar per other method, error bars = its standard
+    error (Base rows have no difference: their delta_base is missing)."""
     title = f"{metric}: difference to Base (± standard error)"
     if table.empty or "delta_base" not in table or table["delta_base"].notna().sum() == 0:
         return empty(title, "no Base runs to compare with")
-    part = table[table["delta_base"].notna()]
-    part = part.assign(target=part["target"].astype(str))
-    fig = metric_bars(part, f"Δ {metric}", value="delta_base", error="delta_base_se", title=title)
+    fig = metric_bars(table[table["delta_base"].notna()], f"Δ {metric}", value="delta_base", error="delta_base_se",
+                      title=title)
     fig.add_hline(y=0, line_color="#555", line_width=1)
     return fig
 
 
 # --------------------------------------------------------------------------------------------- calibration
+def _add_reliability(fig: go.Figure, bins: Mapping[str, pd.DataFrame], colors: Mapping[str, str], shown: set[str],
+                     **cell: int) -> None:
+    """Draw the diagonal and one curve per label into one panel (``cell``: its row and col in a grid), marker area
+    growing with the examples in a bin; ``shown`` collects the names already in the legend."""
+    diagonal = "perfect calibration"
+    fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", name=diagonal, line=dict(color="#999", dash="dash"),
+                    legendgroup=diagonal, showlegend=diagonal not in shown, hoverinfo="skip", **cell)
+    shown.add(diagonal)
+    for label, frame in bins.items():
+        used = frame[frame["count"] > 0]
+        if used.empty:
+            continue
+        sizes = (5 + 14 * np.sqrt(used["count"].to_numpy() / used["count"].sum())).tolist()
+        fig.add_scatter(x=used["confidence"].tolist(), y=used["accuracy"].tolist(), mode="lines+markers", name=label,
+                        legendgroup=label, showlegend=label not in shown, line_color=colors[label],
+                        marker=dict(size=sizes), customdata=used["count"].to_numpy(),
+                        hovertemplate=f"{label}<br>confidence %{{x:.3f}}<br>accuracy %{{y:.3f}}"
+                                      "<br>examples %{customdata}<extra></extra>", **cell)
+        shown.add(label)
+    fig.update_xaxes(range=[0, 1], title_text="confidence", **cell)
+    fig.update_yaxes(range=[0, 1.02], title_text="accuracy" if cell.get("col", 1) == 1 else None, **cell)
+
+
+def reliability_diagram(bins: Mapping[str, pd.DataFrame], title: str = "Reliability diagram") -> go.Figure:
+    """Overlaid reliability curves (accuracy against confidence per bin) with the diagonal of perfect calibration.
+
+    ``bins`` maps a method label to a frame with columns confidence, accuracy, count.
+    """
+    if not bins:
+        return empty(title, "no reliability bins recorded")
+    fig = go.Figure()
+    _add_reliability(fig, bins, method_colors(list(bins)), set())
+    return finish_layout(fig, title, height=460)
+
+
 def reliability_diagrams(groups: Mapping[str, Mapping[str, pd.DataFrame]], columns: int = 2) -> go.Figure:
     """One reliability diagram per group (``"arch / target"``), methods overlaid (bins pooled over seeds)."""
     title = "Reliability diagrams (accuracy against confidence; the diagonal is perfect calibration)"
@@ -159,42 +206,31 @@ def reliability_diagrams(groups: Mapping[str, Mapping[str, pd.DataFrame]], colum
     names = list(groups)
     cols = min(columns, len(names))
     rows = (len(names) + cols - 1) // cols
-    methods = _method_order([m for g in groups.values() for m in g])
-    colors = _method_colors(methods)
+    methods = method_order([m for g in groups.values() for m in g])
+    colors = method_colors(methods)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=names, horizontal_spacing=0.08,
                         vertical_spacing=0.35 / max(1, rows))
+    shown: set[str] = set()
     for i, name in enumerate(names):
-        r, c = i // cols + 1, i % cols + 1
-        fig.add_scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(color="#999", dash="dash"), showlegend=False,
-                        hoverinfo="skip", row=r, col=c)
-        for method in methods:
-            bins = groups[name].get(method)
-            if bins is None:
-                continue
-            used = bins[bins["count"] > 0]
-            if used.empty:
-                continue
-            sizes = 5 + 14 * np.sqrt(used["count"].to_numpy() / used["count"].sum())
-            fig.add_scatter(x=used["confidence"], y=used["accuracy"], mode="lines+markers", name=method,
-                            legendgroup=method, showlegend=method not in [t.name for t in fig.data],
-                            line_color=colors[method], marker=dict(size=sizes), customdata=used["count"],
-                            hovertemplate=f"{method}<br>confidence %{{x:.3f}}<br>accuracy %{{y:.3f}}"
-                                          "<br>examples %{customdata}<extra></extra>", row=r, col=c)
-        fig.update_xaxes(range=[0, 1], title_text="confidence", row=r, col=c)
-        fig.update_yaxes(range=[0, 1.02], title_text="accuracy" if c == 1 else None, row=r, col=c)
-    return _finish(fig, title, height=max(420, 380 * rows))
+        bins = {method: groups[name][method] for method in methods if method in groups[name]}
+        _add_reliability(fig, bins, colors, shown, row=i // cols + 1, col=i % cols + 1)
+    return finish_layout(fig, title, height=max(420, 380 * rows))
 
 
 def robustness_curves(table: pd.DataFrame) -> go.Figure:
     """Accuracy under PGD against the radius eps (0 = clean), one panel per (arch, target, norm), one line per
-    method, error bars = std over seeds."""
+    method label, error bars = std over seeds.
+
+    ``table``: columns arch, target, norm, label, eps, mean, std (as :func:`workbench.study.robustness_table`
+    gives).
+    """
     title = "Accuracy under PGD attack (mean ± std over seeds)"
     if table.empty:
         return empty(title, "no robustness curves recorded: set robust_targets in the transfer study")
     panels = table[["arch", "target", "norm"]].drop_duplicates().sort_values(["arch", "target", "norm"])
     keys = [tuple(p) for p in panels.itertuples(index=False)]
-    methods = _method_order(table["label"])
-    colors = _method_colors(methods)
+    methods = method_order(table["label"])
+    colors = method_colors(methods)
     fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[f"{a} / {t} / {n}" for a, t, n in keys],
                         shared_yaxes=True)
     for col, (arch, target, norm) in enumerate(keys, start=1):
@@ -203,51 +239,79 @@ def robustness_curves(table: pd.DataFrame) -> go.Figure:
             sub = part[part["label"].astype(str) == method].sort_values("eps")
             if sub.empty:
                 continue
-            fig.add_scatter(x=sub["eps"], y=sub["mean"], mode="lines+markers", name=method, legendgroup=method,
-                            showlegend=col == 1, line_color=colors[method],
-                            error_y=dict(type="data", array=sub["std"].fillna(0), visible=True), row=1, col=col)
+            fig.add_scatter(x=sub["eps"].tolist(), y=sub["mean"].tolist(), mode="lines+markers", name=method,
+                            legendgroup=method, showlegend=col == 1, line_color=colors[method],
+                            error_y=dict(type="data", array=sub["std"].fillna(0).tolist(), visible=True),
+                            row=1, col=col)
         fig.update_xaxes(title_text=f"eps ({norm})", row=1, col=col)
     fig.update_yaxes(title_text="accuracy", row=1, col=1)
-    return _finish(fig, title)
+    return finish_layout(fig, title)
 
 
 # ------------------------------------------------------------------------------------------------- scales
-def layer_profile(profile: pd.DataFrame) -> go.Figure:
+def layer_profile(profile: pd.DataFrame, color: str = "target", dash: str = "label") -> go.Figure:
     """The paper's figure: mean perturbation scale per layer (site index), one panel per architecture, one colour
-    per target, one dash per phi; error bars = std over seeds."""
-    title = "Mean perturbation scale per layer across targets"
+    per ``color`` value, one dash per ``dash`` value (where ``profile`` has that column); error bars = std over
+    seeds.
+
+    ``profile``: columns arch, ``color``, site_index, site, mean, std (as :func:`workbench.study.scale_data` and
+    :func:`workbench.dashboard_data.layer_profile` give).
+    """
+    title = f"Mean perturbation scale per layer across {color}s"
     if profile.empty:
         return empty(title, "no scales recorded")
     archs = sorted(profile["arch"].astype(str).unique())
-    targets = sorted(profile["target"].astype(str).unique())
-    labels = sorted(profile["label"].astype(str).unique())
-    colors = _colors(targets)
+    groups = sorted(profile[color].astype(str).unique())
+    styles = sorted(profile[dash].astype(str).unique()) if dash in profile else [None]
+    colors = label_colors(groups)
     fig = make_subplots(rows=1, cols=len(archs), subplot_titles=archs, shared_yaxes=True)
     for col, arch in enumerate(archs, start=1):
-        for target in targets:
-            for k, label in enumerate(labels):
-                sub = profile[(profile["arch"].astype(str) == arch) & (profile["target"].astype(str) == target)
-                              & (profile["label"].astype(str) == label)].sort_values("site_index")
+        part = profile[profile["arch"].astype(str) == arch]
+        for group in groups:
+            for k, style in enumerate(styles):
+                sub = part[part[color].astype(str) == group]
+                if style is not None:
+                    sub = sub[sub[dash].astype(str) == style]
                 if sub.empty:
                     continue
-                name = target if len(labels) == 1 else f"{target} · {label}"
-                fig.add_scatter(x=sub["site_index"], y=sub["mean"], mode="lines+markers", name=name,
+                sub = sub.sort_values("site_index")
+                name = group if len(styles) == 1 else f"{group} · {style}"
+                fig.add_scatter(x=sub["site_index"].tolist(), y=sub["mean"].tolist(), mode="lines+markers", name=name,
                                 legendgroup=name, showlegend=name not in [t.name for t in fig.data],
-                                line=dict(color=colors[target], dash=DASHES[k % len(DASHES)]),
-                                error_y=dict(type="data", array=sub["std"].fillna(0), visible=True, thickness=1),
-                                text=sub["site"], hovertemplate=f"{name}<br>site %{{x}} (%{{text}})"
-                                                                "<br>mean scale %{y:.4f}<extra></extra>",
-                                row=1, col=col)
+                                line=dict(color=colors[group], dash=DASHES[k % len(DASHES)]),
+                                error_y=dict(type="data", array=sub["std"].fillna(0).tolist(), visible=True,
+                                             thickness=1),
+                                text=sub["site"].astype(str).tolist(),
+                                hovertemplate=f"{name}<br>site %{{x}} (%{{text}})<br>mean scale %{{y:.4f}}"
+                                              "<extra></extra>", row=1, col=col)
         fig.update_xaxes(title_text="layer (site index)", row=1, col=col)
     _integer_ticks(fig, int(profile["site_index"].max()) + 1)
     fig.update_yaxes(title_text="mean scale", row=1, col=1)
-    return _finish(fig, title, height=440)
+    return finish_layout(fig, title, height=440)
+
+
+def _scale_heatmap_trace(site_names: Sequence[str], matrix: np.ndarray, **colorbar: Any) -> go.Heatmap:
+    """Rows = sites in forward order, columns = channels (blank where a site has fewer channels)."""
+    return go.Heatmap(z=matrix, y=[f"{i}: {name}" for i, name in enumerate(site_names)], x=np.arange(matrix.shape[1]),
+                      colorscale="Viridis", colorbar=dict(title="scale", **colorbar),
+                      hovertemplate="site %{y}<br>channel %{x}<br>scale %{z:.4f}<extra></extra>")
+
+
+def scale_heatmap(site_names: Sequence[str], matrix: np.ndarray,
+                  title: str = "Perturbation scale per channel") -> go.Figure:
+    """One run's per-channel scales: one row per site (forward order), one column per channel."""
+    if matrix.size == 0:
+        return empty(title, "this run recorded no scales")
+    fig = go.Figure(_scale_heatmap_trace(site_names, matrix))
+    fig.update_yaxes(autorange="reversed", title_text="site (forward order)")
+    fig.update_xaxes(title_text="channel")
+    return finish_layout(fig, title, height=max(320, 26 * len(site_names) + 120))
 
 
 def scale_heatmaps(heatmaps: Sequence[tuple[str, Sequence[str], np.ndarray]]) -> go.Figure:
-    """Per-channel scales, one heatmap per (arch, target, phi): rows = sites in forward order, columns =
-    channels (blank where a site has fewer channels). Each heatmap has its own colour scale (phis differ in
-    level; :func:`layer_profile` compares levels), so the pattern over layers and channels stays visible."""
+    """Per-channel scales, one heatmap per (arch, target, phi) as in :func:`scale_heatmap`. Each heatmap has its own
+    colour scale (phis differ in level; :func:`layer_profile` compares levels), so the pattern over layers and
+    channels stays visible."""
     title = "Perturbation scale per layer and channel (each panel on its own colour scale)"
     if not heatmaps:
         return empty(title, "no scales recorded")
@@ -256,16 +320,15 @@ def scale_heatmaps(heatmaps: Sequence[tuple[str, Sequence[str], np.ndarray]]) ->
     fig = make_subplots(rows=rows, cols=1, subplot_titles=[t for t, _, _ in heatmaps], vertical_spacing=spacing)
     for row, (_, names, matrix) in enumerate(heatmaps, start=1):
         domain = fig.get_subplot(row, 1).yaxis.domain
-        fig.add_trace(go.Heatmap(z=matrix, y=[f"{i}: {n}" for i, n in enumerate(names)], x=np.arange(matrix.shape[1]),
-                                 colorscale="Viridis", colorbar=dict(title="scale", y=(domain[0] + domain[1]) / 2,
-                                                                     len=domain[1] - domain[0], thickness=14),
-                                 hovertemplate="%{y}<br>channel %{x}<br>scale %{z:.4f}<extra></extra>"),
-                      row=row, col=1)
+        fig.add_trace(_scale_heatmap_trace(names, matrix, y=(domain[0] + domain[1]) / 2, len=domain[1] - domain[0],
+                                           thickness=14), row=row, col=1)
         fig.update_yaxes(autorange="reversed", row=row, col=1)
     fig.update_xaxes(title_text="channel", row=rows, col=1)
     sites = sum(len(n) for _, n, _ in heatmaps)
-    return _finish(fig, title, height=max(360, 20 * sites + 110 * rows + 80))
+    return finish_layout(fig, title, height=max(360, 20 * sites + 110 * rows + 80))
 
 
-__all__ = ["delta_bars", "empty", "layer_profile", "meta_curves", "metric_bars", "reliability_diagrams",
-           "robustness_curves", "scale_by_layer", "scale_heatmaps", "scale_history"]
+__all__ = ["DASHES", "METHOD_ORDER", "PALETTE", "TEMPLATE", "delta_bars", "empty", "finish_layout", "label_colors",
+           "layer_profile", "meta_curves", "method_colors", "method_order", "metric_bars", "reliability_diagram",
+           "reliability_diagrams", "robustness_curves", "scale_by_layer", "scale_heatmap", "scale_heatmaps",
+           "scale_history"]

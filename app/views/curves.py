@@ -111,9 +111,10 @@ def _robustness(ctx: ui.Context) -> None:
     if not curves:
         st.info("The selected runs' robustness files are missing.")
         return
-    data = pd.concat([c.assign(label=labels[rid]) for rid, c in curves.items()], ignore_index=True)
-    table = data.groupby(["label", "norm", "eps"]).agg(accuracy=("accuracy", "mean"), std=("accuracy", "std"),
-                                                       runs=("accuracy", "count")).reset_index()
+    data = pd.concat([c.assign(arch=str(arch), target=str(target), label=labels[rid]) for rid, c in curves.items()],
+                     ignore_index=True)
+    table = data.groupby(["arch", "target", "label", "norm", "eps"]).agg(
+        mean=("accuracy", "mean"), std=("accuracy", "std"), n=("accuracy", "count")).reset_index()
     table["std"] = table["std"].fillna(0.0)
     st.plotly_chart(charts.robustness_curves(table), key="robustness")
     with st.expander("Values (mean ± std over seeds)"):
