@@ -164,6 +164,8 @@ def report(root: Path, transfer: str, command: str | None, write_provenance: boo
     out.append(f"Transfer runs: {len(runs)} finished (targets: {runs['target'].nunique()}, architectures: "
                f"{runs['arch'].nunique()}, methods: {runs['label'].nunique()}; {seeds} seeds each).\n")
     for metric, name, scale, digits in (("test_accuracy", "Test accuracy (%)", 100, 1),
+                                        ("final_train_accuracy", "Training accuracy at the end (%, last logged "
+                                         "training batches, with the method's noise)", 100, 1),
                                         ("test_ece", "Expected calibration error (%, 15 bins)", 100, 1),
                                         ("test_nll", "Test NLL", 1, 3)):
         values, deltas = metric_tables(runs, metric, scale, digits)

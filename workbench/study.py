@@ -720,7 +720,7 @@ def study_runs(store: RunStore, study: StudyRecord, targets: Sequence[str] = (),
                      "seed": r.tags.get("seed"), "method": method, "phi": phi,
                      "label": method_label(method, phi, ours if ours is not None else ""),
                      **{k: summary.get(k) for k in ("test_accuracy", "test_nll", "test_ece", "mc_samples",
-                                                    "sites", "mean_scale")}})
+                                                    "sites", "mean_scale", "final_train_accuracy")}})
     frame = pd.DataFrame(rows)
     for column, wanted in (("target", targets), ("arch", archs)):
         if wanted:
