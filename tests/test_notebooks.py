@@ -130,6 +130,7 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
     import socket
     import subprocess
     import sys
+    import threading
     import time
     import urllib.request
 
@@ -137,22 +138,25 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     root = tmp_path / "artifacts"
+    # stderr to a file: progress bars write more on a slow machine, and an undrained pipe that fills up would
+    # block the demo on a write (it then never reaches the dashboard, or never exits after the interrupt)
+    errors = open(tmp_path / "demo.stderr", "w+")
     process = subprocess.Popen([sys.executable, "-m", "workbench", "demo", "--profile", "smoke", "--quiet",
                                 "--artifacts", str(root), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=errors, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()  # stdout is drained all along too
     try:
-        lines = []
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line:
+        while time.monotonic() < deadline and process.poll() is None:
+            if any("dashboard running at" in line for line in lines):
                 break
-            lines.append(line)
-            if "dashboard running at" in line:
-                break
-        assert lines and "dashboard running at" in lines[-1], "".join(lines) + process.stderr.read()
+            time.sleep(0.2)
+        running = [line for line in lines if "dashboard running at" in line]
+        assert running, "".join(lines) + (tmp_path / "demo.stderr").read_text()
         url = f"http://127.0.0.1:{port}"
-        assert url in lines[-1]
+        assert url in running[0]
         with urllib.request.urlopen(f"{url}/_stcore/health", timeout=10) as response:
             assert response.read().decode() == "ok"
         text = "".join(lines)
@@ -165,13 +169,15 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
         assert studies[2].parameters["source_study"] == grid.study_id == studies[3].parameters["source_study"]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
-        assert "dashboard stopped" in process.stdout.read()
+        reader.join(timeout=10)
+        assert "dashboard stopped" in "".join(lines)
         with pytest.raises(OSError):
             urllib.request.urlopen(f"{url}/_stcore/health", timeout=5)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        errors.close()
 
 
 def test_results_report_tables_and_provenance(smoke):

@@ -135,15 +135,18 @@ def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: 
 
     if port is None:
         port = DEFAULT_PORT if _port_is_free(DEFAULT_PORT) else None  # None: launch picks a free one
-    process, url = launch(root, port=port)
-    print(f"\ndashboard running at {url} (artifacts {root}); press Ctrl-C to stop it", flush=True)
+    # The handlers are in place before the address is printed: an interrupt right after it still stops the server.
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo stops its server too
+    process = None
     try:
+        process, url = launch(root, port=port)  # stops its own server if interrupted while starting
+        print(f"\ndashboard running at {url} (artifacts {root}); press Ctrl-C to stop it", flush=True)
         code = process.wait()
         print(f"error: the dashboard server exited with status {code}", file=sys.stderr)
         return code or 1
     except KeyboardInterrupt:
-        stop(process)
+        if process is not None:
+            stop(process)
         print("dashboard stopped", flush=True)
         return 0
     finally:
