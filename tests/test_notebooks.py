@@ -204,3 +204,25 @@ def test_results_report_tables_and_provenance(smoke):
     assert {s["study_id"] for s in prov["studies"]} == {str(s.study_id) for s in studies.values()}
     assert all(len(s["git_revision"] or "") == 40 for s in prov["studies"]) and prov["wall_minutes"] is not None
     assert len(runs) == int(np.prod(list(SMOKE_GRID.values())))
+
+
+def test_ship_results_leaves_out_weights_and_probabilities_and_never_overwrites(smoke, tmp_path):
+    import importlib.util
+
+    root, _ = smoke
+    spec = importlib.util.spec_from_file_location(
+        "ship_results", Path(__file__).resolve().parents[1] / "scripts" / "ship_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    into = tmp_path / "shipped"
+    count = module.ship(root, into)
+    assert count == len(list((root / "runs").iterdir())) + len(list((root / "studies").iterdir()))
+    assert not list(into.rglob("checkpoints")) and list(root.rglob("checkpoints"))
+    shipped = sorted(into.rglob("predictions.npz"))
+    assert shipped
+    with np.load(shipped[0]) as arrays:
+        assert "probs" not in arrays.files and {"confidence", "predicted", "label", "correct"} <= set(arrays.files)
+    store = RunStore(into)
+    assert all(r.status == "finished" for r in store.list_runs())
+    with pytest.raises(SystemExit, match="never overwritten"):
+        module.ship(root, into)

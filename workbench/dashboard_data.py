@@ -55,7 +55,7 @@ SITES_KEY = "summary.sites"          # present when the run recorded site_scales
 ROBUST_PREFIX = "summary.robust_"    # robust_<norm>_<eps>: present when the run recorded robustness curves
 
 # The entries a run store root may hold; anything else at the top level is listed as foreign.
-ROOT_ENTRIES = {"runs", "studies", "results", "README.md"}
+ROOT_ENTRIES = {"runs", "studies", "results", "README.md", "provenance.json"}  # provenance: a shipped store's record
 SUB_STORES = ("results",)            # curated results shipped with the repository: a run store of their own
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
