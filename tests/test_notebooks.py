@@ -141,9 +141,12 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
     # stderr to a file: progress bars write more on a slow machine, and an undrained pipe that fills up would
     # block the demo on a write (it then never reaches the dashboard, or never exits after the interrupt)
     errors = open(tmp_path / "demo.stderr", "w+")
+    # started with SIGINT ignored, as a shell without job control starts background jobs (CI runners, `cmd &`):
+    # Ctrl-C must still stop the demo and its server
     process = subprocess.Popen([sys.executable, "-m", "workbench", "demo", "--profile", "smoke", "--quiet",
                                 "--artifacts", str(root), "--port", str(port)],
-                               stdout=subprocess.PIPE, stderr=errors, text=True)
+                               stdout=subprocess.PIPE, stderr=errors, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()  # stdout is drained all along too

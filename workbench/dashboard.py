@@ -16,7 +16,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .artifacts import default_root
 from .errors import WorkbenchError
@@ -172,24 +174,40 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """While serving, Ctrl-C (SIGINT) and ``kill`` (SIGTERM) both raise KeyboardInterrupt, so the server is stopped.
+
+    SIGINT is set explicitly: a process started in the background by a shell without job control (``cmd &`` in a
+    script, CI runners) inherits SIGINT as *ignored*, and Python then never turns it into KeyboardInterrupt.
+    """
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _run(args: argparse.Namespace) -> int:
     # `kill <pid>` of this command must not leave the server behind: SIGTERM unwinds like Ctrl-C.
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     process = None
-    try:
-        process, url = launch(args.artifacts, port=args.port, address=args.address, wait=True,
-                              quiet=not args.verbose)
-        root = Path(args.artifacts).resolve() if args.artifacts else default_root()
-        print(f"dashboard running at {url} (artifacts: {root}); Ctrl-C stops it", flush=True)
-        if args.address not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: listening on {args.address}, reachable from other machines", file=sys.stderr)
-        return process.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        if process is not None:
-            stop(process)
-        signal.signal(signal.SIGTERM, previous)
+    with interruptible():
+        try:
+            process, url = launch(args.artifacts, port=args.port, address=args.address, wait=True,
+                                  quiet=not args.verbose)
+            root = Path(args.artifacts).resolve() if args.artifacts else default_root()
+            print(f"dashboard running at {url} (artifacts: {root}); Ctrl-C stops it", flush=True)
+            if args.address not in ("127.0.0.1", "localhost", "::1"):
+                print(f"warning: listening on {args.address}, reachable from other machines", file=sys.stderr)
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            if process is not None:
+                stop(process)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:

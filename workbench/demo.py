@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import signal
 import socket
 import sys
 import time
@@ -131,30 +130,24 @@ def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: 
     if not dashboard:
         print(f"artifacts in {root}; look at them with `workbench dashboard --artifacts {root}`", flush=True)
         return 0
-    from .dashboard import DEFAULT_PORT, launch, stop
+    from .dashboard import DEFAULT_PORT, interruptible, launch, stop
 
     if port is None:
         port = DEFAULT_PORT if _port_is_free(DEFAULT_PORT) else None  # None: launch picks a free one
-    # The handlers are in place before the address is printed: an interrupt right after it still stops the server.
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # a terminated demo stops its server too
+    # Ctrl-C and SIGTERM stop the server; the handlers are in place before the address is printed.
     process = None
-    try:
-        process, url = launch(root, port=port)  # stops its own server if interrupted while starting
-        print(f"\ndashboard running at {url} (artifacts {root}); press Ctrl-C to stop it", flush=True)
-        code = process.wait()
-        print(f"error: the dashboard server exited with status {code}", file=sys.stderr)
-        return code or 1
-    except KeyboardInterrupt:
-        if process is not None:
-            stop(process)
-        print("dashboard stopped", flush=True)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    with interruptible():
+        try:
+            process, url = launch(root, port=port)  # stops its own server if interrupted while starting
+            print(f"\ndashboard running at {url} (artifacts {root}); press Ctrl-C to stop it", flush=True)
+            code = process.wait()
+            print(f"error: the dashboard server exited with status {code}", file=sys.stderr)
+            return code or 1
+        except KeyboardInterrupt:
+            if process is not None:
+                stop(process)
+            print("dashboard stopped", flush=True)
+            return 0
 
 
 def _cli(args: argparse.Namespace) -> int:
