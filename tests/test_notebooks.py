@@ -126,6 +126,7 @@ def test_rerunning_the_smoke_study_gives_identical_numbers(smoke, tmp_path):
 
 
 def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_path):
+    import os
     import signal
     import socket
     import subprocess
@@ -146,7 +147,8 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
     process = subprocess.Popen([sys.executable, "-m", "workbench", "demo", "--profile", "smoke", "--quiet",
                                 "--artifacts", str(root), "--port", str(port)],
                                stdout=subprocess.PIPE, stderr=errors, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                               start_new_session=True)  # its own process group: a failed test kills the server too
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
     reader.start()  # stdout is drained all along too
@@ -177,9 +179,11 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
         with pytest.raises(OSError):
             urllib.request.urlopen(f"{url}/_stcore/health", timeout=5)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        try:
+            os.killpg(process.pid, signal.SIGKILL)  # the demo and the server it started, if still there
+        except ProcessLookupError:
+            pass
+        process.wait()
         errors.close()
 
 
