@@ -113,23 +113,28 @@ def mc_predict(
     # of as few images as fit in ``max_rows`` (100 samples: 2 images x 100 rows, the prefix on 2 rows instead of
     # 200). Without it, tiling costs the same either way and the whole batch is tiled.
     block = max(1, max_rows // min(samples, max_rows)) if tile_at is not None and samples > 1 else max(b, 1)
-    parts = []
     with eval_mode(model), torch.no_grad():
-        for start in range(0, b, block):
-            xb = x[start:start + block]
-            per_chunk = max(1, min(samples, max_rows // max(len(xb), 1)))
-            total = None
-            done = 0
-            while done < samples:
-                k = min(per_chunk, samples - done)
-                part = _softmax_sum(model, xb, k, tile_at)
-                total = part if total is None else total + part
-                done += k
-                if on_forward is not None:
-                    on_forward(k * len(xb))
-            parts.append(total)
+        parts = [_softmax_total(model, x[start:start + block], samples, max_rows, tile_at, on_forward)
+                 for start in range(0, b, block)]
     total = parts[0] if len(parts) == 1 else torch.cat(parts)
     return total / samples
+
+
+def _softmax_total(model: nn.Module, x: torch.Tensor, samples: int, max_rows: int, tile_at: nn.Module | None,
+                   on_forward: Callable[[int], None] | None) -> torch.Tensor:
+    """Sum of softmax over ``samples`` passes of ``x``, in forwards of at most ``max_rows`` rows (one sample at
+    least)."""
+    per_chunk = max(1, min(samples, max_rows // max(len(x), 1)))
+    total = None
+    done = 0
+    while done < samples:
+        k = min(per_chunk, samples - done)
+        part = _softmax_sum(model, x, k, tile_at)
+        total = part if total is None else total + part
+        done += k
+        if on_forward is not None:
+            on_forward(k * len(x))
+    return total
 
 
 # ---------------------------------------------------------------------------------------------------------------
