@@ -44,19 +44,18 @@ def _studies(store: RunStore, transfer: str) -> list:
     return chosen
 
 
-def provenance(store: RunStore, studies: list, command: str | None) -> dict:
+def provenance(studies: list, command: str | None) -> dict:
     rows, starts, ends = [], [], []
     for record in studies:
-        raw = json.loads((store.root / "studies" / record.study_id / "study.json").read_text())
-        start, end = _time(raw.get("created")), _time(raw.get("finished"))
+        start, end = _time(record.created), _time(record.finished)
         starts.append(start)
         ends.append(end)
-        env = raw.get("environment", {})
-        rows.append({"study_id": record.study_id, "notebook": raw.get("notebook"), "profile": raw.get("profile"),
-                     "started": raw.get("created"), "finished": raw.get("finished"),
+        env = record.environment or {}
+        rows.append({"study_id": record.study_id, "notebook": record.notebook, "profile": record.profile,
+                     "started": record.created, "finished": record.finished,
                      "minutes": round((end - start).total_seconds() / 60, 1) if start and end else None,
-                     "git_revision": raw.get("git_revision"), "git_dirty": raw.get("git_dirty"),
-                     "runs": len(raw.get("run_ids") or []), "torch": env.get("torch"), "cpu": env.get("cpu"),
+                     "git_revision": record.git_revision, "git_dirty": record.git_dirty,
+                     "runs": len(record.run_ids), "torch": env.get("torch"), "cpu": env.get("cpu"),
                      "cpu_count": env.get("cpu_count"), "cuda": env.get("cuda_available")})
     total = (max(ends) - min(starts)).total_seconds() / 60 if studies and all(starts + ends) else None
     return {"command": command, "studies": rows, "wall_minutes": round(total, 1) if total else None,
@@ -145,7 +144,7 @@ def report(root: Path, transfer: str, command: str | None, write_provenance: boo
     study = next((s for s in studies if Path(s.notebook or "").stem == TRANSFER_NOTEBOOK), None)
     if study is None:
         raise WorkbenchError(f"no finished {TRANSFER_NOTEBOOK} study under {root}; run the results profile first")
-    prov = provenance(store, studies, command)
+    prov = provenance(studies, command)
     if write_provenance:
         atomic_write_text(root / "provenance.json", json.dumps(prov, indent=2) + "\n")
     runs = study_runs(store, study)
