@@ -256,6 +256,13 @@ class MapPool {
   static constexpr size_t kPoolBytes = size_t(1) << 30;
   static constexpr size_t kAlign = size_t(2) << 20;
 
+  // the block a map of `bytes` takes: whole huge pages for maps that fill one, whole pages otherwise
+  static size_t block_bytes(size_t bytes) {
+    const size_t unit = bytes >= kAlign ? kAlign : 4096;
+    return (bytes + unit - 1) / unit * unit;
+  }
+
+  // a block of block_bytes(...) bytes
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -318,8 +325,7 @@ torch::Tensor empty_map(at::IntArrayRef sizes, at::ScalarType dtype = torch::kFl
   for (auto v : sizes) numel *= v;
   const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(dtype);
   if (bytes < MapPool::kMinBytes) return torch::empty(sizes, torch::dtype(dtype));
-  const size_t unit = bytes >= MapPool::kAlign ? MapPool::kAlign : 4096;  // huge pages only for maps that fill one
-  const size_t rounded = (bytes + unit - 1) / unit * unit;
+  const size_t rounded = MapPool::block_bytes(bytes);
   void* p = map_pool().take(rounded);
   TORCH_CHECK(p != nullptr, "native perturb: out of memory allocating ", rounded, " bytes");
   return torch::from_blob(p, sizes, [rounded](void* q) { map_pool().give(q, rounded); }, torch::dtype(dtype));
