@@ -234,3 +234,84 @@ def test_large_maps_are_recycled_and_stay_correct():
     assert _rel(first[0], reference[0]) < 1e-5 and _rel(first[1], reference[1]) < 1e-4
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert _native.release_pool() == held and _native.pooled_bytes() == 0
+
+
+needs_avx512 = pytest.mark.skipif(not _native.load().cpu_has_avx512(), reason="this CPU has no AVX-512")
+
+
+@pytest.fixture
+def isa_restored():
+    before = _native.isa()
+    yield
+    _native.set_isa(before)
+
+
+ISA_SHAPES = [(3, 5, 9, 7), (2, 16, 6, 6), (2, 17, 5, 4), (3, 33, 4, 1), (2, 64, 1, 3), (2, 1, 1, 1), (4, 40, 8, 8)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("drawn", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", ISA_SHAPES)
+def test_avx512_rows_agree_with_the_generic_rows(isa_restored, shape, training, drawn):
+    """Channel tails (C not a multiple of 16), one-pixel rows and columns, eval and training, clip, given and drawn
+    noise: outputs, multipliers, running statistics and the input gradient of both row-kernel forms agree."""
+    torch.manual_seed(6)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)  # frozen, as in transfer: the AVX-512 backward serves it
+    h = (3 * torch.randn(shape)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    eps = None if drawn else torch.randn(shape)
+    weight = torch.randn(shape)
+    results = {}
+    for isa in ("generic", "avx512"):
+        _native.set_isa(isa)
+        rm, rv = _stats(shape[1])
+        torch.manual_seed(7)  # the same in-kernel noise for both
+        out, scale, mult = _call(_native.perturb, h, phi, rm, rv, training, eps)
+        (grad,) = torch.autograd.grad((out * weight).sum(), [h])
+        results[isa] = (out.detach(), mult, scale.detach(), rm, rv, grad)
+    for name, generic, avx512 in zip(["out", "mult", "scale", "rm", "rv", "grad"], results["generic"],
+                                     results["avx512"]):
+        assert _rel(avx512, generic) < 1e-5, name
+    if h.numel() > 200:
+        assert (results["avx512"][0] == 1.5).any()  # the clip is exercised
+
+
+@needs_avx512
+def test_avx512_rows_match_the_reference_and_eager_gradients(isa_restored):
+    _native.set_isa("avx512")
+    torch.manual_seed(8)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    shape = (3, 20, 7, 6)
+    h, eps, weight = (3 * torch.randn(shape)).requires_grad_(True), torch.randn(shape), torch.randn(shape)
+    outs, grads = [], []
+    for fn in (perturb_module.perturb, _native.perturb):
+        out, _, _ = _call(fn, h, phi, *_stats(20), True, eps)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * weight).sum(), [h])[0])
+    with torch.no_grad():
+        ref = reference_perturb(h, phi, *_stats(20), channel_norm=16, spatial_norm=9, eps=eps, clip=1.5,
+                                noise_coeff=0.7, training=True)
+    assert (outs[1] - ref).abs().max().item() < 1e-5
+    assert _rel(grads[1], grads[0]) < 1e-4
+
+
+def test_isa_switch_and_its_errors(isa_restored):
+    assert _native.isa() in ("avx512", "generic")
+    _native.set_isa("generic")
+    assert _native.isa() == "generic"
+    with pytest.raises(WorkbenchError, match="unknown kernel ISA 'sse9'; choose 'avx512' or 'generic'"):
+        _native.set_isa("sse9")
+    if not _native.load().cpu_has_avx512():
+        with pytest.raises(WorkbenchError, match="lacks AVX-512"):
+            _native.set_isa("avx512")
+
+
+def test_input_gradient_is_a_tensor_of_its_own_not_a_view():
+    """autograd sums a view's gradient with another out of place (an extra pass over the map wherever a block's
+    input also feeds a shortcut); the kernel's gradient for h is a channels_last tensor of its own."""
+    torch.manual_seed(9)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out, _, _ = _call(_native.perturb, h, phi, *_stats(8), True, None)
+    (grad,) = torch.autograd.grad(out.sum(), [h])
+    assert grad._base is None and grad.is_contiguous(memory_format=torch.channels_last)

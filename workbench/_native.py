@@ -11,6 +11,11 @@ map; here the site is two sweeps over the channels_last (NHWC) map, each 3x3 ste
   the global torch RNG, Box-Muller; so ``torch.manual_seed`` reproduces a run for any thread count), and writes
   ``out = min(h * (1 + k (s softplus(mu + eps) - 1)), clip)``.
 
+The stencil-heavy rows have two forms: hand-written AVX-512 (each 16-channel block one register; the five stencils
+of sweep 1 share their tap loads; the scale path's backward reads the mask bytes instead of expanded maps) and
+compiler-vectorised C++ for any CPU. :func:`isa` tells which is in use (AVX-512 where the CPU has it),
+:func:`set_isa` switches; both are tested against each other.
+
 Large maps the kernel returns come from a pool of recycled buffers (a fresh 25 MB map cost as much in page faults
 and page zeroing as the sweep that fills it); :func:`release_pool` frees what the pool holds.
 
@@ -117,10 +122,6 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).contiguous()
 
 
-def _nchw_view(t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 3, 1, 2)
-
-
 class _Handoff:
     """Carries sweep 2's direct gradient term (g * m, for h) to sweep 1's backward, which adds its own terms into
     it in-kernel: h then gets one gradient instead of two that autograd would add as a further pass."""
@@ -158,7 +159,7 @@ class _Sweep1(torch.autograd.Function):
             x, mh, mask, g_r1, g_mr, g_f, kid.detach(), kall.detach(), kscale.detach(),
             bool(need_x), bool(need_kid or need_kall), bool(need_ks and g_f.numel() > 0),
             handed if handed is not None and need_x else torch.empty(0))
-        return (_nchw_view(gx) if need_x else None, gkid if need_kid else None, gkall if need_kall else None,
+        return (gx if need_x else None, gkid if need_kid else None, gkall if need_kall else None,
                 gks if need_ks and g_f.numel() > 0 else None, None, None)
 
 
@@ -191,7 +192,7 @@ class _Sweep2(torch.autograd.Function):
             x, r1.detach(), mr.detach(), a, mult, scale.detach(), _nhwc(g_out), kid.detach(), kall.detach(),
             ctx.noise_coeff, clip is not None, 0.0 if clip is None else float(clip),
             bool(need_x), bool(need_r1 or need_mr), bool(need_scale), bool(need_kid or need_kall))
-        grad_h = _nchw_view(gx) if need_x else None
+        grad_h = gx if need_x else None
         if need_x and need_r1:
             # r1 = relu(E1(h)) needs grad, so sweep 1's backward runs next and adds its terms into this map
             ctx.handoff.grad, grad_h = gx, None
@@ -208,6 +209,25 @@ def release_pool() -> int:
     """Free the recycled kernel maps (for example after training, before a memory-hungry stage); returns the bytes
     freed. Maps still in use are unaffected."""
     return 0 if _module is None else int(_module.pool_release())
+
+
+def isa() -> str:
+    """The row kernels the sweeps use: ``"avx512"`` (hand-vectorised, chosen where the CPU has AVX-512 F/BW/VL/DQ)
+    or ``"generic"`` (compiler-vectorised C++, any CPU)."""
+    if load() is None:
+        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
+    return str(_module.isa())
+
+
+def set_isa(name: str) -> None:
+    """Choose the row kernels (``"avx512"`` or ``"generic"``), e.g. to compare them; both compute the same maths."""
+    if load() is None:
+        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
+    if name not in ("avx512", "generic"):
+        raise WorkbenchError(f"unknown kernel ISA {name!r}; choose 'avx512' or 'generic'")
+    if name == "avx512" and not _module.cpu_has_avx512():
+        raise WorkbenchError("this CPU lacks AVX-512 (F, BW, VL and DQ are needed); use set_isa('generic')")
+    _module.set_isa(name)
 
 
 def draw_seed() -> int:
@@ -267,4 +287,5 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     return out, scale, multiplier
 
 
-__all__ = ["available", "enabled", "load", "perturb", "standard_normal", "draw_seed", "pooled_bytes", "release_pool"]
+__all__ = ["available", "enabled", "load", "perturb", "standard_normal", "draw_seed", "pooled_bytes", "release_pool",
+           "isa", "set_isa"]

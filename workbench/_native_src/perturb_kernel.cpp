@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -16,6 +17,9 @@
 #include <sys/mman.h>
 #endif
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -483,6 +487,281 @@ void unpack_mask(const uint8_t* __restrict in, int32_t* __restrict out, idx n) {
   for (idx i = 0; i < n; ++i) out[i] = in[i];
 }
 
+// ------------------------------------------------------------------------------------------------ AVX-512 rows
+// Hand-vectorised forms of the stencil-heavy rows, used when the CPU has AVX-512 (F, BW, VL, DQ) and selected at
+// run time (`set_isa`), so one build serves every x86 CPU. Each 16-channel block is one register: the five stencils
+// of sweep 1 share their nine tap loads (the generic rows reload every tap per kernel), channel tails and image
+// edges are masked loads (a masked-off lane reads nothing and gives 0), and the scale path's backward reads the
+// mask bytes directly instead of four expanded gradient maps. Same maths as the generic rows; sums are ordered
+// differently, so results agree to rounding.
+#if defined(__x86_64__)
+#define WB_HAS_AVX512_PATH 1
+#define WB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+WB_AVX512 inline __mmask16 lanes_of(idx n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Stores of a block: full-width when every lane is in use (masked stores are slow on some cores, e.g. AMD Zen 4).
+WB_AVX512 inline void store_block(float* p, __mmask16 lm, __m512 v) {
+  if (lm == 0xFFFF) _mm512_storeu_ps(p, v); else _mm512_mask_storeu_ps(p, lm, v);
+}
+WB_AVX512 inline void store_block(uint8_t* p, __mmask16 lm, __m128i v) {
+  if (lm == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); else _mm_mask_storeu_epi8(p, lm, v);
+}
+
+// One output row of sweep 1: r1 = relu(E1(h)) (E1 = K_id stencil + pix[x], pix = the K_all stencil of the channel
+// mean), the mask bytes, mr[x] = mean_c r1 and, when training, fsum[j, c] = sum_x relu(K_j * h).
+// colsum: W * 16 floats of scratch.
+template <bool kTraining>
+WB_AVX512 void sweep1_row_avx512(const float* const hrows[3], const float* __restrict pix, const float* K1,
+                                 const float* Ks, idx W, idx C, float* __restrict r1, uint8_t* __restrict mask,
+                                 float* __restrict mr, float* __restrict fsum, float* __restrict colsum) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    __m512 f[kScaleKernels];
+    for (int j = 0; j < kScaleKernels; ++j) f[j] = zero;
+    for (idx x = 0; x < W; ++x) {
+      const idx xl = x > 0 ? x - 1 : x, xr = x + 1 < W ? x + 1 : x;
+      const __mmask16 ml = x > 0 ? lm : 0, mright = x + 1 < W ? lm : 0;
+      __m512 e[3] = {zero, zero, zero};
+      __m512 s[kScaleKernels];
+      for (int j = 0; j < kScaleKernels; ++j) s[j] = zero;
+      for (int dy = 0; dy < 3; ++dy) {
+        if (hrows[dy] == nullptr) continue;
+        const float* p = hrows[dy] + cb;
+        const __m512 t0 = _mm512_maskz_loadu_ps(ml, p + xl * C);
+        const __m512 t1 = _mm512_maskz_loadu_ps(lm, p + x * C);
+        const __m512 t2 = _mm512_maskz_loadu_ps(mright, p + xr * C);
+        const float* k = K1 + 3 * dy;
+        e[dy] = _mm512_fmadd_ps(t0, _mm512_set1_ps(k[0]), e[dy]);
+        e[dy] = _mm512_fmadd_ps(t1, _mm512_set1_ps(k[1]), e[dy]);
+        e[dy] = _mm512_fmadd_ps(t2, _mm512_set1_ps(k[2]), e[dy]);
+        if constexpr (kTraining) {
+          for (int j = 0; j < kScaleKernels; ++j) {
+            const float* kj = Ks + 9 * j + 3 * dy;
+            s[j] = _mm512_fmadd_ps(t0, _mm512_set1_ps(kj[0]), s[j]);
+            s[j] = _mm512_fmadd_ps(t1, _mm512_set1_ps(kj[1]), s[j]);
+            s[j] = _mm512_fmadd_ps(t2, _mm512_set1_ps(kj[2]), s[j]);
+          }
+        }
+      }
+      const __m512 ev = _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], _mm512_set1_ps(pix[x])));
+      const __mmask16 pos = _mm512_mask_cmp_ps_mask(lm, ev, zero, _CMP_GT_OQ);
+      const __m512 rv = _mm512_maskz_mov_ps(pos, ev);
+      store_block(r1 + x * C + cb, lm, rv);
+      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), rv));
+      __m128i bits = _mm_maskz_mov_epi8(pos, _mm_set1_epi8(static_cast<char>(kReluBit)));
+      if constexpr (kTraining) {
+        for (int j = 0; j < kScaleKernels; ++j) {
+          const __mmask16 sp = _mm512_mask_cmp_ps_mask(lm, s[j], zero, _CMP_GT_OQ);
+          f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[j]);
+          bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(sp, _mm_set1_epi8(static_cast<char>(1 << j))));
+        }
+      }
+      store_block(mask + x * C + cb, lm, bits);
+    }
+    if constexpr (kTraining)
+      for (int j = 0; j < kScaleKernels; ++j) _mm512_mask_storeu_ps(fsum + j * C + cb, lm, f[j]);
+  }
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx x = 0; x < W; ++x) mr[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x)) * inv_c;
+}
+
+// One row of sweep 1's input gradient (kernels flipped for the transposed stencils):
+// out (=, or += with accumulate) K_id^T * gE + pix[x] / C + sum_j gf[j, c] * (K_j^T * [mask bit j]).
+// grows: the g_E1 rows above, at and below (nullptr outside the image); mrows: the mask rows likewise;
+// gf: this image's (4, C) scale-feature gradient over H W, or nullptr when the scale path carries none.
+WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate, const float* const grows[3],
+                                          const uint8_t* const mrows[3], const float* __restrict pix,
+                                          const float* K1f, const float* Ksf, const float* gf, idx W, idx C) {
+  const __m512 zero = _mm512_setzero_ps();
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    __m512 g[kScaleKernels];
+    for (int j = 0; j < kScaleKernels; ++j) g[j] = gf ? _mm512_maskz_loadu_ps(lm, gf + j * C + cb) : zero;
+    for (idx x = 0; x < W; ++x) {
+      const idx xs[3] = {x > 0 ? x - 1 : x, x, x + 1 < W ? x + 1 : x};
+      const __mmask16 ms[3] = {x > 0 ? lm : static_cast<__mmask16>(0), lm,
+                               x + 1 < W ? lm : static_cast<__mmask16>(0)};
+      __m512 a[3] = {zero, zero, zero};
+      __m512 coef[kScaleKernels];
+      for (int j = 0; j < kScaleKernels; ++j) coef[j] = zero;
+      for (int dy = 0; dy < 3; ++dy) {
+        if (grows[dy] == nullptr) continue;
+        for (int dx = 0; dx < 3; ++dx) {
+          const idx o = xs[dx] * C + cb;
+          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(ms[dx], grows[dy] + o), _mm512_set1_ps(K1f[3 * dy + dx]),
+                                  a[dy]);
+          if (gf) {
+            const __m128i b = _mm_maskz_loadu_epi8(ms[dx], mrows[dy] + o);
+            for (int j = 0; j < kScaleKernels; ++j) {
+              const __mmask16 on = _mm_test_epi8_mask(b, _mm_set1_epi8(static_cast<char>(1 << j)));
+              coef[j] = _mm512_mask_add_ps(coef[j], on, coef[j], _mm512_set1_ps(Ksf[9 * j + 3 * dy + dx]));
+            }
+          }
+        }
+      }
+      __m512 v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], _mm512_set1_ps(pix[x] * inv_c)));
+      for (int j = 0; j < kScaleKernels; ++j) v = _mm512_fmadd_ps(coef[j], g[j], v);
+      float* dst = out + x * C + cb;
+      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, dst), v);
+      store_block(dst, lm, v);
+    }
+  }
+}
+
+// out = sum_{dy, dx} K[3 dy + dx] * rows[dy][x + dx - 1, c] (a null row is zero padding): one stencil row
+WB_AVX512 void stencil_row_avx512(float* __restrict out, const float* const rows[3], const float* K, idx W, idx C) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    for (idx x = 0; x < W; ++x) {
+      const idx xs[3] = {x > 0 ? x - 1 : x, x, x + 1 < W ? x + 1 : x};
+      const __mmask16 ms[3] = {x > 0 ? lm : static_cast<__mmask16>(0), lm,
+                               x + 1 < W ? lm : static_cast<__mmask16>(0)};
+      __m512 a[3] = {zero, zero, zero};
+      for (int dy = 0; dy < 3; ++dy) {
+        if (rows[dy] == nullptr) continue;
+        for (int dx = 0; dx < 3; ++dx)
+          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(ms[dx], rows[dy] + xs[dx] * C + cb),
+                                  _mm512_set1_ps(K[3 * dy + dx]), a[dy]);
+      }
+      store_block(out + x * C + cb, lm, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]));
+    }
+  }
+}
+
+// fast_exp, fast_log1p_unit, softplus and the sigmoid above, sixteen lanes at a time (same polynomials)
+WB_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), x);
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_add_ps(_mm512_fmadd_ps(y, z, x), _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, _mm512_max_ps(n, _mm512_set1_ps(-126.0f)));
+}
+
+// log(1 + e) for e in [0, 1], compensated for tiny e as fast_log1p_unit
+WB_AVX512 inline __m512 log1p_unit512(__m512 e) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 u = _mm512_add_ps(one, e);
+  // u = m 2^ex with m in [0.5, 1)
+  __m512 ex = _mm512_add_ps(_mm512_getexp_ps(u), one);
+  __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  ex = _mm512_mask_sub_ps(ex, small, ex, one);
+  m = _mm512_sub_ps(_mm512_mask_add_ps(m, small, m, m), one);
+  const __m512 z = _mm512_mul_ps(m, m);
+  __m512 y = _mm512_set1_ps(7.0376836292E-2f);
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-1.1514610310E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(1.1676998740E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-1.2420140846E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(1.4249322787E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-1.6668057665E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(2.0000714765E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(-2.4999993993E-1f));
+  y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(3.3333331174E-1f));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, z), m);
+  y = _mm512_fmadd_ps(ex, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
+  const __m512 lg = _mm512_fmadd_ps(ex, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
+  // the compensation term is a rounding error of u: an approximate reciprocal (rel. error 2^-14) is plenty
+  return _mm512_fmadd_ps(_mm512_sub_ps(e, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u), lg);
+}
+
+// 1 / d to about 1 ulp: the 14-bit estimate and one Newton step (a division has a fraction of the throughput)
+WB_AVX512 inline __m512 reciprocal512(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
+}
+
+// noise_tail_row over one image row: a = mu + pix[x] + eps, m = 1 + k (s softplus(a) - 1), out = min(h m, clip)
+WB_AVX512 void noise_tail_row_avx512(const float* __restrict h, const float* __restrict mu,
+                                     const float* __restrict pix, const float* __restrict eps,
+                                     const float* __restrict scale, float* __restrict out, float* __restrict mult,
+                                     float* __restrict a_out, float k, float cl, idx W, idx C) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k),
+               clv = _mm512_set1_ps(cl), sign = _mm512_set1_ps(-0.0f);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    const __m512 s = _mm512_maskz_loadu_ps(lm, scale + cb);
+    for (idx x = 0; x < W; ++x) {
+      const idx o = x * C + cb;
+      const __m512 av = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(lm, mu + o), _mm512_set1_ps(pix[x])),
+                                      _mm512_maskz_loadu_ps(lm, eps + o));
+      const __m512 e = exp512(_mm512_or_ps(av, sign));  // exp(-|a|)
+      const __m512 z = _mm512_add_ps(_mm512_max_ps(av, zero), log1p_unit512(e));
+      const __m512 m = _mm512_fmadd_ps(kv, _mm512_fmsub_ps(s, z, one), one);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, h + o), m);
+      store_block(a_out + o, lm, av);
+      store_block(mult + o, lm, m);
+      store_block(out + o, lm, _mm512_min_ps(v, clv));
+    }
+  }
+}
+
+// noise_tail_backward_row over one image row (see there); acc[c] += sum_x g_m z
+WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const float* __restrict mult,
+                                              const float* __restrict a, const float* __restrict g_out,
+                                              const float* __restrict scale, float* __restrict g_x,
+                                              float* __restrict g_mu, float* __restrict g_mu_sum,
+                                              float* __restrict acc, float k, float cl, idx W, idx C,
+                                              float* __restrict colsum) {
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k),
+               clv = _mm512_set1_ps(cl), sign = _mm512_set1_ps(-0.0f);
+  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    const __m512 s = _mm512_maskz_loadu_ps(lm, scale + cb);
+    __m512 sacc = zero;
+    for (idx x = 0; x < W; ++x) {
+      const idx o = x * C + cb;
+      const __m512 hv = _mm512_maskz_loadu_ps(lm, h + o), m = _mm512_maskz_loadu_ps(lm, mult + o);
+      // clamp(max=clip) passes the gradient where h m <= clip
+      const __mmask16 pass = _mm512_mask_cmp_ps_mask(lm, _mm512_mul_ps(hv, m), clv, _CMP_LE_OQ);
+      const __m512 go = _mm512_maskz_loadu_ps(pass, g_out + o);
+      const __m512 gm = _mm512_mul_ps(_mm512_mul_ps(go, hv), kv);
+      const __m512 av = _mm512_maskz_loadu_ps(lm, a + o);
+      const __m512 e = exp512(_mm512_or_ps(av, sign));
+      const __m512 r = reciprocal512(_mm512_add_ps(one, e));
+      const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(av, zero, _CMP_LT_OQ), e, r);
+      sacc = _mm512_fmadd_ps(gm, _mm512_add_ps(_mm512_max_ps(av, zero), log1p_unit512(e)), sacc);
+      const __m512 gmu = _mm512_mul_ps(_mm512_mul_ps(gm, s), sig);
+      store_block(g_x + o, lm, _mm512_mul_ps(go, m));
+      store_block(g_mu + o, lm, gmu);
+      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), gmu));
+    }
+    _mm512_mask_storeu_ps(acc + cb, lm, _mm512_add_ps(_mm512_maskz_loadu_ps(lm, acc + cb), sacc));
+  }
+  for (idx x = 0; x < W; ++x) g_mu_sum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
+}
+#else
+#define WB_HAS_AVX512_PATH 0
+bool cpu_has_avx512() { return false; }
+#endif
+
+// Which row kernels the sweeps use: the AVX-512 ones where the CPU has them, unless switched off (tests run both).
+std::atomic<bool>& use_avx512() {
+  static std::atomic<bool> flag{WB_HAS_AVX512_PATH && cpu_has_avx512()};
+  return flag;
+}
 
 }  // namespace
 
@@ -511,16 +790,29 @@ std::vector<torch::Tensor> sweep1_forward(torch::Tensor x, torch::Tensor kid, to
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     for (idx r = r0; r < r1_; ++r) channel_mean_row(xp + r * rw, mhp + r * g.W, g.W, g.C);
   });
+  const bool avx512 = use_avx512();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> e(rw), s(rw), pix(g.W);
-    std::vector<int32_t> bits(rw);
+    std::vector<float> e(avx512 ? 0 : rw), s(avx512 ? 0 : rw), pix(g.W), colsum(avx512 ? 16 * g.W : 0);
+    std::vector<int32_t> bits(avx512 ? 0 : rw);
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
       const float *hrows[3], *mrows[3];
       neighbours(xp, g, b, y, rw, hrows);
       neighbours(mhp, g, b, y, g.W, mrows);
-      stencil_row(e.data(), hrows, Kid.data(), g.W, g.C);
       stencil_row(pix.data(), mrows, Kall.data(), g.W, 1);
+#if WB_HAS_AVX512_PATH
+      if (avx512) {
+        float* fsum = training ? fp + r * kScaleKernels * g.C : nullptr;
+        if (training)
+          sweep1_row_avx512<true>(hrows, pix.data(), Kid.data(), Ks.data(), g.W, g.C, r1p + r * rw, mp + r * rw,
+                                  mrp + r * g.W, fsum, colsum.data());
+        else
+          sweep1_row_avx512<false>(hrows, pix.data(), Kid.data(), nullptr, g.W, g.C, r1p + r * rw, mp + r * rw,
+                                   mrp + r * g.W, nullptr, colsum.data());
+        continue;
+      }
+#endif
+      stencil_row(e.data(), hrows, Kid.data(), g.W, g.C);
       relu_row(e.data(), pix.data(), r1p + r * rw, bits.data(), mrp + r * g.W, g.W, g.C);
       if (training) {
         for (int j = 0; j < kScaleKernels; ++j) {
@@ -575,16 +867,21 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
 
   // gx_init (the direct term g * m from sweep 2) is accumulated into, saving autograd an add of two maps
   const bool accumulate = need_x && gx_init.numel() == x.numel();
-  auto gx = accumulate ? gx_init : need_x ? empty_map(x.sizes()) : torch::empty({0}, opts);
+  // a (B, C, H, W) channels_last tensor of its own, not a permuted view: autograd accumulates a view's gradient
+  // out of place (a full extra pass per block whose input also feeds a shortcut)
+  auto gx = accumulate ? gx_init : need_x ? empty_channels_last(g.B, g.C, g.H, g.W) : torch::empty({0}, opts);
   float* gxp = need_x ? gx.data_ptr<float>() : nullptr;
   const int n_acc = 18 + 9 * kScaleKernels;  // Kid, Kall, K_j
   std::vector<double> kacc(static_cast<size_t>(rows_total) * ((need_k1 || need_ks) ? n_acc : 0), 0.0);
+  // the AVX-512 rows read the mask bytes in place of expanded maps; they do not compute phi's kernel gradients
+  const bool avx512 = use_avx512() && !need_k1 && !need_ks;
+  const bool expand = with_scale && !avx512;
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     // Per image row, computed once into a ring of three slots (slot = row index mod 3) as the sweep moves down:
     // g_E1 = relu mask * (g_r1 + g_mr / C), its channel sums, and g_S_j = [K_j * h > 0] * g_f[b, c, j] / (H W).
     std::vector<float> pix(g.W), ge(3 * rw), gs(3 * g.W);
     std::vector<int32_t> bits(rw);
-    std::vector<float> expanded(with_scale ? 3 * kScaleKernels * rw : 0);
+    std::vector<float> expanded(expand ? 3 * kScaleKernels * rw : 0);
     idx slot_row[3] = {-1, -1, -1};
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
@@ -599,7 +896,7 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
           unpack_mask(mp + row * rw, bits.data(), rw);
           relu_backward_row(bits.data(), grp + row * rw, gmrp + row * g.W, ge.data() + slot * rw,
                             gs.data() + slot * g.W, g.W, g.C);
-          if (with_scale)
+          if (expand)
             for (int j = 0; j < kScaleKernels; ++j)
               expand_row(bits.data(), gfp + (b * kScaleKernels + j) * g.C, 1 << j,
                          expanded.data() + (slot * kScaleKernels + j) * rw, g.W, g.C);
@@ -608,10 +905,20 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
         grows[dy] = inside ? ge.data() + slot * rw : nullptr;
         srows[dy] = inside ? gs.data() + slot * g.W : nullptr;
         for (int j = 0; j < kScaleKernels; ++j)
-          erows[j][dy] = inside && with_scale ? expanded.data() + (slot * kScaleKernels + j) * rw : nullptr;
+          erows[j][dy] = inside && expand ? expanded.data() + (slot * kScaleKernels + j) * rw : nullptr;
       }
       if (need_x) {
         float* out = gxp + r * rw;
+#if WB_HAS_AVX512_PATH
+        if (avx512) {
+          const uint8_t* maskrows[3];
+          for (int dy = 0; dy < 3; ++dy) maskrows[dy] = grows[dy] ? mp + (r + dy - 1) * rw : nullptr;
+          stencil_row(pix.data(), srows, Kall, g.W, 1);
+          sweep1_backward_row_avx512(out, accumulate, grows, maskrows, pix.data(), Kid, Ks.data(),
+                                     with_scale ? gfp + b * kScaleKernels * g.C : nullptr, g.W, g.C);
+          continue;
+        }
+#endif
         if (accumulate)
           stencil_row<true>(out, grows, Kid, g.W, g.C);
         else
@@ -670,6 +977,7 @@ std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, tor
   float* ap = a.data_ptr<float>();
   const float k = static_cast<float>(noise_coeff), cl = static_cast<float>(clip);
   const uint64_t useed = static_cast<uint64_t>(seed);
+  const bool avx512 = use_avx512();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch;
     for (idx r = r0; r < r1_; ++r) {
@@ -677,8 +985,13 @@ std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, tor
       const float *rrows[3], *mrows[3];
       neighbours(rp, g, b, y, rw, rrows);
       neighbours(mrp, g, b, y, g.W, mrows);
-      stencil_row(mu.data(), rrows, Kid.data(), g.W, g.C);
       stencil_row(pix.data(), mrows, Kall.data(), g.W, 1);
+#if WB_HAS_AVX512_PATH
+      if (avx512)
+        stencil_row_avx512(mu.data(), rrows, Kid.data(), g.W, g.C);
+      else
+#endif
+        stencil_row(mu.data(), rrows, Kid.data(), g.W, g.C);
       const float* e;
       if (drawn) {
         draw_normals(noise.data(), r * rw, rw, useed, scratch);
@@ -687,6 +1000,13 @@ std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, tor
         e = epsp + r * rw;
       }
       const idx o = r * rw;
+#if WB_HAS_AVX512_PATH
+      if (avx512) {
+        noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, mp + o, ap + o, k,
+                              has_clip ? cl : std::numeric_limits<float>::infinity(), g.W, g.C);
+        continue;
+      }
+#endif
       noise_tail_row(xp + o, mu.data(), pix.data(), e, sp, op + o, mp + o, ap + o, k, has_clip, cl, g.W, g.C);
     }
   });
@@ -714,8 +1034,9 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
   const float* gp = g_out.data_ptr<float>();
   const float k = static_cast<float>(noise_coeff), cl = static_cast<float>(clip);
   const bool need_mu = need_r1 || need_k;
+  const bool avx512 = use_avx512();
 
-  auto gx = need_x ? empty_map(x.sizes()) : torch::empty({0}, opts);
+  auto gx = need_x ? empty_channels_last(g.B, g.C, g.H, g.W) : torch::empty({0}, opts);  // see sweep1_backward
   auto gr1 = need_r1 ? empty_map(x.sizes()) : torch::empty({0}, opts);
   auto gmr = need_r1 ? torch::empty({g.B, g.H, g.W}, opts) : torch::empty({0}, opts);
   std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
@@ -726,12 +1047,23 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     // g_mu rows and their channel sums live in a ring of three slots (slot = row index mod 3), each computed once
     // as the sweep moves down; g_x and the scale partials are written only for this chunk's own rows.
-    std::vector<float> acc(g.C), dummy(rw), gm(3 * rw), gs(3 * g.W);
+    std::vector<float> acc(g.C), dummy(rw), gm(3 * rw), gs(3 * g.W), colsum(avx512 ? 16 * g.W : 0);
     idx slot_row[3] = {-1, -1, -1};
     auto produce = [&](idx row, int slot) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
+#if WB_HAS_AVX512_PATH
+      if (avx512) {
+        noise_tail_backward_row_avx512(xp + o, mp + o, ap + o, gp + o, sp, need_x && own ? gxp + o : dummy.data(),
+                                       gm.data() + slot * rw, gs.data() + slot * g.W, acc.data(), k,
+                                       has_clip ? cl : std::numeric_limits<float>::infinity(), g.W, g.C,
+                                       colsum.data());
+        if (need_scale && own)
+          for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
+        return;
+      }
+#endif
       noise_tail_backward_row(xp + o, mp + o, ap + o, gp + o, sp, need_x && own ? gxp + o : dummy.data(),
                               gm.data() + slot * rw, gs.data() + slot * g.W, acc.data(), k, has_clip, cl, g.W, g.C);
       if (need_scale && own)
@@ -757,7 +1089,12 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
         srows[dy] = inside ? gs.data() + slot * g.W : nullptr;
       }
       if (need_r1) {
-        stencil_row(grp + r * rw, grows, Kid, g.W, g.C);
+#if WB_HAS_AVX512_PATH
+        if (avx512)
+          stencil_row_avx512(grp + r * rw, grows, Kid, g.W, g.C);
+        else
+#endif
+          stencil_row(grp + r * rw, grows, Kid, g.W, g.C);
         stencil_row(gmrp + r * g.W, srows, Kall, g.W, 1);
       }
       if (need_k) {
@@ -811,6 +1148,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep2_forward", &sweep2_forward);
   m.def("sweep2_backward", &sweep2_backward);
   m.def("draw", &draw);
+  m.def("isa", [] { return std::string(use_avx512() ? "avx512" : "generic"); }, "the row kernels in use");
+  m.def("cpu_has_avx512", [] { return static_cast<bool>(WB_HAS_AVX512_PATH && cpu_has_avx512()); });
+  m.def("set_isa", [](const std::string& isa) {
+    TORCH_CHECK(isa == "generic" || isa == "avx512", "isa must be 'generic' or 'avx512', not '", isa, "'");
+    TORCH_CHECK(isa == "generic" || (WB_HAS_AVX512_PATH && cpu_has_avx512()), "this CPU has no AVX-512 (F, BW, VL, DQ)");
+    use_avx512() = isa == "avx512";
+  }, "choose the row kernels: 'avx512' (where the CPU has it) or 'generic'");
   m.def("pool_release", [] { return map_pool().release(); }, "free the recycled map buffers; returns the bytes freed");
   m.def("pool_held", [] { return map_pool().held(); }, "bytes of recycled map buffers held for reuse");
 }
