@@ -19,6 +19,10 @@
 #include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#define WB_HAS_AVX512_PATH 1
+#define WB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#else
+#define WB_HAS_AVX512_PATH 0
 #endif
 
 namespace {
@@ -158,13 +162,26 @@ void philox_normals_block(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float
 
 // Normals for NHWC-linear element indices [start, start + n) into dst: element e is normal e % 4 of counter e / 4,
 // so the values do not depend on how rows are split over threads.
-void draw_normals(float* dst, idx start, idx n, uint64_t seed, std::vector<float>& scratch) {
+#if WB_HAS_AVX512_PATH
+WB_AVX512 void philox_normals_block_avx512(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out);
+#endif
+
+void draw_normals(float* dst, idx start, idx n, uint64_t seed, std::vector<float>& scratch, bool avx512) {
   const idx g0 = start >> 2, g1 = (start + n + 3) >> 2;
   const idx blocks = (g1 - g0 + kNoiseBlock - 1) / kNoiseBlock;
   scratch.resize(static_cast<size_t>(4 * kNoiseBlock * blocks));
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (idx blk = 0; blk < blocks; ++blk)
-    philox_normals_block(static_cast<uint64_t>(g0 + blk * kNoiseBlock), k0, k1, scratch.data() + 4 * kNoiseBlock * blk);
+  for (idx blk = 0; blk < blocks; ++blk) {
+    const uint64_t first = static_cast<uint64_t>(g0 + blk * kNoiseBlock);
+    float* block = scratch.data() + 4 * kNoiseBlock * blk;
+#if WB_HAS_AVX512_PATH
+    if (avx512) {
+      philox_normals_block_avx512(first, k0, k1, block);
+      continue;
+    }
+#endif
+    philox_normals_block(first, k0, k1, block);
+  }
   std::memcpy(dst, scratch.data() + (start - 4 * g0), static_cast<size_t>(n) * sizeof(float));
 }
 
@@ -494,10 +511,7 @@ void unpack_mask(const uint8_t* __restrict in, int32_t* __restrict out, idx n) {
 // edges are masked loads (a masked-off lane reads nothing and gives 0), and the scale path's backward reads the
 // mask bytes directly instead of four expanded gradient maps. Same maths as the generic rows; sums are ordered
 // differently, so results agree to rounding.
-#if defined(__x86_64__)
-#define WB_HAS_AVX512_PATH 1
-#define WB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-
+#if WB_HAS_AVX512_PATH
 bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -658,10 +672,9 @@ WB_AVX512 inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(y, _mm512_max_ps(n, _mm512_set1_ps(-126.0f)));
 }
 
-// log(1 + e) for e in [0, 1], compensated for tiny e as fast_log1p_unit
-WB_AVX512 inline __m512 log1p_unit512(__m512 e) {
+// fast_log of positive normal floats
+WB_AVX512 inline __m512 log512(__m512 u) {
   const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 u = _mm512_add_ps(one, e);
   // u = m 2^ex with m in [0.5, 1)
   __m512 ex = _mm512_add_ps(_mm512_getexp_ps(u), one);
   __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_p5_1, _MM_MANT_SIGN_src);
@@ -681,9 +694,15 @@ WB_AVX512 inline __m512 log1p_unit512(__m512 e) {
   y = _mm512_mul_ps(_mm512_mul_ps(y, z), m);
   y = _mm512_fmadd_ps(ex, _mm512_set1_ps(-2.12194440e-4f), y);
   y = _mm512_fmadd_ps(z, _mm512_set1_ps(-0.5f), y);
-  const __m512 lg = _mm512_fmadd_ps(ex, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
+  return _mm512_fmadd_ps(ex, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
+}
+
+// log(1 + e) for e in [0, 1], compensated for tiny e as fast_log1p_unit
+WB_AVX512 inline __m512 log1p_unit512(__m512 e) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 u = _mm512_add_ps(one, e);
   // the compensation term is a rounding error of u: an approximate reciprocal (rel. error 2^-14) is plenty
-  return _mm512_fmadd_ps(_mm512_sub_ps(e, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u), lg);
+  return _mm512_fmadd_ps(_mm512_sub_ps(e, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u), log512(u));
 }
 
 // 1 / d to about 1 ulp: the 14-bit estimate and one Newton step (a division has a fraction of the throughput)
@@ -752,8 +771,98 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
   }
   for (idx x = 0; x < W; ++x) g_mu_sum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
 }
+
+// ---- noise: Philox4x32-10 and Box-Muller over sixteen counters per register (the draw of philox_normals_block)
+
+// 32 x 32 -> 64-bit products of every 32-bit lane of a with m: high and low halves
+WB_AVX512 inline void mul_hilo(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1) {
+  const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f);
+  const __m512 u1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(a, 8), _mm512_set1_epi32(1))),
+                                  scale);                                                      // (0, 1]
+  const __m512 u2 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 8)), scale);  // [0, 1)
+  const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log512(u1)));
+  const __m512 t = _mm512_mul_ps(u2, _mm512_set1_ps(4.0f));
+  const __m512 q = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 x = _mm512_mul_ps(_mm512_sub_ps(t, q), _mm512_set1_ps(1.57079632679489662f));
+  const __m512 z = _mm512_mul_ps(x, x);
+  __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(-1.9515295891E-4f), z, _mm512_set1_ps(8.3321608736E-3f));
+  s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-1.6666654611E-1f));
+  s = _mm512_fmadd_ps(_mm512_mul_ps(s, z), x, x);
+  __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948E-5f), z, _mm512_set1_ps(-1.388731625493765E-3f));
+  c = _mm512_fmadd_ps(c, z, _mm512_set1_ps(4.166664568298827E-2f));
+  c = _mm512_fmadd_ps(_mm512_mul_ps(c, z), z, _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, _mm512_set1_ps(1.0f)));
+  // quadrant q mod 4: 0 (sin s, cos c), 1 (c, -s), 2 (-s, -c), 3 (-c, s)
+  const __m512i qi = _mm512_cvtps_epi32(q);
+  const __mmask16 swap = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));
+  const __mmask16 sin_negative = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(2));
+  const __mmask16 cos_negative =
+      _mm512_test_epi32_mask(_mm512_xor_si512(qi, _mm512_srli_epi32(qi, 1)), _mm512_set1_epi32(1));
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  const __m512 sin_v = _mm512_mask_xor_ps(_mm512_mask_blend_ps(swap, s, c), sin_negative,
+                                          _mm512_mask_blend_ps(swap, s, c), sign);
+  const __m512 cos_v = _mm512_mask_xor_ps(_mm512_mask_blend_ps(swap, c, s), cos_negative,
+                                          _mm512_mask_blend_ps(swap, c, s), sign);
+  n0 = _mm512_mul_ps(radius, cos_v);
+  n1 = _mm512_mul_ps(radius, sin_v);
+}
+
+// philox_normals_block: normals of counters g0 .. g0 + kNoiseBlock - 1, four per counter, into out[0 .. 4 kNoiseBlock)
+WB_AVX512 void philox_normals_block_avx512(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  for (int group = 0; group < kNoiseBlock / 16; ++group) {
+    const uint64_t base = g0 + 16 * static_cast<uint64_t>(group);
+    const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+    __m512i c0 = _mm512_add_epi32(lo, iota);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo);  // the low word wrapped within this group
+    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), carry,
+                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))),
+                                       _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t k0 = k0_init, k1 = k1_init;
+    for (int r = 0; r < 10; ++r) {
+      __m512i hi0, lo0, hi1, lo1;
+      mul_hilo(c0, m0, hi0, lo0);
+      mul_hilo(c2, m1, hi1, lo1);
+      const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
+      const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      c0 = n0;
+      c2 = n2;
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    __m512 a0, a1, b0, b1;
+    box_muller512(c0, c1, a0, a1);
+    box_muller512(c2, c3, b0, b1);
+    // interleave to counter-major order: out[4 i + (a0, a1, b0, b1)]
+    const __m512 t0 = _mm512_unpacklo_ps(a0, a1), t1 = _mm512_unpackhi_ps(a0, a1);
+    const __m512 t2 = _mm512_unpacklo_ps(b0, b1), t3 = _mm512_unpackhi_ps(b0, b1);
+    const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
+    const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
+    // u_k holds counter 4 L + k in its 128-bit lane L
+    const __m512 lo01 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // u0.L0 u0.L1 u1.L0 u1.L1
+    const __m512 lo23 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512 hi01 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512 hi23 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
+    float* dst = out + 64 * group;
+    _mm512_storeu_ps(dst, _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(dst + 16, _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(3, 1, 3, 1)));
+    _mm512_storeu_ps(dst + 32, _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(2, 0, 2, 0)));
+    _mm512_storeu_ps(dst + 48, _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+}
 #else
-#define WB_HAS_AVX512_PATH 0
 bool cpu_has_avx512() { return false; }
 #endif
 
@@ -994,7 +1103,7 @@ std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, tor
         stencil_row(mu.data(), rrows, Kid.data(), g.W, g.C);
       const float* e;
       if (drawn) {
-        draw_normals(noise.data(), r * rw, rw, useed, scratch);
+        draw_normals(noise.data(), r * rw, rw, useed, scratch, avx512);
         e = noise.data();
       } else {
         e = epsp + r * rw;
@@ -1131,11 +1240,12 @@ torch::Tensor draw(int64_t n, int64_t seed) {
   auto out = torch::empty({n}, torch::dtype(torch::kFloat));
   float* p = out.data_ptr<float>();
   const idx chunk = 4096;
+  const bool avx512 = use_avx512();
   at::parallel_for(0, (n + chunk - 1) / chunk, 1, [&](idx c0, idx c1) {
     std::vector<float> scratch;
     for (idx c = c0; c < c1; ++c) {
       const idx start = c * chunk, len = std::min(chunk, n - start);
-      draw_normals(p + start, start, len, static_cast<uint64_t>(seed), scratch);
+      draw_normals(p + start, start, len, static_cast<uint64_t>(seed), scratch, avx512);
     }
   });
   return out;
