@@ -5,6 +5,8 @@
 Both networks train in channels_last, the faster layout for the plain network too, so the ratio is the honest cost
 of the perturbation. phi is frozen as during transfer (no gradient for phi; gradients flow through the sites).
 Target: ratio <= 1.3 for ResNet-20 at 32x32 and Conv-4 at 28x28 (CPU, 2 threads).
+glibc is told to keep freed memory first (see ``_allocator.py``; ``--default-malloc`` leaves it as it is): with the
+default, page faults of re-allocated maps made the same step swing by up to 50% between runs.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from workbench import MetaPerturb, attach
+from _allocator import keep_freed_memory
+from workbench import MetaPerturb, _native, attach
 from workbench.models import build
 
 
@@ -60,10 +63,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--nchw", action="store_true", help="also measure the NCHW layout, for comparison")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator at its defaults")
     args = parser.parse_args()
+    allocator = "allocator: default" if args.default_malloc else keep_freed_memory()
     torch.set_num_threads(args.threads)
     layouts = [("channels_last", torch.channels_last)] + ([("nchw", torch.contiguous_format)] if args.nchw else [])
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.steps} interleaved steps")
+    kernel = _native.isa() if _native.available(torch.empty(1, 1, 1, 1), MetaPerturb()) else "eager (no native kernel)"
+    print(f"{allocator}; perturbation kernel rows: {kernel}")
     print(f"{'model':<10} {'layout':<14} {'sites':>5} {'plain ms':>9} {'perturbed ms':>13} {'ratio':>6}")
     worst = 0.0
     for arch, size, channels in [("resnet20", 32, 3), ("conv4", 28, 1)]:

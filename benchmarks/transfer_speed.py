@@ -7,7 +7,8 @@
    loop of single passes).
 
 Steps are interleaved (base, perturbed, base, ...) so that both see the same machine load; the ratio of medians
-is reported. Usage::
+is reported. glibc is told to keep freed memory first (``_allocator.py``; ``--default-malloc`` leaves it): with
+the default, re-faulted feature maps made the same step swing by up to 50% between runs. Usage::
 
     .venv/bin/python benchmarks/transfer_speed.py [--images 1000] [--samples 100] [--steps 20] [--device cpu]
 """
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _allocator import keep_freed_memory  # noqa: E402
 from workbench.evaluate import DEFAULT_MAX_ROWS, evaluate  # noqa: E402
 from workbench.models import build  # noqa: E402
 from workbench.perturb import MetaPerturb  # noqa: E402
@@ -113,7 +115,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="rows per tiled MC forward")
     parser.add_argument("--repeats", type=int, default=5, help="timed single evaluation passes (median)")
     parser.add_argument("--skip-eval", action="store_true")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator at its defaults")
     args = parser.parse_args(argv)
+    print("allocator: default" if args.default_malloc else keep_freed_memory())
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     path = official_phi_path()
