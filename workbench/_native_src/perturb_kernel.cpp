@@ -1162,19 +1162,17 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
+      float* g_x = need_x && own ? gxp + o : dummy.data();
 #if WB_HAS_AVX512_PATH
-      if (avx512) {
-        noise_tail_backward_row_avx512(xp + o, mp + o, ap + o, gp + o, sp, need_x && own ? gxp + o : dummy.data(),
-                                       gm.data() + slot * rw, gs.data() + slot * g.W, acc.data(), k,
+      if (avx512)
+        noise_tail_backward_row_avx512(xp + o, mp + o, ap + o, gp + o, sp, g_x, gm.data() + slot * rw,
+                                       gs.data() + slot * g.W, acc.data(), k,
                                        has_clip ? cl : std::numeric_limits<float>::infinity(), g.W, g.C,
                                        colsum.data());
-        if (need_scale && own)
-          for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
-        return;
-      }
+      else
 #endif
-      noise_tail_backward_row(xp + o, mp + o, ap + o, gp + o, sp, need_x && own ? gxp + o : dummy.data(),
-                              gm.data() + slot * rw, gs.data() + slot * g.W, acc.data(), k, has_clip, cl, g.W, g.C);
+        noise_tail_backward_row(xp + o, mp + o, ap + o, gp + o, sp, g_x, gm.data() + slot * rw,
+                                gs.data() + slot * g.W, acc.data(), k, has_clip, cl, g.W, g.C);
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
     };
