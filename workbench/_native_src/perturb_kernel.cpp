@@ -530,6 +530,18 @@ WB_AVX512 inline void store_block(uint8_t* p, __mmask16 lm, __m128i v) {
   if (lm == 0xFFFF) _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); else _mm_mask_storeu_epi8(p, lm, v);
 }
 
+// The three columns x - 1, x, x + 1 a 3x3 stencil reads at pixel x, and their lane masks: an off-image column gets
+// mask 0 (its masked load reads nothing and gives zeros) and a valid address.
+struct TapColumns {
+  idx x[3];
+  __mmask16 mask[3];
+};
+WB_AVX512 inline TapColumns tap_columns(idx x, idx W, __mmask16 lm) {
+  const bool left = x > 0, right = x + 1 < W;
+  return {{left ? x - 1 : x, x, right ? x + 1 : x},
+          {left ? lm : static_cast<__mmask16>(0), lm, right ? lm : static_cast<__mmask16>(0)}};
+}
+
 // One output row of sweep 1: r1 = relu(E1(h)) (E1 = K_id stencil + pix[x], pix = the K_all stencil of the channel
 // mean), the mask bytes, mr[x] = mean_c r1 and, when training, fsum[j, c] = sum_x relu(K_j * h).
 // colsum: W * 16 floats of scratch.
@@ -544,17 +556,16 @@ WB_AVX512 void sweep1_row_avx512(const float* const hrows[3], const float* __res
     __m512 f[kScaleKernels];
     for (int j = 0; j < kScaleKernels; ++j) f[j] = zero;
     for (idx x = 0; x < W; ++x) {
-      const idx xl = x > 0 ? x - 1 : x, xr = x + 1 < W ? x + 1 : x;
-      const __mmask16 ml = x > 0 ? lm : 0, mright = x + 1 < W ? lm : 0;
+      const TapColumns cols = tap_columns(x, W, lm);
       __m512 e[3] = {zero, zero, zero};
       __m512 s[kScaleKernels];
       for (int j = 0; j < kScaleKernels; ++j) s[j] = zero;
       for (int dy = 0; dy < 3; ++dy) {
         if (hrows[dy] == nullptr) continue;
         const float* p = hrows[dy] + cb;
-        const __m512 t0 = _mm512_maskz_loadu_ps(ml, p + xl * C);
-        const __m512 t1 = _mm512_maskz_loadu_ps(lm, p + x * C);
-        const __m512 t2 = _mm512_maskz_loadu_ps(mright, p + xr * C);
+        const __m512 t0 = _mm512_maskz_loadu_ps(cols.mask[0], p + cols.x[0] * C);
+        const __m512 t1 = _mm512_maskz_loadu_ps(cols.mask[1], p + cols.x[1] * C);
+        const __m512 t2 = _mm512_maskz_loadu_ps(cols.mask[2], p + cols.x[2] * C);
         const float* k = K1 + 3 * dy;
         e[dy] = _mm512_fmadd_ps(t0, _mm512_set1_ps(k[0]), e[dy]);
         e[dy] = _mm512_fmadd_ps(t1, _mm512_set1_ps(k[1]), e[dy]);
@@ -604,20 +615,18 @@ WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate
     __m512 g[kScaleKernels];
     for (int j = 0; j < kScaleKernels; ++j) g[j] = gf ? _mm512_maskz_loadu_ps(lm, gf + j * C + cb) : zero;
     for (idx x = 0; x < W; ++x) {
-      const idx xs[3] = {x > 0 ? x - 1 : x, x, x + 1 < W ? x + 1 : x};
-      const __mmask16 ms[3] = {x > 0 ? lm : static_cast<__mmask16>(0), lm,
-                               x + 1 < W ? lm : static_cast<__mmask16>(0)};
+      const TapColumns cols = tap_columns(x, W, lm);
       __m512 a[3] = {zero, zero, zero};
       __m512 coef[kScaleKernels];
       for (int j = 0; j < kScaleKernels; ++j) coef[j] = zero;
       for (int dy = 0; dy < 3; ++dy) {
         if (grows[dy] == nullptr) continue;
         for (int dx = 0; dx < 3; ++dx) {
-          const idx o = xs[dx] * C + cb;
-          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(ms[dx], grows[dy] + o), _mm512_set1_ps(K1f[3 * dy + dx]),
+          const idx o = cols.x[dx] * C + cb;
+          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols.mask[dx], grows[dy] + o), _mm512_set1_ps(K1f[3 * dy + dx]),
                                   a[dy]);
           if (gf) {
-            const __m128i b = _mm_maskz_loadu_epi8(ms[dx], mrows[dy] + o);
+            const __m128i b = _mm_maskz_loadu_epi8(cols.mask[dx], mrows[dy] + o);
             for (int j = 0; j < kScaleKernels; ++j) {
               const __mmask16 on = _mm_test_epi8_mask(b, _mm_set1_epi8(static_cast<char>(1 << j)));
               coef[j] = _mm512_mask_add_ps(coef[j], on, coef[j], _mm512_set1_ps(Ksf[9 * j + 3 * dy + dx]));
@@ -640,14 +649,12 @@ WB_AVX512 void stencil_row_avx512(float* __restrict out, const float* const rows
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     for (idx x = 0; x < W; ++x) {
-      const idx xs[3] = {x > 0 ? x - 1 : x, x, x + 1 < W ? x + 1 : x};
-      const __mmask16 ms[3] = {x > 0 ? lm : static_cast<__mmask16>(0), lm,
-                               x + 1 < W ? lm : static_cast<__mmask16>(0)};
+      const TapColumns cols = tap_columns(x, W, lm);
       __m512 a[3] = {zero, zero, zero};
       for (int dy = 0; dy < 3; ++dy) {
         if (rows[dy] == nullptr) continue;
         for (int dx = 0; dx < 3; ++dx)
-          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(ms[dx], rows[dy] + xs[dx] * C + cb),
+          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols.mask[dx], rows[dy] + cols.x[dx] * C + cb),
                                   _mm512_set1_ps(K[3 * dy + dx]), a[dy]);
       }
       store_block(out + x * C + cb, lm, _mm512_add_ps(_mm512_add_ps(a[0], a[1]), a[2]));
