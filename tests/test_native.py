@@ -249,31 +249,77 @@ def isa_restored():
 ISA_SHAPES = [(3, 5, 9, 7), (2, 16, 6, 6), (2, 17, 5, 4), (3, 33, 4, 1), (2, 64, 1, 3), (2, 1, 1, 1), (4, 40, 8, 8)]
 
 
+def _multiplier_stats(mult):
+    return mult if mult.dim() == 1 else torch.stack([mult.mean(), mult.std()])
+
+
+@pytest.fixture
+def fusing_restored():
+    before = _native.fuse_frozen_sites
+    yield
+    _native.fuse_frozen_sites = before
+
+
 @needs_avx512
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("drawn", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", ISA_SHAPES)
-def test_avx512_rows_agree_with_the_generic_rows(isa_restored, shape, training, drawn):
+def test_avx512_rows_agree_with_the_generic_rows(isa_restored, fusing_restored, shape, training, drawn, fused):
     """Channel tails (C not a multiple of 16), one-pixel rows and columns, eval and training, clip, given and drawn
-    noise: outputs, multipliers, running statistics and the input gradient of both row-kernel forms agree."""
+    noise: outputs, multipliers, running statistics and the input gradient of the generic two sweeps agree with the
+    AVX-512 two sweeps and with the fused site."""
     torch.manual_seed(6)
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)  # frozen, as in transfer: the AVX-512 backward serves it
     h = (3 * torch.randn(shape)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     eps = None if drawn else torch.randn(shape)
     weight = torch.randn(shape)
-    results = {}
+    results, map_written = {}, {}
     for isa in ("generic", "avx512"):
         _native.set_isa(isa)
+        _native.fuse_frozen_sites = fused
         rm, rv = _stats(shape[1])
         torch.manual_seed(7)  # the same in-kernel noise for both
         out, scale, mult = _call(_native.perturb, h, phi, rm, rv, training, eps)
         (grad,) = torch.autograd.grad((out * weight).sum(), [h])
-        results[isa] = (out.detach(), mult, scale.detach(), rm, rv, grad)
+        results[isa] = (out.detach(), _multiplier_stats(mult), scale.detach(), rm, rv, grad)
+        map_written[isa] = mult.shape == h.shape
+    assert map_written == {"generic": True, "avx512": not fused}  # the fused site never writes the multiplier map
     for name, generic, avx512 in zip(["out", "mult", "scale", "rm", "rv", "grad"], results["generic"],
                                      results["avx512"]):
         assert _rel(avx512, generic) < 1e-5, name
     if h.numel() > 200:
         assert (results["avx512"][0] == 1.5).any()  # the clip is exercised
+
+
+@needs_avx512
+def test_fused_site_in_a_network_trains_like_the_two_sweeps(isa_restored, fusing_restored):
+    """A frozen phi attached to a small ResNet: one training step's loss, parameter gradients and site statistics
+    are the same with the fused site as with the two sweeps (the same noise: a seeded draw)."""
+    from workbench import attach
+    from workbench.models import build
+
+    _native.set_isa("avx512")
+    x = torch.randn(4, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 1])
+    results = []
+    for fused in (False, True):
+        _native.fuse_frozen_sites = fused
+        torch.manual_seed(10)
+        model = build("resnet20", 3, image_size=12).to(memory_format=torch.channels_last)
+        handle = attach(model, MetaPerturb(init_std=0.3).requires_grad_(False), image_size=12)
+        handle.set_clip(100.0)
+        torch.manual_seed(11)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        stats = [site.last_multiplier_stats for site in handle.sites]
+        results.append((loss.detach(), grads, [s.running_var.clone() for s in handle.sites], stats))
+    (loss0, grads0, rv0, stats0), (loss1, grads1, rv1, stats1) = results
+    assert abs(loss1.item() - loss0.item()) < 1e-5
+    assert max(_rel(b, a) for a, b in zip(grads0, grads1)) < 1e-4
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(rv0, rv1))
+    for a, b in zip(stats0, stats1):
+        assert abs(a["mean"] - b["mean"]) < 1e-5 and abs(a["std"] - b["std"]) < 1e-4
 
 
 @needs_avx512

@@ -247,7 +247,8 @@ def perturb(
     double_bessel: bool = True,
     fused: bool = True,
 ):
-    """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)``.
+    """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)`` (the multiplier map, or its
+    ``[mean, std]`` where the fused CPU kernel serves a frozen phi: see ``workbench._native``).
 
     In training mode the batch statistics are used and ``running_mean``/``running_var`` (C, 4) are updated in place;
     otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
@@ -378,6 +379,8 @@ class PerturbSite(nn.Module):
         if self._last_multiplier is None:
             return None
         m = self._last_multiplier
+        if m.dim() == 1:  # the fused kernel's [mean, std]: it never writes the map
+            return {"mean": m[0].item(), "std": m[1].item()}
         return {"mean": m.mean().item(), "std": m.std().item()}
 
 

@@ -603,9 +603,10 @@ WB_AVX512 void sweep1_row_avx512(const float* const hrows[3], const float* __res
 
 // One row of sweep 1's input gradient (kernels flipped for the transposed stencils):
 // out (=, or += with accumulate) K_id^T * gE + pix[x] / C + sum_j gf[j, c] * (K_j^T * [mask bit j]).
-// grows: the g_E1 rows above, at and below (nullptr outside the image); mrows: the mask rows likewise;
-// gf: this image's (4, C) scale-feature gradient over H W, or nullptr when the scale path carries none.
-WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate, const float* const grows[3],
+// mrows: the mask rows above, at and below (nullptr outside the image); grows: the g_E1 rows likewise, or nullptr
+// for no E1 term (then pix is unused); gf: this image's (4, C) scale-feature gradient over H W, or nullptr when the
+// scale path carries none.
+WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate, const float* const* grows,
                                           const uint8_t* const mrows[3], const float* __restrict pix,
                                           const float* K1f, const float* Ksf, const float* gf, idx W, idx C) {
   const __m512 zero = _mm512_setzero_ps();
@@ -620,11 +621,12 @@ WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate
       __m512 coef[kScaleKernels];
       for (int j = 0; j < kScaleKernels; ++j) coef[j] = zero;
       for (int dy = 0; dy < 3; ++dy) {
-        if (grows[dy] == nullptr) continue;
+        if (mrows[dy] == nullptr) continue;
         for (int dx = 0; dx < 3; ++dx) {
           const idx o = cols.x[dx] * C + cb;
-          a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols.mask[dx], grows[dy] + o), _mm512_set1_ps(K1f[3 * dy + dx]),
-                                  a[dy]);
+          if (grows)
+            a[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols.mask[dx], grows[dy] + o),
+                                    _mm512_set1_ps(K1f[3 * dy + dx]), a[dy]);
           if (gf) {
             const __m128i b = _mm_maskz_loadu_epi8(cols.mask[dx], mrows[dy] + o);
             for (int j = 0; j < kScaleKernels; ++j) {
@@ -634,7 +636,7 @@ WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate
           }
         }
       }
-      __m512 v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], _mm512_set1_ps(pix[x] * inv_c)));
+      __m512 v = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], _mm512_set1_ps(grows ? pix[x] * inv_c : 0.f)));
       for (int j = 0; j < kScaleKernels; ++j) v = _mm512_fmadd_ps(coef[j], g[j], v);
       float* dst = out + x * C + cb;
       if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, dst), v);
@@ -718,16 +720,19 @@ WB_AVX512 inline __m512 reciprocal512(__m512 d) {
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
-// noise_tail_row over one image row: a = mu + pix[x] + eps, m = 1 + k (s softplus(a) - 1), out = min(h m, clip)
+// noise_tail_row over one image row: a = mu + pix[x] + eps, m = 1 + k (s softplus(a) - 1), out = min(h m, clip).
+// mult: the multiplier row, or nullptr not to write it; mstats: (sum m, sum m^2) += this row's, or nullptr.
 WB_AVX512 void noise_tail_row_avx512(const float* __restrict h, const float* __restrict mu,
                                      const float* __restrict pix, const float* __restrict eps,
                                      const float* __restrict scale, float* __restrict out, float* __restrict mult,
-                                     float* __restrict a_out, float k, float cl, idx W, idx C) {
+                                     float* __restrict a_out, float k, float cl, idx W, idx C,
+                                     double* mstats = nullptr) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k),
                clv = _mm512_set1_ps(cl), sign = _mm512_set1_ps(-0.0f);
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     const __m512 s = _mm512_maskz_loadu_ps(lm, scale + cb);
+    __m512 msum = zero, msq = zero;
     for (idx x = 0; x < W; ++x) {
       const idx o = x * C + cb;
       const __m512 av = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(lm, mu + o), _mm512_set1_ps(pix[x])),
@@ -737,13 +742,23 @@ WB_AVX512 void noise_tail_row_avx512(const float* __restrict h, const float* __r
       const __m512 m = _mm512_fmadd_ps(kv, _mm512_fmsub_ps(s, z, one), one);
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, h + o), m);
       store_block(a_out + o, lm, av);
-      store_block(mult + o, lm, m);
+      if (mult) store_block(mult + o, lm, m);
       store_block(out + o, lm, _mm512_min_ps(v, clv));
+      if (mstats) {
+        const __m512 mm = _mm512_maskz_mov_ps(lm, m);
+        msum = _mm512_add_ps(msum, mm);
+        msq = _mm512_fmadd_ps(mm, mm, msq);
+      }
+    }
+    if (mstats) {
+      mstats[0] += _mm512_reduce_add_ps(msum);
+      mstats[1] += _mm512_reduce_add_ps(msq);
     }
   }
 }
 
-// noise_tail_backward_row over one image row (see there); acc[c] += sum_x g_m z
+// noise_tail_backward_row over one image row (see there); acc[c] += sum_x g_m z. mult: the forward's multiplier
+// row, or nullptr to recompute it from a (the same expression as the forward, so the same values).
 WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const float* __restrict mult,
                                               const float* __restrict a, const float* __restrict g_out,
                                               const float* __restrict scale, float* __restrict g_x,
@@ -759,16 +774,18 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
     __m512 sacc = zero;
     for (idx x = 0; x < W; ++x) {
       const idx o = x * C + cb;
-      const __m512 hv = _mm512_maskz_loadu_ps(lm, h + o), m = _mm512_maskz_loadu_ps(lm, mult + o);
+      const __m512 av = _mm512_maskz_loadu_ps(lm, a + o);
+      const __m512 e = exp512(_mm512_or_ps(av, sign));
+      const __m512 z = _mm512_add_ps(_mm512_max_ps(av, zero), log1p_unit512(e));
+      const __m512 hv = _mm512_maskz_loadu_ps(lm, h + o);
+      const __m512 m = mult ? _mm512_maskz_loadu_ps(lm, mult + o) : _mm512_fmadd_ps(kv, _mm512_fmsub_ps(s, z, one), one);
       // clamp(max=clip) passes the gradient where h m <= clip
       const __mmask16 pass = _mm512_mask_cmp_ps_mask(lm, _mm512_mul_ps(hv, m), clv, _CMP_LE_OQ);
       const __m512 go = _mm512_maskz_loadu_ps(pass, g_out + o);
       const __m512 gm = _mm512_mul_ps(_mm512_mul_ps(go, hv), kv);
-      const __m512 av = _mm512_maskz_loadu_ps(lm, a + o);
-      const __m512 e = exp512(_mm512_or_ps(av, sign));
       const __m512 r = reciprocal512(_mm512_add_ps(one, e));
       const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(av, zero, _CMP_LT_OQ), e, r);
-      sacc = _mm512_fmadd_ps(gm, _mm512_add_ps(_mm512_max_ps(av, zero), log1p_unit512(e)), sacc);
+      sacc = _mm512_fmadd_ps(gm, z, sacc);
       const __m512 gmu = _mm512_mul_ps(_mm512_mul_ps(gm, s), sig);
       store_block(g_x + o, lm, _mm512_mul_ps(go, m));
       store_block(g_mu + o, lm, gmu);
@@ -777,6 +794,109 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
     _mm512_mask_storeu_ps(acc + cb, lm, _mm512_add_ps(_mm512_maskz_loadu_ps(lm, acc + cb), sacc));
   }
   for (idx x = 0; x < W; ++x) g_mu_sum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
+}
+
+// ---- the fused site (frozen phi): a pre-pass over h, then E1 -> E2 -> noise tail in one sweep with r1 in a ring
+
+// Pre-pass row: mh[x] = mean_c h (the centre row); when training also fsum[j, c] = sum_x relu(K_j * h) and the mask
+// bytes' bits 0-3 (K_j * h > 0).
+template <bool kTraining>
+WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, idx W, idx C,
+                                  float* __restrict mh, uint8_t* __restrict mask, float* __restrict fsum,
+                                  float* __restrict colsum) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    __m512 f[kScaleKernels];
+    for (int j = 0; j < kScaleKernels; ++j) f[j] = zero;
+    for (idx x = 0; x < W; ++x) {
+      const __m512 centre = _mm512_maskz_loadu_ps(lm, hrows[1] + x * C + cb);
+      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), centre));
+      if constexpr (kTraining) {
+        const TapColumns cols = tap_columns(x, W, lm);
+        __m512 s[kScaleKernels];
+        for (int j = 0; j < kScaleKernels; ++j) s[j] = zero;
+        for (int dy = 0; dy < 3; ++dy) {
+          if (hrows[dy] == nullptr) continue;
+          const float* p = hrows[dy] + cb;
+          for (int dx = 0; dx < 3; ++dx) {
+            const __m512 t = _mm512_maskz_loadu_ps(cols.mask[dx], p + cols.x[dx] * C);
+            for (int j = 0; j < kScaleKernels; ++j)
+              s[j] = _mm512_fmadd_ps(t, _mm512_set1_ps(Ks[9 * j + 3 * dy + dx]), s[j]);
+          }
+        }
+        __m128i bits = _mm_setzero_si128();
+        for (int j = 0; j < kScaleKernels; ++j) {
+          const __mmask16 sp = _mm512_mask_cmp_ps_mask(lm, s[j], zero, _CMP_GT_OQ);
+          f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[j]);
+          bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(sp, _mm_set1_epi8(static_cast<char>(1 << j))));
+        }
+        store_block(mask + x * C + cb, lm, bits);
+      }
+    }
+    if constexpr (kTraining)
+      for (int j = 0; j < kScaleKernels; ++j) _mm512_mask_storeu_ps(fsum + j * C + cb, lm, f[j]);
+  }
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx x = 0; x < W; ++x) mh[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x)) * inv_c;
+}
+
+// r1 = relu(E1(h)) for one row (E1 = K_id stencil + pix[x]) and mr[x] = mean_c r1; mask: nullptr, or the row's mask
+// bytes, which get bit 4 (E1 > 0), OR-ed into what is there when or_into (the pre-pass wrote bits 0-3), else written.
+WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restrict pix, const float* K1, idx W, idx C,
+                             float* __restrict r1, uint8_t* __restrict mask, bool or_into, float* __restrict mr,
+                             float* __restrict colsum) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    for (idx x = 0; x < W; ++x) {
+      const TapColumns cols = tap_columns(x, W, lm);
+      __m512 e[3] = {zero, zero, zero};
+      for (int dy = 0; dy < 3; ++dy) {
+        if (hrows[dy] == nullptr) continue;
+        const float* p = hrows[dy] + cb;
+        for (int dx = 0; dx < 3; ++dx)
+          e[dy] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(cols.mask[dx], p + cols.x[dx] * C),
+                                  _mm512_set1_ps(K1[3 * dy + dx]), e[dy]);
+      }
+      const __m512 ev = _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], _mm512_set1_ps(pix[x])));
+      const __mmask16 pos = _mm512_mask_cmp_ps_mask(lm, ev, zero, _CMP_GT_OQ);
+      const __m512 rv = _mm512_maskz_mov_ps(pos, ev);
+      store_block(r1 + x * C + cb, lm, rv);
+      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), rv));
+      if (mask) {
+        __m128i bits = _mm_maskz_mov_epi8(pos, _mm_set1_epi8(static_cast<char>(kReluBit)));
+        uint8_t* dst = mask + x * C + cb;
+        if (or_into) bits = _mm_or_si128(bits, _mm_maskz_loadu_epi8(lm, dst));
+        store_block(dst, lm, bits);
+      }
+    }
+  }
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx x = 0; x < W; ++x) mr[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x)) * inv_c;
+}
+
+// g_E1 for one row: ge = [bit 4] (g_r1 + g_mr[x] / C) and its channel sums gsum[x]
+WB_AVX512 void relu_backward_row_avx512(const uint8_t* __restrict mask, const float* __restrict g_r1,
+                                        const float* __restrict g_mr, float* __restrict ge, float* __restrict gsum,
+                                        idx W, idx C, float* __restrict colsum) {
+  const __m512 zero = _mm512_setzero_ps();
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
+  for (idx cb = 0; cb < C; cb += 16) {
+    const __mmask16 lm = lanes_of(C - cb);
+    for (idx x = 0; x < W; ++x) {
+      const idx o = x * C + cb;
+      const __mmask16 on =
+          _mm_mask_test_epi8_mask(lm, _mm_maskz_loadu_epi8(lm, mask + o), _mm_set1_epi8(static_cast<char>(kReluBit)));
+      const __m512 v = _mm512_maskz_add_ps(on, _mm512_maskz_loadu_ps(lm, g_r1 + o), _mm512_set1_ps(g_mr[x] * inv_c));
+      store_block(ge + o, lm, v);
+      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), v));
+    }
+  }
+  for (idx x = 0; x < W; ++x) gsum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
 }
 
 // ---- noise: Philox4x32-10 and Box-Muller over sixteen counters per register (the draw of philox_normals_block)
@@ -1256,6 +1376,247 @@ torch::Tensor draw(int64_t n, int64_t seed) {
   return out;
 }
 
+// ================================================================================================== fused site
+// For a frozen phi on AVX-512 CPUs: the site in two passes over h forward and two backward, with r1, g_mu and g_E1
+// only ever in three-row rings, and the multiplier never written (its sum and sum of squares are returned instead).
+// Per site that is about 40% less memory traffic than the two sweeps, which matters because maps of a few MB and up
+// are bound by memory bandwidth here, not by arithmetic.
+
+// mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3. The mask map is allocated here either way.
+std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training) {
+#if WB_HAS_AVX512_PATH
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  const auto Ks = kernel9(kscale);
+  auto opts = x.options();
+  auto mh = empty_map({g.B, g.H, g.W});
+  auto mask = empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8);
+  auto fpart = training ? torch::empty({rows_total, kScaleKernels, g.C}, opts) : torch::empty({0}, opts);
+  const float* xp = x.data_ptr<float>();
+  float* mhp = mh.data_ptr<float>();
+  uint8_t* mp = mask.data_ptr<uint8_t>();
+  float* fp = training ? fpart.data_ptr<float>() : nullptr;
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    std::vector<float> colsum(16 * g.W);
+    for (idx r = r0; r < r1_; ++r) {
+      const float* hrows[3];
+      neighbours(xp, g, r / g.H, r % g.H, rw, hrows);
+      if (training)
+        prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp + r * rw,
+                                 fp + r * kScaleKernels * g.C, colsum.data());
+      else
+        prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr, colsum.data());
+    }
+  });
+  torch::Tensor f = training ? fpart.view({g.B, g.H, kScaleKernels, g.C}).to(torch::kDouble).sum(1)
+                                   .div_(static_cast<double>(g.H * g.W)).transpose(1, 2).to(torch::kFloat).contiguous()
+                             : torch::empty({0}, opts);
+  return {mh, f, mask};
+#else
+  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
+#endif
+}
+
+// out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep; writes a = mu + eps (for the
+// backward) and bit 4 of the mask. Returns out ((B, C, H, W) channels_last), a (NHWC), and (sum m, sum m^2).
+std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
+                                         torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
+                                         torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
+                                         bool has_clip, double clip, bool training) {
+#if WB_HAS_AVX512_PATH
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  const auto K1 = kernel9(kid1), Ka1 = kernel9(kall1), K2 = kernel9(kid2), Ka2 = kernel9(kall2);
+  auto s = scale.detach().to(torch::kFloat).contiguous();
+  const float* sp = s.data_ptr<float>();
+  const bool drawn = eps.numel() == 0;
+  const float* epsp = drawn ? nullptr : eps.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* mhp = mh.data_ptr<float>();
+  uint8_t* maskp = mask.data_ptr<uint8_t>();
+  auto out = empty_channels_last(g.B, g.C, g.H, g.W);
+  auto a = empty_map(x.sizes());
+  float* op = out.data_ptr<float>();
+  float* ap = a.data_ptr<float>();
+  std::vector<double> rowstats(static_cast<size_t>(2 * rows_total), 0.0);
+  const float k = static_cast<float>(noise_coeff);
+  const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
+        colsum(16 * g.W);
+    idx slot_row[3] = {-1, -1, -1};
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / g.H, y = r % g.H;
+      const float *rrows[3], *mrrows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const idx yy = y + dy - 1;
+        const bool inside = yy >= 0 && yy < g.H;
+        const idx row = b * g.H + yy;
+        const int slot = inside ? static_cast<int>(row % 3) : 0;
+        if (inside && slot_row[slot] != row) {
+          const float *hrows[3], *mhrows[3];
+          neighbours(xp, g, b, yy, rw, hrows);
+          neighbours(mhp, g, b, yy, g.W, mhrows);
+          stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
+          const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
+          e1_row_avx512(hrows, pix.data(), K1.data(), g.W, g.C, ring.data() + slot * rw,
+                        own ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W, colsum.data());
+          slot_row[slot] = row;
+        }
+        rrows[dy] = inside ? ring.data() + slot * rw : nullptr;
+        mrrows[dy] = inside ? ring_mr.data() + slot * g.W : nullptr;
+      }
+      stencil_row_avx512(mu.data(), rrows, K2.data(), g.W, g.C);
+      stencil_row(pix.data(), mrrows, Ka2.data(), g.W, 1);
+      const float* e = epsp + r * rw;
+      if (drawn) {
+        draw_normals(noise.data(), r * rw, rw, useed, scratch, true);
+        e = noise.data();
+      }
+      const idx o = r * rw;
+      noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, nullptr, ap + o, k, cl, g.W, g.C,
+                            rowstats.data() + 2 * r);
+    }
+  });
+  auto stats = torch::zeros({2}, torch::dtype(torch::kDouble));
+  double* st = stats.data_ptr<double>();
+  for (idx r = 0; r < rows_total; ++r) {
+    st[0] += rowstats[2 * r];
+    st[1] += rowstats[2 * r + 1];
+  }
+  return {out, a, stats};
+#else
+  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
+#endif
+}
+
+// The input gradient of fused_forward except the scale path (scale_backward adds that), and g_scale when asked.
+std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor mask, torch::Tensor scale,
+                                          torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
+                                          torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
+                                          double clip, bool need_scale) {
+#if WB_HAS_AVX512_PATH
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row();
+  float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
+  flip9(kernel9(kid1).data(), K1f);
+  flip9(kernel9(kall1).data(), Ka1f);
+  flip9(kernel9(kid2).data(), K2f);
+  flip9(kernel9(kall2).data(), Ka2f);
+  auto s = scale.detach().to(torch::kFloat).contiguous();
+  const float* sp = s.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* ap = a.data_ptr<float>();
+  const float* gp = g_out.data_ptr<float>();
+  const uint8_t* maskp = mask.data_ptr<uint8_t>();
+  auto gx = empty_channels_last(g.B, g.C, g.H, g.W);  // a tensor of its own: see sweep1_backward
+  float* gxp = gx.data_ptr<float>();
+  std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
+  const float k = static_cast<float>(noise_coeff);
+  const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    // ring 1: g_mu rows and their channel sums; ring 2: g_E1 rows and theirs. Output row y needs g_E1 rows y-1..y+1,
+    // g_E1 row y' needs g_mu rows y'-1..y'+1; produced in increasing row order, three slots each suffice.
+    std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), acc(g.C),
+        dummy(rw), colsum(16 * g.W);
+    idx mu_row[3] = {-1, -1, -1}, e_row[3] = {-1, -1, -1};
+    auto ensure_mu = [&](idx b, idx yy) {
+      const idx row = b * g.H + yy;
+      const int slot = static_cast<int>(row % 3);
+      if (mu_row[slot] == row) return;
+      const bool own = row >= r0 && row < r1_;
+      const idx o = row * rw;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
+      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(),
+                                     gmu.data() + slot * rw, gmus.data() + slot * g.W, acc.data(), k, cl, g.W, g.C,
+                                     colsum.data());
+      if (need_scale && own)
+        for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
+      mu_row[slot] = row;
+    };
+    auto ensure_e = [&](idx b, idx yy) {
+      const idx row = b * g.H + yy;
+      const int slot = static_cast<int>(row % 3);
+      if (e_row[slot] == row) return;
+      const float *mrows[3], *srows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const idx y2 = yy + dy - 1;
+        const bool inside = y2 >= 0 && y2 < g.H;
+        if (inside) ensure_mu(b, y2);
+        const int ms = inside ? static_cast<int>((b * g.H + y2) % 3) : 0;
+        mrows[dy] = inside ? gmu.data() + ms * rw : nullptr;
+        srows[dy] = inside ? gmus.data() + ms * g.W : nullptr;
+      }
+      stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
+      stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
+      relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
+                               ges.data() + slot * g.W, g.W, g.C, colsum.data());
+      e_row[slot] = row;
+    };
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / g.H, y = r % g.H;
+      ensure_mu(b, y);  // writes the direct term of row r before the E1 terms are added to it
+      const float *grows[3], *srows[3];
+      const uint8_t* maskrows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const idx yy = y + dy - 1;
+        const bool inside = yy >= 0 && yy < g.H;
+        if (inside) ensure_e(b, yy);
+        const int es = inside ? static_cast<int>((b * g.H + yy) % 3) : 0;
+        grows[dy] = inside ? ge.data() + es * rw : nullptr;
+        srows[dy] = inside ? ges.data() + es * g.W : nullptr;
+        maskrows[dy] = inside ? maskp + (b * g.H + yy) * rw : nullptr;
+      }
+      stencil_row(pix.data(), srows, Ka1f, g.W, 1);
+      sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f, nullptr, nullptr, g.W, g.C);
+    }
+  });
+  torch::Tensor gscale = torch::empty({0}, x.options());
+  if (need_scale) {
+    auto t = torch::zeros({g.C}, torch::dtype(torch::kDouble));
+    double* tp = t.data_ptr<double>();
+    for (idx r = 0; r < rows_total; ++r)
+      for (idx c = 0; c < g.C; ++c) tp[c] += spart[r * g.C + c];
+    gscale = t.to(torch::kFloat);
+  }
+  return {gx, gscale};
+#else
+  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
+#endif
+}
+
+// gx += sum_j g_f[b, c, j] / (H W) * (K_j^T * [mask bit j]): the scale path's share of the input gradient, in place.
+torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tensor kscale, torch::Tensor gx) {
+#if WB_HAS_AVX512_PATH
+  const idx B = mask.size(0), H = mask.size(1), W = mask.size(2), C = mask.size(3);
+  const idx rows_total = B * H, rw = W * C;
+  std::vector<float> Ksf(9 * kScaleKernels);
+  const auto k = kernel9(kscale);
+  for (int j = 0; j < kScaleKernels; ++j) flip9(k.data() + 9 * j, Ksf.data() + 9 * j);
+  auto gf = g_f.to(torch::kFloat).div(static_cast<double>(H * W)).transpose(1, 2).contiguous();  // (B, 4, C)
+  const float* gfp = gf.data_ptr<float>();
+  const uint8_t* maskp = mask.data_ptr<uint8_t>();
+  float* gxp = gx.data_ptr<float>();  // channels_last memory: NHWC
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / H, y = r % H;
+      const uint8_t* maskrows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const idx yy = y + dy - 1;
+        maskrows[dy] = (yy < 0 || yy >= H) ? nullptr : maskp + (b * H + yy) * rw;
+      }
+      sweep1_backward_row_avx512(gxp + r * rw, true, nullptr, maskrows, nullptr, nullptr, Ksf.data(),
+                                 gfp + b * kScaleKernels * C, W, C);
+    }
+  });
+  return gx;
+#else
+  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused MetaPerturb perturbation-site kernels (NHWC float32, CPU)";
   m.def("sweep1_forward", &sweep1_forward);
@@ -1263,6 +1624,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep2_forward", &sweep2_forward);
   m.def("sweep2_backward", &sweep2_backward);
   m.def("draw", &draw);
+  m.def("scale_prepass", &scale_prepass);
+  m.def("fused_forward", &fused_forward);
+  m.def("fused_backward", &fused_backward);
+  m.def("scale_backward", &scale_backward);
   m.def("isa", [] { return std::string(use_avx512() ? "avx512" : "generic"); }, "the row kernels in use");
   m.def("cpu_has_avx512", [] { return static_cast<bool>(WB_HAS_AVX512_PATH && cpu_has_avx512()); });
   m.def("set_isa", [](const std::string& isa) {
