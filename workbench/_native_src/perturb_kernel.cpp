@@ -706,12 +706,20 @@ WB_AVX512 inline __m512 log512(__m512 u) {
   return _mm512_fmadd_ps(ex, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
 }
 
-// log(1 + e) for e in [0, 1], compensated for tiny e as fast_log1p_unit
+// log(1 + e) for e in [0, 1] as e q(e), q a degree-8 least-squares fit of log1p(e) / e on Chebyshev nodes: relative
+// error under 2e-7 (float32 evaluation, measured on a 2e5-point grid), exact as e -> 0, and nine FMAs instead of a
+// logarithm's range reduction (the tail of every forward and backward element runs it)
 WB_AVX512 inline __m512 log1p_unit512(__m512 e) {
-  const __m512 one = _mm512_set1_ps(1.0f);
-  const __m512 u = _mm512_add_ps(one, e);
-  // the compensation term is a rounding error of u: an approximate reciprocal (rel. error 2^-14) is plenty
-  return _mm512_fmadd_ps(_mm512_sub_ps(e, _mm512_sub_ps(u, one)), _mm512_rcp14_ps(u), log512(u));
+  __m512 q = _mm512_set1_ps(5.253457930e-03f);
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(-2.958850749e-02f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(7.836166769e-02f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(-1.367477030e-01f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(1.911143064e-01f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(-2.484436929e-01f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(3.331927061e-01f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(-4.999950230e-01f));
+  q = _mm512_fmadd_ps(q, e, _mm512_set1_ps(1.0f));
+  return _mm512_mul_ps(q, e);
 }
 
 // 1 / d to about 1 ulp: the 14-bit estimate and one Newton step (a division has a fraction of the throughput)
@@ -798,6 +806,33 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
 
 // ---- the fused site (frozen phi): a pre-pass over h, then E1 -> E2 -> noise tail in one sweep with r1 in a ring
 
+// The four scale stencils K_j * h at pixels x .. x + kPixels - 1 of one 16-channel block. Two pixels at a time share
+// each broadcast kernel tap between two FMAs and load four columns instead of six.
+template <int kPixels>
+WB_AVX512 inline void scale_stencils(const float* const hrows[3], const float* Ks, idx x, idx W, idx C, idx cb,
+                                     __mmask16 lm, __m512 s[kPixels][kScaleKernels]) {
+  idx col[kPixels + 2];
+  __mmask16 cmask[kPixels + 2];
+  for (int i = 0; i < kPixels + 2; ++i) {
+    const idx xx = x - 1 + i;
+    const bool inside = xx >= 0 && xx < W;
+    col[i] = inside ? xx : x;
+    cmask[i] = inside ? lm : static_cast<__mmask16>(0);
+  }
+  for (int p = 0; p < kPixels; ++p)
+    for (int j = 0; j < kScaleKernels; ++j) s[p][j] = _mm512_setzero_ps();
+  for (int dy = 0; dy < 3; ++dy) {
+    if (hrows[dy] == nullptr) continue;
+    __m512 t[kPixels + 2];
+    for (int i = 0; i < kPixels + 2; ++i) t[i] = _mm512_maskz_loadu_ps(cmask[i], hrows[dy] + col[i] * C + cb);
+    for (int dx = 0; dx < 3; ++dx)
+      for (int j = 0; j < kScaleKernels; ++j) {
+        const __m512 k = _mm512_set1_ps(Ks[9 * j + 3 * dy + dx]);
+        for (int p = 0; p < kPixels; ++p) s[p][j] = _mm512_fmadd_ps(t[p + dx], k, s[p][j]);
+      }
+  }
+}
+
 // Pre-pass row: mh[x] = mean_c h (the centre row); when training also fsum[j, c] = sum_x relu(K_j * h) and the mask
 // bytes' bits 0-3 (K_j * h > 0).
 template <bool kTraining>
@@ -810,30 +845,37 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
     const __mmask16 lm = lanes_of(C - cb);
     __m512 f[kScaleKernels];
     for (int j = 0; j < kScaleKernels; ++j) f[j] = zero;
-    for (idx x = 0; x < W; ++x) {
-      const __m512 centre = _mm512_maskz_loadu_ps(lm, hrows[1] + x * C + cb);
-      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), centre));
-      if constexpr (kTraining) {
-        const TapColumns cols = tap_columns(x, W, lm);
-        __m512 s[kScaleKernels];
-        for (int j = 0; j < kScaleKernels; ++j) s[j] = zero;
-        for (int dy = 0; dy < 3; ++dy) {
-          if (hrows[dy] == nullptr) continue;
-          const float* p = hrows[dy] + cb;
-          for (int dx = 0; dx < 3; ++dx) {
-            const __m512 t = _mm512_maskz_loadu_ps(cols.mask[dx], p + cols.x[dx] * C);
-            for (int j = 0; j < kScaleKernels; ++j)
-              s[j] = _mm512_fmadd_ps(t, _mm512_set1_ps(Ks[9 * j + 3 * dy + dx]), s[j]);
+    // relu sums, mask bits and channel sums of the pixels x .. x + n - 1 whose stencils are in s
+    auto finish = [&](idx x, int n, __m512 (*s)[kScaleKernels]) {
+      for (int p = 0; p < n; ++p) {
+        const idx xp = x + p;
+        const __m512 centre = _mm512_maskz_loadu_ps(lm, hrows[1] + xp * C + cb);
+        _mm512_storeu_ps(colsum + 16 * xp, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * xp), centre));
+        if constexpr (kTraining) {
+          __m128i bits = _mm_setzero_si128();
+          for (int j = 0; j < kScaleKernels; ++j) {
+            const __mmask16 sp = _mm512_mask_cmp_ps_mask(lm, s[p][j], zero, _CMP_GT_OQ);
+            f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[p][j]);
+            bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(sp, _mm_set1_epi8(static_cast<char>(1 << j))));
           }
+          store_block(mask + xp * C + cb, lm, bits);
         }
-        __m128i bits = _mm_setzero_si128();
-        for (int j = 0; j < kScaleKernels; ++j) {
-          const __mmask16 sp = _mm512_mask_cmp_ps_mask(lm, s[j], zero, _CMP_GT_OQ);
-          f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[j]);
-          bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(sp, _mm_set1_epi8(static_cast<char>(1 << j))));
-        }
-        store_block(mask + x * C + cb, lm, bits);
       }
+    };
+    idx x = 0;
+    if constexpr (kTraining) {
+      for (; x + 1 < W; x += 2) {
+        __m512 s[2][kScaleKernels];
+        scale_stencils<2>(hrows, Ks, x, W, C, cb, lm, s);
+        finish(x, 2, s);
+      }
+      if (x < W) {
+        __m512 s[1][kScaleKernels];
+        scale_stencils<1>(hrows, Ks, x, W, C, cb, lm, s);
+        finish(x, 1, s);
+      }
+    } else {
+      for (; x < W; ++x) finish(x, 1, nullptr);
     }
     if constexpr (kTraining)
       for (int j = 0; j < kScaleKernels; ++j) _mm512_mask_storeu_ps(fsum + j * C + cb, lm, f[j]);
