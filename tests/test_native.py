@@ -397,3 +397,18 @@ def test_fused_site_does_not_depend_on_the_thread_count(isa_restored, fusing_res
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+@needs_avx512
+def test_fused_site_scale_path_alone_still_reaches_h(isa_restored, fusing_restored):
+    """A loss on the scale only (no gradient through the noise path): the scale path's gradient still reaches h."""
+    _native.set_isa("avx512")
+    torch.manual_seed(14)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = (3 * torch.randn(3, 6, 5, 5)).requires_grad_(True)
+    grads = []
+    for fused in (False, True):
+        _native.fuse_frozen_sites = fused
+        _, scale, _ = _call(_native.perturb, h, phi, *_stats(6), True, torch.randn(h.shape))
+        grads.append(torch.autograd.grad(scale.sum(), [h])[0])
+    assert grads[0].abs().sum() > 0 and _rel(grads[1], grads[0]) < 1e-4

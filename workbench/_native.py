@@ -227,10 +227,14 @@ class _ScaleFeatures(torch.autograd.Function):
     def backward(ctx, g_f, _g_mh, _g_mask):
         mask, kscale = ctx.saved_tensors
         gx, ctx.handoff.grad = ctx.handoff.grad, None
-        if gx is None or not ctx.needs_input_grad[0]:
+        if not ctx.needs_input_grad[0]:
             return None, None, None
-        if g_f is not None:
-            _module.scale_backward(mask, g_f.contiguous(), kscale.detach(), gx)  # adds the scale path in place
+        if g_f is None:
+            return gx, None, None
+        if gx is None:  # the noise path handed over no gradient: the scale path alone
+            b, height, width, c = mask.shape
+            gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
+        _module.scale_backward(mask, g_f.contiguous(), kscale.detach(), gx)  # adds the scale path in place
         return gx, None, None
 
 
