@@ -1003,36 +1003,45 @@ WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1
   n1 = _mm512_mul_ps(radius, sin_v);
 }
 
-// philox_normals_block: normals of counters g0 .. g0 + kNoiseBlock - 1, four per counter, into out[0 .. 4 kNoiseBlock)
+// philox_normals_block: normals of counters g0 .. g0 + kNoiseBlock - 1, four per counter, into out[0 .. 4 kNoiseBlock).
+// The four 16-counter groups go through each round together: a round is a chain of dependent multiplies, so one
+// group alone would leave the core waiting on their latency.
 WB_AVX512 void philox_normals_block_avx512(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out) {
+  constexpr int kGroups = kNoiseBlock / 16;
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u)), m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
-  for (int group = 0; group < kNoiseBlock / 16; ++group) {
+  __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  for (int group = 0; group < kGroups; ++group) {
     const uint64_t base = g0 + 16 * static_cast<uint64_t>(group);
     const __m512i lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
-    __m512i c0 = _mm512_add_epi32(lo, iota);
-    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, lo);  // the low word wrapped within this group
-    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), carry,
-                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))),
-                                       _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t k0 = k0_init, k1 = k1_init;
-    for (int r = 0; r < 10; ++r) {
+    const __m512i hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
+    c0[group] = _mm512_add_epi32(lo, iota);
+    const __mmask16 carry = _mm512_cmplt_epu32_mask(c0[group], lo);  // the low word wrapped within this group
+    c1[group] = _mm512_mask_add_epi32(hi, carry, hi, _mm512_set1_epi32(1));
+    c2[group] = _mm512_setzero_si512();
+    c3[group] = _mm512_setzero_si512();
+  }
+  uint32_t k0 = k0_init, k1 = k1_init;
+  for (int r = 0; r < 10; ++r) {
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int group = 0; group < kGroups; ++group) {
       __m512i hi0, lo0, hi1, lo1;
-      mul_hilo(c0, m0, hi0, lo0);
-      mul_hilo(c2, m1, hi1, lo1);
-      const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
-      const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-      c1 = lo1;
-      c3 = lo0;
-      c0 = n0;
-      c2 = n2;
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
+      mul_hilo(c0[group], m0, hi0, lo0);
+      mul_hilo(c2[group], m1, hi1, lo1);
+      const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c1[group], key0, 0x96);
+      const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c3[group], key1, 0x96);
+      c1[group] = lo1;
+      c3[group] = lo0;
+      c0[group] = n0;
+      c2[group] = n2;
     }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int group = 0; group < kGroups; ++group) {
     __m512 a0, a1, b0, b1;
-    box_muller512(c0, c1, a0, a1);
-    box_muller512(c2, c3, b0, b1);
+    box_muller512(c0[group], c1[group], a0, a1);
+    box_muller512(c2[group], c3[group], b0, b1);
     // interleave to counter-major order: out[4 i + (a0, a1, b0, b1)]
     const __m512 t0 = _mm512_unpacklo_ps(a0, a1), t1 = _mm512_unpackhi_ps(a0, a1);
     const __m512 t2 = _mm512_unpacklo_ps(b0, b1), t3 = _mm512_unpackhi_ps(b0, b1);
