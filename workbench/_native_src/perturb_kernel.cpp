@@ -816,7 +816,8 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
       const __m512 m = mult ? _mm512_maskz_loadu_ps(lm, mult + o) : _mm512_fmadd_ps(kv, _mm512_fmsub_ps(s, z, one), one);
       // clamp(max=clip) passes the gradient where h m <= clip
       const __mmask16 pass = _mm512_mask_cmp_ps_mask(lm, _mm512_mul_ps(hv, m), clv, _CMP_LE_OQ);
-      const __m512 go = _mm512_maskz_loadu_ps(pass, g_out + o);
+      // loaded under the lane mask and zeroed after: a load masked by `pass` would wait for the whole chain above
+      const __m512 go = _mm512_maskz_mov_ps(pass, _mm512_maskz_loadu_ps(lm, g_out + o));
       const __m512 gm = _mm512_mul_ps(_mm512_mul_ps(go, hv), kv);
       const __m512 r = reciprocal512(_mm512_add_ps(one, e));
       const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(av, zero, _CMP_LT_OQ), e, r);
