@@ -209,90 +209,71 @@ class _Sweep2(torch.autograd.Function):
                 gkid if need_kid else None, gkall if need_kall else None, None, None, None, None, None)
 
 
-class _ScaleFeatures(torch.autograd.Function):
-    """Fused site, training: h -> (f [B, C, 4], mh, mask) from one pass over h; the mask carries the scale relus
-    (bits 0-3) for the backward and gets the E1 relu (bit 4) from :class:`_FusedNoise`."""
+class _FusedSite(torch.autograd.Function):
+    """The whole site for a frozen phi, one autograd node: h -> (out, scale, [mean, std] of the multiplier).
+
+    Forward: a pre-pass over h (channel mean; when training the scale features and their relu bits), the scale from
+    their batch statistics (running statistics updated in place) or from the running ones, then E1, E2 and the
+    noise tail in one sweep. Backward: one sweep for the noise path (it also sums g_scale), the scale statistics'
+    backward, and a pass that adds the scale path into the same gradient map.
+    """
 
     @staticmethod
-    def forward(ctx, h, kscale, handoff: _Handoff):
+    def forward(ctx, h, phi_tensors, running_mean, running_var, eps: Optional[torch.Tensor], seed: int,
+                noise_coeff: float, clip: Optional[float], training: bool, ratios: tuple, momentum: float,
+                double_bessel: bool):
+        kid1, kall1, kid2, kall2, kscale, fc_weight = (t.detach() for t in phi_tensors)
         x = _nhwc(h.detach())
-        mh, f, mask = _module.scale_prepass(x, kscale.detach(), True)
-        ctx.handoff = handoff
-        ctx.save_for_backward(mask, kscale)
-        ctx.mark_non_differentiable(mh, mask)
-        return f, mh, mask
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_f, _g_mh, _g_mask):
-        mask, kscale = ctx.saved_tensors
-        gx, ctx.handoff.grad = ctx.handoff.grad, None
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        if g_f is None:
-            return gx, None, None
-        if gx is None:  # the noise path handed over no gradient: the scale path alone
-            b, height, width, c = mask.shape
-            gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
-        _module.scale_backward(mask, g_f.contiguous(), kscale.detach(), gx)  # adds the scale path in place
-        return gx, None, None
-
-
-class _FusedNoise(torch.autograd.Function):
-    """Fused site: (h, scale) -> (out, [sum m, sum m^2]) in one sweep, E1, E2 and the noise tail together."""
-
-    @staticmethod
-    def forward(ctx, h, scale, phi_kernels, mh, mask, eps: Optional[torch.Tensor], seed: int, noise_coeff: float,
-                clip: Optional[float], training: bool, handoff: _Handoff):
-        x = _nhwc(h.detach())
+        mh, features, mask = _module.scale_prepass(x, kscale, bool(training))
+        scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
+                                                 float(ratios[1]), float(momentum), bool(double_bessel))
         e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
-        kernels = [k.detach() for k in phi_kernels]
-        out, a, stats = _module.fused_forward(x, mh, mask, scale.detach(), *kernels, e, int(seed), float(noise_coeff),
-                                              clip is not None, 0.0 if clip is None else float(clip), bool(training))
-        ctx.noise_coeff, ctx.clip, ctx.training, ctx.handoff = float(noise_coeff), clip, bool(training), handoff
-        ctx.kernels = kernels
-        ctx.save_for_backward(x, a, mask, scale)
-        ctx.mark_non_differentiable(stats)
-        return out, stats
+        out, a, stats = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
+                                              float(noise_coeff), clip is not None,
+                                              0.0 if clip is None else float(clip), bool(training))
+        ctx.noise_coeff, ctx.clip, ctx.training = float(noise_coeff), clip, bool(training)
+        ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
+        ctx.save_for_backward(x, a, mask, scale, features, mean)
+        ctx.mark_non_differentiable(stats, *(() if training else (scale,)))
+        return out, scale, stats
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_out, _g_stats):
-        x, a, mask, scale = ctx.saved_tensors
-        need_h, need_scale = ctx.needs_input_grad[:2]
-        if g_out is None or not (need_h or need_scale):
-            return (None,) * 11
-        clip = ctx.clip
-        gx, gscale = _module.fused_backward(x, a, mask, scale.detach(), _nhwc(g_out), *ctx.kernels, ctx.noise_coeff,
-                                            clip is not None, 0.0 if clip is None else float(clip), bool(need_scale))
-        grad_h = gx if need_h else None
-        if need_h and ctx.training and need_scale:
-            # the scale path's backward (_ScaleFeatures) runs next and adds its share into this map
-            ctx.handoff.grad, grad_h = gx, None
-        return (grad_h, gscale if need_scale else None) + (None,) * 9
+    def backward(ctx, g_out, g_scale_out, _g_stats):
+        x, a, mask, scale, features, mean = ctx.saved_tensors
+        none = (None,) * 11
+        if not ctx.needs_input_grad[0]:
+            return (None,) + none
+        kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
+        b, height, width, c = x.shape
+        if g_out is not None:
+            clip = ctx.clip
+            gx, g_scale = _module.fused_backward(x, a, mask, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
+                                                 ctx.noise_coeff, clip is not None,
+                                                 0.0 if clip is None else float(clip), ctx.training)
+        else:  # a loss on the scale alone
+            gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
+            g_scale = torch.zeros(c)
+        if ctx.training:
+            if g_scale_out is not None:
+                g_scale = g_scale + g_scale_out
+            g_features = _module.site_scale_backward(features, mean, scale, fc_weight, g_scale)
+            _module.scale_backward(mask, g_features, kscale, gx)  # adds the scale path in place
+        return (gx,) + none
 
 
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,
                 clip, eps, double_bessel):
-    from .perturb import site_scale
-
+    if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
+        raise WorkbenchError(f"the fused site needs float32 running statistics, got {running_mean.dtype}; "
+                             "keep the perturbation sites in float32 (or set _native.fuse_frozen_sites = False)")
     b, c, height, width = h.shape
-    handoff = _Handoff()
-    if training:
-        features, mh, mask = _ScaleFeatures.apply(h, phi.scale_kernels, handoff)
-    else:
-        mh, _, mask = _module.scale_prepass(_nhwc(h.detach()), phi.scale_kernels.detach(), False)
-        features = None
-    scale = site_scale(phi, features, running_mean, running_var, c / channel_norm, height / spatial_norm, momentum,
-                       double_bessel)
+    phi_tensors = (phi.noise1.w_identity, phi.noise1.w_all, phi.noise2.w_identity, phi.noise2.w_all,
+                   phi.scale_kernels, phi.scale_fc.weight)
     seed = draw_seed() if eps is None else 0
-    kernels = (phi.noise1.w_identity, phi.noise1.w_all, phi.noise2.w_identity, phi.noise2.w_all)
-    out, sums = _FusedNoise.apply(h, scale, kernels, mh, mask, eps, seed, float(noise_coeff),
-                                  None if clip is None else float(clip), bool(training), handoff)
-    n = h.numel()
-    mean = sums[0] / n
-    var = (sums[1] - n * mean * mean) / max(n - 1, 1)
-    return out, scale, torch.stack([mean, var.clamp_min(0).sqrt()]).float()
+    return _FusedSite.apply(h, phi_tensors, running_mean, running_var, eps, seed, float(noise_coeff),
+                            None if clip is None else float(clip), bool(training),
+                            (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel))
 
 
 def pooled_bytes() -> int:

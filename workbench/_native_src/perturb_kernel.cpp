@@ -1491,7 +1491,8 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
 }
 
 // out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep; writes a = mu + eps (for the
-// backward) and bit 4 of the mask. Returns out ((B, C, H, W) channels_last), a (NHWC), and (sum m, sum m^2).
+// backward) and bit 4 of the mask. Returns out ((B, C, H, W) channels_last), a (NHWC), and the multiplier's
+// [mean, std] (unbiased, like torch.std).
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
@@ -1552,12 +1553,14 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
                             rowstats.data() + 2 * r);
     }
   });
-  auto stats = torch::zeros({2}, torch::dtype(torch::kDouble));
-  double* st = stats.data_ptr<double>();
+  double sum = 0.0, squares = 0.0;
   for (idx r = 0; r < rows_total; ++r) {
-    st[0] += rowstats[2 * r];
-    st[1] += rowstats[2 * r + 1];
+    sum += rowstats[2 * r];
+    squares += rowstats[2 * r + 1];
   }
+  const double n = static_cast<double>(x.numel()), mean = sum / n;
+  const double var = n > 1 ? std::max(0.0, (squares - n * mean * mean) / (n - 1)) : 0.0;
+  auto stats = torch::tensor({static_cast<float>(mean), static_cast<float>(std::sqrt(var))});
   return {out, a, stats};
 #else
   TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
@@ -1660,6 +1663,89 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
 #endif
 }
 
+// The per-channel scale of a site from its scale features f (B, C, 4): s_c = sigmoid(w . [m_c, v_c, channel_ratio,
+// size_ratio]) with m, v the batch mean and unbiased variance of f (training; the running statistics are updated in
+// place, the variance times B / (B - 1) once more with double_bessel, as the original) or the running statistics
+// (evaluation, f empty). Sums in double. Returns s (C) and m (C, 4) (for the backward).
+std::vector<torch::Tensor> site_scale_forward(torch::Tensor f, torch::Tensor running_mean, torch::Tensor running_var,
+                                              torch::Tensor fc_weight, double channel_ratio, double size_ratio,
+                                              double momentum, bool double_bessel) {
+  const bool training = f.numel() > 0;
+  const idx C = running_mean.size(0);
+  auto w = kernel9(fc_weight);  // the ten weights, flattened
+  auto m = torch::empty({C, kScaleKernels}), v = torch::empty({C, kScaleKernels});
+  float* mp = m.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  auto rm = running_mean.accessor<float, 2>();
+  auto rv = running_var.accessor<float, 2>();
+  if (training) {
+    auto fc = f.contiguous();
+    const float* fp = fc.data_ptr<float>();
+    const idx B = fc.size(0);
+    for (idx c = 0; c < C; ++c)
+      for (int j = 0; j < kScaleKernels; ++j) {
+        double sum = 0.0;
+        for (idx b = 0; b < B; ++b) sum += fp[(b * C + c) * kScaleKernels + j];
+        const double mean = sum / static_cast<double>(B);
+        double squares = 0.0;
+        for (idx b = 0; b < B; ++b) {
+          const double d = fp[(b * C + c) * kScaleKernels + j] - mean;
+          squares += d * d;
+        }
+        const double var = squares / static_cast<double>(B - 1);
+        mp[c * kScaleKernels + j] = static_cast<float>(mean);
+        vp[c * kScaleKernels + j] = static_cast<float>(var);
+        const double correction = double_bessel ? static_cast<double>(B) / static_cast<double>(B - 1) : 1.0;
+        rm[c][j] = static_cast<float>((1.0 - momentum) * rm[c][j] + momentum * static_cast<float>(mean));
+        rv[c][j] = static_cast<float>((1.0 - momentum) * rv[c][j] + momentum * static_cast<float>(var) * correction);
+      }
+  } else {
+    for (idx c = 0; c < C; ++c)
+      for (int j = 0; j < kScaleKernels; ++j) {
+        mp[c * kScaleKernels + j] = rm[c][j];
+        vp[c * kScaleKernels + j] = rv[c][j];
+      }
+  }
+  auto s = torch::empty({C});
+  float* sp = s.data_ptr<float>();
+  for (idx c = 0; c < C; ++c) {
+    double pre = w[8] * channel_ratio + w[9] * size_ratio;
+    for (int j = 0; j < kScaleKernels; ++j)
+      pre += static_cast<double>(w[j]) * mp[c * kScaleKernels + j] +
+             static_cast<double>(w[kScaleKernels + j]) * vp[c * kScaleKernels + j];
+    sp[c] = static_cast<float>(1.0 / (1.0 + std::exp(-pre)));
+  }
+  return {s, m};
+}
+
+// g_f (B, C, 4) from g_s (C): the backward of site_scale_forward in training mode (phi frozen: no weight gradient).
+torch::Tensor site_scale_backward(torch::Tensor f, torch::Tensor m, torch::Tensor s, torch::Tensor fc_weight,
+                                  torch::Tensor g_s) {
+  auto fc = f.contiguous();
+  const idx B = fc.size(0), C = fc.size(1);
+  auto w = kernel9(fc_weight);
+  auto gsc = g_s.to(torch::kFloat).contiguous();
+  const float* fp = fc.data_ptr<float>();
+  const float* mp = m.data_ptr<float>();
+  const float* sp = s.data_ptr<float>();
+  const float* gp = gsc.data_ptr<float>();
+  auto g_f = torch::empty({B, C, kScaleKernels});
+  float* out = g_f.data_ptr<float>();
+  const float inv_b = 1.0f / static_cast<float>(B), two_over = 2.0f / static_cast<float>(B - 1);
+  for (idx c = 0; c < C; ++c) {
+    const float g_pre = gp[c] * sp[c] * (1.0f - sp[c]);
+    for (int j = 0; j < kScaleKernels; ++j) {
+      const float g_mean = g_pre * w[j] * inv_b, g_var = g_pre * w[kScaleKernels + j] * two_over;
+      const float mean = mp[c * kScaleKernels + j];
+      for (idx b = 0; b < B; ++b) {
+        const idx i = (b * C + c) * kScaleKernels + j;
+        out[i] = g_mean + g_var * (fp[i] - mean);
+      }
+    }
+  }
+  return g_f;
+}
+
 // gx += sum_j g_f[b, c, j] / (H W) * (K_j^T * [mask bit j]): the scale path's share of the input gradient, in place.
 torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tensor kscale, torch::Tensor gx) {
 #if WB_HAS_AVX512_PATH
@@ -1701,6 +1787,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_forward", &fused_forward);
   m.def("fused_backward", &fused_backward);
   m.def("scale_backward", &scale_backward);
+  m.def("site_scale_forward", &site_scale_forward);
+  m.def("site_scale_backward", &site_scale_backward);
   m.def("isa", [] { return std::string(use_avx512() ? "avx512" : "generic"); }, "the row kernels in use");
   m.def("cpu_has_avx512", [] { return static_cast<bool>(WB_HAS_AVX512_PATH && cpu_has_avx512()); });
   m.def("set_isa", [](const std::string& isa) {
