@@ -1072,6 +1072,27 @@ std::atomic<bool>& use_avx512() {
   return flag;
 }
 
+// (B, H, 4, C) per-row relu sums -> (B, C, 4) spatial means, summed over rows in double (size independent)
+torch::Tensor features_from_row_sums(const torch::Tensor& fpart, idx B, idx H, idx W, idx C) {
+  auto f = torch::empty({B, C, kScaleKernels});
+  const float* src = fpart.data_ptr<float>();
+  float* dst = f.data_ptr<float>();
+  const double inv = 1.0 / static_cast<double>(H * W);
+  at::parallel_for(0, B, 1, [&](idx b0, idx b1) {
+    std::vector<double> acc(static_cast<size_t>(kScaleKernels * C));
+    for (idx b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (idx y = 0; y < H; ++y) {
+        const float* row = src + (b * H + y) * kScaleKernels * C;
+        for (idx i = 0; i < kScaleKernels * C; ++i) acc[i] += row[i];
+      }
+      for (int j = 0; j < kScaleKernels; ++j)
+        for (idx c = 0; c < C; ++c) dst[(b * C + c) * kScaleKernels + j] = static_cast<float>(acc[j * C + c] * inv);
+    }
+  });
+  return f;
+}
+
 }  // namespace
 
 // ================================================================================================== sweep 1
@@ -1136,9 +1157,7 @@ std::vector<torch::Tensor> sweep1_forward(torch::Tensor x, torch::Tensor kid, to
   });
   torch::Tensor f;
   if (training) {
-    // (B, H, 4, C) row sums -> (B, C, 4) spatial means, summed in double for size independence
-    f = fpart.view({g.B, g.H, kScaleKernels, g.C}).to(torch::kDouble).sum(1).div_(static_cast<double>(g.H * g.W))
-            .transpose(1, 2).to(torch::kFloat).contiguous();
+    f = features_from_row_sums(fpart, g.B, g.H, g.W, g.C);
   } else {
     f = torch::empty({0}, opts);
   }
@@ -1481,9 +1500,7 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
         prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr, colsum.data());
     }
   });
-  torch::Tensor f = training ? fpart.view({g.B, g.H, kScaleKernels, g.C}).to(torch::kDouble).sum(1)
-                                   .div_(static_cast<double>(g.H * g.W)).transpose(1, 2).to(torch::kFloat).contiguous()
-                             : torch::empty({0}, opts);
+  torch::Tensor f = training ? features_from_row_sums(fpart, g.B, g.H, g.W, g.C) : torch::empty({0}, opts);
   return {mh, f, mask};
 #else
   TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
