@@ -412,3 +412,24 @@ def test_fused_site_scale_path_alone_still_reaches_h(isa_restored, fusing_restor
         _, scale, _ = _call(_native.perturb, h, phi, *_stats(6), True, torch.randn(h.shape))
         grads.append(torch.autograd.grad(scale.sum(), [h])[0])
     assert grads[0].abs().sum() > 0 and _rel(grads[1], grads[0]) < 1e-4
+
+
+@needs_avx512
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_site_without_a_backward_skips_its_saved_maps_only(isa_restored, fusing_restored, training):
+    """Under no_grad the fused site writes neither a nor the mask (nothing will read them); the output, scale,
+    running statistics and multiplier statistics are those of a pass that keeps them."""
+    _native.set_isa("avx512")
+    _native.fuse_frozen_sites = True
+    torch.manual_seed(15)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = (3 * torch.randn(4, 19, 6, 7)).requires_grad_(True)
+    results = []
+    for grad in (True, False):
+        rm, rv = _stats(19)
+        torch.manual_seed(16)
+        with torch.set_grad_enabled(grad):
+            out, scale, stats = _call(_native.perturb, h, phi, rm, rv, training, None)
+        results.append((out.detach(), scale.detach(), stats, rm, rv))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -221,16 +221,17 @@ class _FusedSite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, phi_tensors, running_mean, running_var, eps: Optional[torch.Tensor], seed: int,
                 noise_coeff: float, clip: Optional[float], training: bool, ratios: tuple, momentum: float,
-                double_bessel: bool):
+                double_bessel: bool, keep: bool):
         kid1, kall1, kid2, kall2, kscale, fc_weight = (t.detach() for t in phi_tensors)
         x = _nhwc(h.detach())
-        mh, features, mask = _module.scale_prepass(x, kscale, bool(training))
+        # keep: a backward will follow, so write what it reads (a and the mask); evaluation passes skip both
+        mh, features, mask = _module.scale_prepass(x, kscale, bool(training), bool(keep))
         scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
                                                  float(ratios[1]), float(momentum), bool(double_bessel))
         e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
         out, a, stats = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
                                               float(noise_coeff), clip is not None,
-                                              0.0 if clip is None else float(clip), bool(training))
+                                              0.0 if clip is None else float(clip), bool(training), bool(keep))
         ctx.noise_coeff, ctx.clip, ctx.training = float(noise_coeff), clip, bool(training)
         ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
         ctx.save_for_backward(x, a, mask, scale, features, mean)
@@ -241,7 +242,7 @@ class _FusedSite(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_out, g_scale_out, _g_stats):
         x, a, mask, scale, features, mean = ctx.saved_tensors
-        none = (None,) * 11
+        none = (None,) * 12
         if not ctx.needs_input_grad[0]:
             return (None,) + none
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
@@ -271,9 +272,10 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
     phi_tensors = (phi.noise1.w_identity, phi.noise1.w_all, phi.noise2.w_identity, phi.noise2.w_all,
                    phi.scale_kernels, phi.scale_fc.weight)
     seed = draw_seed() if eps is None else 0
+    keep = torch.is_grad_enabled() and h.requires_grad
     return _FusedSite.apply(h, phi_tensors, running_mean, running_var, eps, seed, float(noise_coeff),
                             None if clip is None else float(clip), bool(training),
-                            (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel))
+                            (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel), keep)
 
 
 def pooled_bytes() -> int:

@@ -886,7 +886,7 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
             f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[p][j]);
             bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(sp, _mm_set1_epi8(static_cast<char>(1 << j))));
           }
-          store_block(mask + xp * C + cb, lm, bits);
+          if (mask) store_block(mask + xp * C + cb, lm, bits);
         }
       }
     };
@@ -1474,19 +1474,20 @@ torch::Tensor draw(int64_t n, int64_t seed) {
 // Per site that is about 40% less memory traffic than the two sweeps, which matters because maps of a few MB and up
 // are bound by memory bandwidth here, not by arithmetic.
 
-// mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3. The mask map is allocated here either way.
-std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training) {
+// mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3. The mask map is allocated here when the
+// backward will need it (keep), empty otherwise.
+std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training, bool keep) {
 #if WB_HAS_AVX512_PATH
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto Ks = kernel9(kscale);
   auto opts = x.options();
   auto mh = empty_map({g.B, g.H, g.W});
-  auto mask = empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8);
+  auto mask = keep ? empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8) : torch::empty({0}, torch::kUInt8);
   auto fpart = training ? torch::empty({rows_total, kScaleKernels, g.C}, opts) : torch::empty({0}, opts);
   const float* xp = x.data_ptr<float>();
   float* mhp = mh.data_ptr<float>();
-  uint8_t* mp = mask.data_ptr<uint8_t>();
+  uint8_t* mp = keep ? mask.data_ptr<uint8_t>() : nullptr;
   float* fp = training ? fpart.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> colsum(16 * g.W);
@@ -1494,7 +1495,7 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
       const float* hrows[3];
       neighbours(xp, g, r / g.H, r % g.H, rw, hrows);
       if (training)
-        prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp + r * rw,
+        prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp ? mp + r * rw : nullptr,
                                  fp + r * kScaleKernels * g.C, colsum.data());
       else
         prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr, colsum.data());
@@ -1507,13 +1508,13 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
 #endif
 }
 
-// out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep; writes a = mu + eps (for the
-// backward) and bit 4 of the mask. Returns out ((B, C, H, W) channels_last), a (NHWC), and the multiplier's
+// out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep; with keep, also writes what the
+// backward reads: a = mu + eps and bit 4 of the mask (without, a is empty and the mask untouched). Returns out ((B, C, H, W) channels_last), a (NHWC), and the multiplier's
 // [mean, std] (unbiased, like torch.std).
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
-                                         bool has_clip, double clip, bool training) {
+                                         bool has_clip, double clip, bool training, bool keep) {
 #if WB_HAS_AVX512_PATH
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
@@ -1524,18 +1525,18 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const float* epsp = drawn ? nullptr : eps.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* mhp = mh.data_ptr<float>();
-  uint8_t* maskp = mask.data_ptr<uint8_t>();
+  uint8_t* maskp = keep ? mask.data_ptr<uint8_t>() : nullptr;
   auto out = empty_channels_last(g.B, g.C, g.H, g.W);
-  auto a = empty_map(x.sizes());
+  auto a = keep ? empty_map(x.sizes()) : torch::empty({0}, x.options());
   float* op = out.data_ptr<float>();
-  float* ap = a.data_ptr<float>();
+  float* ap = keep ? a.data_ptr<float>() : nullptr;
   std::vector<double> rowstats(static_cast<size_t>(2 * rows_total), 0.0);
   const float k = static_cast<float>(noise_coeff);
   const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
   const uint64_t useed = static_cast<uint64_t>(seed);
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
-        colsum(16 * g.W);
+        colsum(16 * g.W), a_row(keep ? 0 : rw);
     idx slot_row[3] = {-1, -1, -1};
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
@@ -1552,7 +1553,8 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
           stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
           const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
           e1_row_avx512(hrows, pix.data(), K1.data(), g.W, g.C, ring.data() + slot * rw,
-                        own ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W, colsum.data());
+                        own && keep ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W,
+                        colsum.data());
           slot_row[slot] = row;
         }
         rrows[dy] = inside ? ring.data() + slot * rw : nullptr;
@@ -1566,8 +1568,8 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
         e = noise.data();
       }
       const idx o = r * rw;
-      noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, nullptr, ap + o, k, cl, g.W, g.C,
-                            rowstats.data() + 2 * r);
+      noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, nullptr, keep ? ap + o : a_row.data(), k,
+                            cl, g.W, g.C, rowstats.data() + 2 * r);
     }
   });
   double sum = 0.0, squares = 0.0;
