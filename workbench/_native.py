@@ -289,18 +289,22 @@ def release_pool() -> int:
     return 0 if _module is None else int(_module.pool_release())
 
 
+def _built():
+    """The extension module, built on first use; a one-line error when it cannot be built."""
+    if load() is None:
+        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
+    return _module
+
+
 def isa() -> str:
     """The row kernels the sweeps use: ``"avx512"`` (hand-vectorised, chosen where the CPU has AVX-512 F/BW/VL/DQ)
     or ``"generic"`` (compiler-vectorised C++, any CPU)."""
-    if load() is None:
-        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
-    return str(_module.isa())
+    return str(_built().isa())
 
 
 def set_isa(name: str) -> None:
     """Choose the row kernels (``"avx512"`` or ``"generic"``), e.g. to compare them; both compute the same maths."""
-    if load() is None:
-        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
+    _built()
     if name not in ("avx512", "generic"):
         raise WorkbenchError(f"unknown kernel ISA {name!r}; choose 'avx512' or 'generic'")
     if name == "avx512" and not _module.cpu_has_avx512():
@@ -315,8 +319,7 @@ def draw_seed() -> int:
 
 def standard_normal(like: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:
     """The noise the kernel draws for a map shaped like ``like`` (B, C, H, W), as a channels_last tensor."""
-    if load() is None:
-        raise WorkbenchError("the native perturbation kernel is not built; check the compiler or set WORKBENCH_NATIVE=0")
+    _built()
     b, c, height, width = like.shape
     values = _module.draw(like.numel(), draw_seed() if seed is None else int(seed))
     return values.view(b, height, width, c).permute(0, 3, 1, 2)
@@ -333,8 +336,8 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
 
     ``out`` keeps the input's layout (NCHW in, NCHW out; channels_last in, channels_last out); the multiplier is
     a channels_last tensor, except on the fused site (frozen phi, AVX-512, see ``fuse_frozen_sites``), which never
-    writes the map and returns its ``[mean, std]`` (a (2,) tensor) instead. With ``eps=None`` the noise is drawn in-kernel (not the same numbers as the eager
-    path's ``torch.randn`` draw, but the same distribution).
+    writes the map and returns its ``[mean, std]`` (a (2,) tensor) instead. With ``eps=None`` the noise is drawn
+    in-kernel (not the same numbers as the eager path's ``torch.randn`` draw, but the same distribution).
     """
     if not fused:
         from .perturb import perturb as eager_perturb
