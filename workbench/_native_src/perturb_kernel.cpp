@@ -240,6 +240,27 @@ inline void corr_row(const float* g, const float* const rows[3], idx W, idx C, d
 
 inline void flip9(const float* K, float* out) { for (int t = 0; t < 9; ++t) out[t] = K[8 - t]; }
 
+// Rows a sweep computes once and reads from the three rows below it: row i lives in slot i % 3, so a sweep moving
+// down produces each row when first asked for it and three slots hold every row it still needs.
+class RowRing {
+ public:
+  // The slot of image b's row yy (-1 outside the image), after produce(row, slot) if that row is not held yet.
+  template <class Produce>
+  int fetch(idx b, idx yy, idx H, Produce&& produce) {
+    if (yy < 0 || yy >= H) return -1;
+    const idx row = b * H + yy;
+    const int slot = static_cast<int>(row % 3);
+    if (held_[slot] != row) {
+      produce(row, slot);
+      held_[slot] = row;
+    }
+    return slot;
+  }
+
+ private:
+  idx held_[3] = {-1, -1, -1};
+};
+
 struct Geometry {
   idx B, H, W, C;
   idx row() const { return W * C; }
@@ -1210,30 +1231,26 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
     std::vector<float> pix(g.W), ge(3 * rw), gs(3 * g.W);
     std::vector<int32_t> bits(rw);
     std::vector<float> expanded(expand ? 3 * kScaleKernels * rw : 0);
-    idx slot_row[3] = {-1, -1, -1};
+    RowRing ring;
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
+      auto produce = [&](idx row, int slot) {
+        unpack_mask(mp + row * rw, bits.data(), rw);
+        relu_backward_row(bits.data(), grp + row * rw, gmrp + row * g.W, ge.data() + slot * rw,
+                          gs.data() + slot * g.W, g.W, g.C);
+        if (expand)
+          for (int j = 0; j < kScaleKernels; ++j)
+            expand_row(bits.data(), gfp + (b * kScaleKernels + j) * g.C, 1 << j,
+                       expanded.data() + (slot * kScaleKernels + j) * rw, g.W, g.C);
+      };
       const float *grows[3], *srows[3], *hrows[3], *mrows[3];
       const float* erows[kScaleKernels][3];
       for (int dy = 0; dy < 3; ++dy) {
-        const idx yy = y + dy - 1;
-        const bool inside = yy >= 0 && yy < g.H;
-        const idx row = b * g.H + yy;
-        const int slot = inside ? static_cast<int>(row % 3) : 0;
-        if (inside && slot_row[slot] != row) {
-          unpack_mask(mp + row * rw, bits.data(), rw);
-          relu_backward_row(bits.data(), grp + row * rw, gmrp + row * g.W, ge.data() + slot * rw,
-                            gs.data() + slot * g.W, g.W, g.C);
-          if (expand)
-            for (int j = 0; j < kScaleKernels; ++j)
-              expand_row(bits.data(), gfp + (b * kScaleKernels + j) * g.C, 1 << j,
-                         expanded.data() + (slot * kScaleKernels + j) * rw, g.W, g.C);
-          slot_row[slot] = row;
-        }
-        grows[dy] = inside ? ge.data() + slot * rw : nullptr;
-        srows[dy] = inside ? gs.data() + slot * g.W : nullptr;
+        const int slot = ring.fetch(b, y + dy - 1, g.H, produce);
+        grows[dy] = slot >= 0 ? ge.data() + slot * rw : nullptr;
+        srows[dy] = slot >= 0 ? gs.data() + slot * g.W : nullptr;
         for (int j = 0; j < kScaleKernels; ++j)
-          erows[j][dy] = inside && expand ? expanded.data() + (slot * kScaleKernels + j) * rw : nullptr;
+          erows[j][dy] = slot >= 0 && expand ? expanded.data() + (slot * kScaleKernels + j) * rw : nullptr;
       }
       if (need_x) {
         float* out = gxp + r * rw;
@@ -1376,7 +1393,7 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
     // g_mu rows and their channel sums live in a ring of three slots (slot = row index mod 3), each computed once
     // as the sweep moves down; g_x and the scale partials are written only for this chunk's own rows.
     std::vector<float> acc(g.C), dummy(rw), gm(3 * rw), gs(3 * g.W), colsum(avx512 ? 16 * g.W : 0);
-    idx slot_row[3] = {-1, -1, -1};
+    RowRing ring;
     auto produce = [&](idx row, int slot) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
@@ -1403,16 +1420,9 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
       const idx b = r / g.H, y = r % g.H;
       const float *grows[3], *srows[3];
       for (int dy = 0; dy < 3; ++dy) {
-        const idx yy = y + dy - 1;
-        const bool inside = yy >= 0 && yy < g.H;
-        const idx row = b * g.H + yy;
-        const int slot = inside ? static_cast<int>(row % 3) : 0;
-        if (inside && slot_row[slot] != row) {
-          produce(row, slot);
-          slot_row[slot] = row;
-        }
-        grows[dy] = inside ? gm.data() + slot * rw : nullptr;
-        srows[dy] = inside ? gs.data() + slot * g.W : nullptr;
+        const int slot = ring.fetch(b, y + dy - 1, g.H, produce);
+        grows[dy] = slot >= 0 ? gm.data() + slot * rw : nullptr;
+        srows[dy] = slot >= 0 ? gs.data() + slot * g.W : nullptr;
       }
       if (need_r1) {
 #if WB_HAS_AVX512_PATH
@@ -1470,14 +1480,15 @@ torch::Tensor draw(int64_t n, int64_t seed) {
 
 // ================================================================================================== fused site
 // For a frozen phi on AVX-512 CPUs: the site in two passes over h forward and two backward, with r1, g_mu and g_E1
-// only ever in three-row rings, and the multiplier never written (its sum and sum of squares are returned instead).
+// only ever in three-row rings, and the multiplier never written (its mean and std are returned instead).
 // Per site that is about 40% less memory traffic than the two sweeps, which matters because maps of a few MB and up
 // are bound by memory bandwidth here, not by arithmetic.
+// Built only where the AVX-512 rows are (x86-64); perturb() dispatches here only when isa() is "avx512".
+#if WB_HAS_AVX512_PATH
 
 // mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3. The mask map is allocated here when the
 // backward will need it (keep), empty otherwise.
 std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training, bool keep) {
-#if WB_HAS_AVX512_PATH
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto Ks = kernel9(kscale);
@@ -1503,19 +1514,15 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
   });
   torch::Tensor f = training ? features_from_row_sums(fpart, g.B, g.H, g.W, g.C) : torch::empty({0}, opts);
   return {mh, f, mask};
-#else
-  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
-#endif
 }
 
 // out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep; with keep, also writes what the
-// backward reads: a = mu + eps and bit 4 of the mask (without, a is empty and the mask untouched). Returns out ((B, C, H, W) channels_last), a (NHWC), and the multiplier's
-// [mean, std] (unbiased, like torch.std).
+// backward reads: a = mu + eps and bit 4 of the mask (without, a is empty and the mask untouched). Returns out
+// ((B, C, H, W) channels_last), a (NHWC), and the multiplier's [mean, std] (unbiased, like torch.std).
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
                                          bool has_clip, double clip, bool training, bool keep) {
-#if WB_HAS_AVX512_PATH
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto K1 = kernel9(kid1), Ka1 = kernel9(kall1), K2 = kernel9(kid2), Ka2 = kernel9(kall2);
@@ -1537,28 +1544,25 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
         colsum(16 * g.W), a_row(keep ? 0 : rw);
-    idx slot_row[3] = {-1, -1, -1};
+    RowRing r1_rows;
+    // r1 = relu(E1(h)) of a row into its ring slot, with the row's channel mean
+    auto produce = [&](idx row, int slot) {
+      const idx b = row / g.H, yy = row % g.H;
+      const float *hrows[3], *mhrows[3];
+      neighbours(xp, g, b, yy, rw, hrows);
+      neighbours(mhp, g, b, yy, g.W, mhrows);
+      stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
+      const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
+      e1_row_avx512(hrows, pix.data(), K1.data(), g.W, g.C, ring.data() + slot * rw,
+                    own && keep ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W, colsum.data());
+    };
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
       const float *rrows[3], *mrrows[3];
       for (int dy = 0; dy < 3; ++dy) {
-        const idx yy = y + dy - 1;
-        const bool inside = yy >= 0 && yy < g.H;
-        const idx row = b * g.H + yy;
-        const int slot = inside ? static_cast<int>(row % 3) : 0;
-        if (inside && slot_row[slot] != row) {
-          const float *hrows[3], *mhrows[3];
-          neighbours(xp, g, b, yy, rw, hrows);
-          neighbours(mhp, g, b, yy, g.W, mhrows);
-          stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
-          const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
-          e1_row_avx512(hrows, pix.data(), K1.data(), g.W, g.C, ring.data() + slot * rw,
-                        own && keep ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W,
-                        colsum.data());
-          slot_row[slot] = row;
-        }
-        rrows[dy] = inside ? ring.data() + slot * rw : nullptr;
-        mrrows[dy] = inside ? ring_mr.data() + slot * g.W : nullptr;
+        const int slot = r1_rows.fetch(b, y + dy - 1, g.H, produce);
+        rrows[dy] = slot >= 0 ? ring.data() + slot * rw : nullptr;
+        mrrows[dy] = slot >= 0 ? ring_mr.data() + slot * g.W : nullptr;
       }
       stencil_row_avx512(mu.data(), rrows, K2.data(), g.W, g.C);
       stencil_row(pix.data(), mrrows, Ka2.data(), g.W, 1);
@@ -1581,9 +1585,6 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const double var = n > 1 ? std::max(0.0, (squares - n * mean * mean) / (n - 1)) : 0.0;
   auto stats = torch::tensor({static_cast<float>(mean), static_cast<float>(std::sqrt(var))});
   return {out, a, stats};
-#else
-  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
-#endif
 }
 
 // The input gradient of fused_forward except the scale path (scale_backward adds that), and g_scale when asked.
@@ -1591,7 +1592,6 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
                                           torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
                                           torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
                                           double clip, bool need_scale) {
-#if WB_HAS_AVX512_PATH
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
@@ -1615,11 +1615,8 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
     // g_E1 row y' needs g_mu rows y'-1..y'+1; produced in increasing row order, three slots each suffice.
     std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), acc(g.C),
         dummy(rw), colsum(16 * g.W);
-    idx mu_row[3] = {-1, -1, -1}, e_row[3] = {-1, -1, -1};
-    auto ensure_mu = [&](idx b, idx yy) {
-      const idx row = b * g.H + yy;
-      const int slot = static_cast<int>(row % 3);
-      if (mu_row[slot] == row) return;
+    RowRing mu_rows, e_rows;
+    auto produce_mu = [&](idx row, int slot) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -1629,40 +1626,30 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
                                      colsum.data());
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
-      mu_row[slot] = row;
     };
-    auto ensure_e = [&](idx b, idx yy) {
-      const idx row = b * g.H + yy;
-      const int slot = static_cast<int>(row % 3);
-      if (e_row[slot] == row) return;
+    auto produce_e = [&](idx row, int slot) {
+      const idx b = row / g.H, yy = row % g.H;
       const float *mrows[3], *srows[3];
       for (int dy = 0; dy < 3; ++dy) {
-        const idx y2 = yy + dy - 1;
-        const bool inside = y2 >= 0 && y2 < g.H;
-        if (inside) ensure_mu(b, y2);
-        const int ms = inside ? static_cast<int>((b * g.H + y2) % 3) : 0;
-        mrows[dy] = inside ? gmu.data() + ms * rw : nullptr;
-        srows[dy] = inside ? gmus.data() + ms * g.W : nullptr;
+        const int ms = mu_rows.fetch(b, yy + dy - 1, g.H, produce_mu);
+        mrows[dy] = ms >= 0 ? gmu.data() + ms * rw : nullptr;
+        srows[dy] = ms >= 0 ? gmus.data() + ms * g.W : nullptr;
       }
       stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
       stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
       relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
                                ges.data() + slot * g.W, g.W, g.C, colsum.data());
-      e_row[slot] = row;
     };
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
-      ensure_mu(b, y);  // writes the direct term of row r before the E1 terms are added to it
+      mu_rows.fetch(b, y, g.H, produce_mu);  // writes the direct term of row r before the E1 terms are added to it
       const float *grows[3], *srows[3];
       const uint8_t* maskrows[3];
       for (int dy = 0; dy < 3; ++dy) {
-        const idx yy = y + dy - 1;
-        const bool inside = yy >= 0 && yy < g.H;
-        if (inside) ensure_e(b, yy);
-        const int es = inside ? static_cast<int>((b * g.H + yy) % 3) : 0;
-        grows[dy] = inside ? ge.data() + es * rw : nullptr;
-        srows[dy] = inside ? ges.data() + es * g.W : nullptr;
-        maskrows[dy] = inside ? maskp + (b * g.H + yy) * rw : nullptr;
+        const int es = e_rows.fetch(b, y + dy - 1, g.H, produce_e);
+        grows[dy] = es >= 0 ? ge.data() + es * rw : nullptr;
+        srows[dy] = es >= 0 ? ges.data() + es * g.W : nullptr;
+        maskrows[dy] = es >= 0 ? maskp + (b * g.H + y + dy - 1) * rw : nullptr;
       }
       stencil_row(pix.data(), srows, Ka1f, g.W, 1);
       sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f, nullptr, nullptr, g.W, g.C);
@@ -1677,9 +1664,6 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
     gscale = t.to(torch::kFloat);
   }
   return {gx, gscale};
-#else
-  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
-#endif
 }
 
 // The per-channel scale of a site from its scale features f (B, C, 4): s_c = sigmoid(w . [m_c, v_c, channel_ratio,
@@ -1767,7 +1751,6 @@ torch::Tensor site_scale_backward(torch::Tensor f, torch::Tensor m, torch::Tenso
 
 // gx += sum_j g_f[b, c, j] / (H W) * (K_j^T * [mask bit j]): the scale path's share of the input gradient, in place.
 torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tensor kscale, torch::Tensor gx) {
-#if WB_HAS_AVX512_PATH
   const idx B = mask.size(0), H = mask.size(1), W = mask.size(2), C = mask.size(3);
   const idx rows_total = B * H, rw = W * C;
   std::vector<float> Ksf(9 * kScaleKernels);
@@ -1790,10 +1773,8 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
     }
   });
   return gx;
-#else
-  TORCH_CHECK(false, "the fused site needs an x86-64 build with AVX-512");
-#endif
 }
+#endif  // WB_HAS_AVX512_PATH
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused MetaPerturb perturbation-site kernels (NHWC float32, CPU)";
@@ -1802,12 +1783,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep2_forward", &sweep2_forward);
   m.def("sweep2_backward", &sweep2_backward);
   m.def("draw", &draw);
+#if WB_HAS_AVX512_PATH
   m.def("scale_prepass", &scale_prepass);
   m.def("fused_forward", &fused_forward);
   m.def("fused_backward", &fused_backward);
   m.def("scale_backward", &scale_backward);
   m.def("site_scale_forward", &site_scale_forward);
   m.def("site_scale_backward", &site_scale_backward);
+#endif
   m.def("isa", [] { return std::string(use_avx512() ? "avx512" : "generic"); }, "the row kernels in use");
   m.def("cpu_has_avx512", [] { return static_cast<bool>(WB_HAS_AVX512_PATH && cpu_has_avx512()); });
   m.def("set_isa", [](const std::string& isa) {
