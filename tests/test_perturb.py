@@ -248,3 +248,19 @@ def test_clipped_site_followed_by_inplace_relu_trains(native, monkeypatch):
         (grad,) = torch.autograd.grad(relu(site(h, eps=eps)).sum(), h)
         grads.append(grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_channel_scale_is_the_linear_map_of_the_ten_inputs_in_value_and_gradient():
+    torch.manual_seed(2)
+    phi = MetaPerturb(init_std=0.5).double()
+    mean = torch.rand(7, 4, dtype=torch.float64, requires_grad=True)
+    var = torch.rand(7, 4, dtype=torch.float64, requires_grad=True)
+    inputs = torch.cat([mean, var, torch.tensor([[0.25, 0.875]], dtype=torch.float64).expand(7, 2)], dim=1)
+    expected = torch.sigmoid(inputs @ phi.scale_fc.weight[0])
+    got = phi.channel_scale(mean, var, 0.25, 0.875)
+    assert got.shape == (7,) and torch.allclose(got, expected, atol=1e-12)
+    weights = torch.linspace(-1, 1, 7, dtype=torch.float64)
+    g_got = torch.autograd.grad((got * weights).sum(), [mean, var, phi.scale_fc.weight])
+    g_expected = torch.autograd.grad((expected * weights).sum(), [mean, var, phi.scale_fc.weight])
+    for a, b in zip(g_got, g_expected):
+        assert torch.allclose(a, b, atol=1e-12)

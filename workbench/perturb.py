@@ -129,9 +129,12 @@ class MetaPerturb(nn.Module):
 
     def channel_scale(self, mean: torch.Tensor, var: torch.Tensor, channel_ratio: float, size_ratio: float):
         """s_c = sigmoid(w . [m_c, v_c, C/channel_norm, H/spatial_norm]) for (C, 4) statistics; returns (C,)."""
-        channels = mean.shape[0]
-        extra = mean.new_tensor([channel_ratio, size_ratio]).expand(channels, 2)
-        return torch.sigmoid(self.scale_fc(torch.cat([mean, var, extra], dim=1))).squeeze(1)
+        # the two constant inputs enter as weight * ratio: a tensor built from Python floats would be a host-to-device
+        # copy on a GPU (which also rules out CUDA-graph capture)
+        w = self.scale_fc.weight[0]
+        k = _NUM_SCALE_KERNELS
+        pre = mean @ w[:k] + var @ w[k:2 * k] + (w[2 * k] * channel_ratio + w[2 * k + 1] * size_ratio)
+        return torch.sigmoid(pre)
 
     # ----------------------------------------------------------------------------------------- persistence
     @classmethod
