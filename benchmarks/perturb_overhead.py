@@ -1,10 +1,11 @@
 """Training-step time with phi attached over the plain step, measured side by side (interleaved, medians).
 
-    python benchmarks/perturb_overhead.py [--steps 15] [--threads 2] [--batch 128]
+    python benchmarks/perturb_overhead.py [--steps 15] [--threads 2] [--batch 128] [--device cpu|cuda]
 
 Both networks train in channels_last, the faster layout for the plain network too, so the ratio is the honest cost
 of the perturbation. phi is frozen as during transfer (no gradient for phi; gradients flow through the sites).
-Target: ratio <= 1.3 for ResNet-20 at 32x32 and Conv-4 at 28x28 (CPU, 2 threads).
+Target: ratio <= 1.3 for ResNet-20 at 32x32 and Conv-4 at 28x28 (CPU, 2 threads). ``--device cuda`` times the same
+steps on a GPU (synchronised; the sites then run the eager path, cuDNN depthwise convolutions).
 glibc is told to keep freed memory first (see ``_allocator.py``; ``--default-malloc`` leaves it as it is): with the
 default, page faults of re-allocated maps made the same step swing by up to 50% between runs.
 """
@@ -24,22 +25,29 @@ from workbench.models import build
 
 def make_step(model, x, y):
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
+        sync()
 
     return step
 
 
-def measure(arch: str, image_size: int, in_channels: int, batch: int, steps: int, memory_format) -> dict:
+def measure(arch: str, image_size: int, in_channels: int, batch: int, steps: int, memory_format,
+            device: torch.device) -> dict:
     torch.manual_seed(0)
-    x = torch.randn(batch, in_channels, image_size, image_size).contiguous(memory_format=memory_format)
-    y = torch.randint(0, 10, (batch,))
-    plain = build(arch, 10, in_channels=in_channels, image_size=image_size).to(memory_format=memory_format).train()
-    perturbed = build(arch, 10, in_channels=in_channels, image_size=image_size).to(memory_format=memory_format).train()
-    phi = MetaPerturb().requires_grad_(False)
+    x = torch.randn(batch, in_channels, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def network():
+        model = build(arch, 10, in_channels=in_channels, image_size=image_size)
+        return model.to(device).to(memory_format=memory_format).train()
+
+    plain, perturbed = network(), network()
+    phi = MetaPerturb().requires_grad_(False).to(device)
     handle = attach(perturbed, phi, image_size=image_size)
     handle.set_clip(100.0)
     steps_by_name = {"plain": make_step(plain, x, y), "perturbed": make_step(perturbed, x, y)}
@@ -64,18 +72,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--nchw", action="store_true", help="also measure the NCHW layout, for comparison")
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator at its defaults")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
     allocator = "allocator: default" if args.default_malloc else keep_freed_memory()
     torch.set_num_threads(args.threads)
     layouts = [("channels_last", torch.channels_last)] + ([("nchw", torch.contiguous_format)] if args.nchw else [])
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch}, {args.steps} interleaved steps")
-    kernel = _native.isa() if _native.available(torch.empty(1, 1, 1, 1), MetaPerturb()) else "eager (no native kernel)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, {args.steps} interleaved steps")
+    probe = torch.empty(1, 1, 1, 1, device=device)
+    kernel = _native.isa() if _native.available(probe, MetaPerturb().to(device)) else "eager (no native kernel)"
     print(f"{allocator}; perturbation kernel rows: {kernel}")
     print(f"{'model':<10} {'layout':<14} {'sites':>5} {'plain ms':>9} {'perturbed ms':>13} {'ratio':>6}")
     worst = 0.0
     for arch, size, channels in [("resnet20", 32, 3), ("conv4", 28, 1)]:
         for layout_name, layout in layouts:
-            r = measure(arch, size, channels, args.batch, args.steps, layout)
+            r = measure(arch, size, channels, args.batch, args.steps, layout, device)
             if layout is torch.channels_last:
                 worst = max(worst, r["ratio"])
             print(f"{arch:<10} {layout_name:<14} {r['sites']:>5} {r['plain_ms']:>9.1f} {r['perturbed_ms']:>13.1f} "
