@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from _allocator import keep_freed_memory
+from workbench._runtime import keep_freed_memory
 from workbench import MetaPerturb, _native
 from workbench import perturb as perturb_module
 

@@ -6,8 +6,9 @@ Both networks train in channels_last, the faster layout for the plain network to
 of the perturbation. phi is frozen as during transfer (no gradient for phi; gradients flow through the sites).
 Target: ratio <= 1.3 for ResNet-20 at 32x32 and Conv-4 at 28x28 (CPU, 2 threads). ``--device cuda`` times the same
 steps on a GPU (synchronised; the sites then run the eager path, cuDNN depthwise convolutions).
-glibc is told to keep freed memory first (see ``_allocator.py``; ``--default-malloc`` leaves it as it is): with the
-default, page faults of re-allocated maps made the same step swing by up to 50% between runs.
+glibc is told to keep freed memory first, as the training stages do (``workbench._runtime.keep_freed_memory``;
+``--default-malloc`` leaves it as it is): with the default, page faults of re-allocated maps made the same step swing
+by up to 50% between runs.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _allocator import keep_freed_memory
+from workbench._runtime import keep_freed_memory
 from workbench import MetaPerturb, _native, attach
 from workbench.models import build
 

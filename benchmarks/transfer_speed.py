@@ -7,8 +7,9 @@
    loop of single passes). The single pass is the median of passes timed before and after the MC run.
 
 Steps are interleaved (base, perturbed, base, ...) so that both see the same machine load; the ratio of medians
-is reported. glibc is told to keep freed memory first (``_allocator.py``; ``--default-malloc`` leaves it): with
-the default, re-faulted feature maps made the same step swing by up to 50% between runs. Usage::
+is reported. glibc is told to keep freed memory first, as ``workbench transfer`` does
+(``workbench._runtime.keep_freed_memory``; ``--default-malloc`` leaves it): with the default, re-faulted feature
+maps made the same step swing by up to 50% between runs. Usage::
 
     .venv/bin/python benchmarks/transfer_speed.py [--images 1000] [--samples 100] [--steps 20] [--device cpu]
 """
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _allocator import keep_freed_memory  # noqa: E402
+from workbench._runtime import keep_freed_memory  # noqa: E402
 from workbench.evaluate import DEFAULT_MAX_ROWS, evaluate  # noqa: E402
 from workbench.models import build  # noqa: E402
 from workbench.perturb import MetaPerturb  # noqa: E402

@@ -257,3 +257,15 @@ def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
     code = main(["transfer", "--artifacts", root, "--resume", run_id, "--set", "steps=3"])
     err = capsys.readouterr().err
     assert code == 2 and "different config (steps: 2 -> 3)" in err
+
+
+def test_steady_allocator_keeps_freed_memory_unless_the_environment_says_default(monkeypatch):
+    from workbench import _runtime
+
+    assert _runtime.keep_freed_memory() == "allocator: glibc keeps freed memory (mmap threshold 32 MiB, no trim)"
+    called = []
+    monkeypatch.setattr(_runtime, "keep_freed_memory", lambda: called.append(1) or "kept")
+    monkeypatch.setenv("WORKBENCH_MALLOC", "default")
+    assert "default" in _runtime.steady_allocator() and not called
+    monkeypatch.delenv("WORKBENCH_MALLOC")
+    assert _runtime.steady_allocator() == "kept" and called == [1]

@@ -66,7 +66,7 @@ from .attach import attach
 from .config import Config, parse_overrides, require
 from .data import (Augment, BatchIterator, ImageDataset, SourceTask, channel_stats, describe_tasks, eval_batches,
                    load_dataset, source_tasks, target_view)
-from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device
+from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
 from .errors import WorkbenchError
 from .lookahead import lookahead_meta_grad, twice_differentiable
 from .models import build
@@ -1057,6 +1057,7 @@ def meta_train(config: MetaTrainConfig | Mapping[str, Any] | None = None, store:
         config.validate()
     if store is None:
         store = RunStore(config.artifacts_root)
+    steady_allocator()  # freed feature maps are reused rather than faulted in again every step ($WORKBENCH_MALLOC)
     device = resolve_device(config.device)
     dist = _distributed.setup(device.type)
     clean = False
