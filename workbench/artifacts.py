@@ -641,8 +641,34 @@ def _schema_problem(meta: dict, label: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- records
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _FolderRecord:
+    """What run and study listings share: when the folder was made and finished, and the liveness of its process
+    (``stored_status`` is the status on disk; ``status`` may say stale where that is running)."""
+
+    created: str | None = None
+    finished: str | None = None
+    stored_status: str | None = None
+    heartbeat: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "corrupt"
+
+    @staticmethod
+    def fields_from(meta: dict) -> dict[str, Any]:
+        """The shared fields from a folder's run.json / study.json."""
+        environment = meta.get("environment")
+        return dict(created=meta["created"], finished=meta.get("finished"), stored_status=meta["status"],
+                    heartbeat=meta.get("heartbeat"), pid=meta.get("pid"), host=meta.get("host"),
+                    environment=environment if isinstance(environment, dict) else {})
+
+
 @dataclasses.dataclass(frozen=True)
-class RunRecord:
+class RunRecord(_FolderRecord):
     """What a listing knows about one run folder, read from its small JSON files only.
 
     ``status`` is one of running, finished, failed, stale (stored as running but its process is gone or silent)
@@ -654,20 +680,9 @@ class RunRecord:
     status: str
     reason: str = ""
     kind: str | None = None
-    created: str | None = None
     tags: dict[str, Any] = dataclasses.field(default_factory=dict)
     study_id: str | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
-    stored_status: str | None = None
-    finished: str | None = None
-    heartbeat: str | None = None
-    pid: int | None = None
-    host: str | None = None
-    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "corrupt"
 
     def row(self, root: Path) -> dict[str, Any]:
         """One flat row for :meth:`RunStore.runs_table`."""
@@ -688,7 +703,7 @@ class RunRecord:
 
 
 @dataclasses.dataclass(frozen=True)
-class StudyRecord:
+class StudyRecord(_FolderRecord):
     """What a listing knows about one study folder (status running, finished, failed, stale or corrupt)."""
 
     study_id: str
@@ -698,22 +713,11 @@ class StudyRecord:
     notebook: str | None = None
     profile: str | None = None
     parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
-    created: str | None = None
-    finished: str | None = None
     run_ids: tuple[str, ...] = ()
     executed_notebook: str | None = None
     executed_notebook_exists: bool = False
     git_revision: str | None = None
     git_dirty: bool | None = None
-    stored_status: str | None = None
-    heartbeat: str | None = None
-    pid: int | None = None
-    host: str | None = None
-    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status != "corrupt"
 
     def row(self, root: Path) -> dict[str, Any]:
         row = {
@@ -1417,15 +1421,9 @@ class RunStore:
             status=status,
             reason=reason,
             kind=meta["kind"],
-            created=meta["created"],
             tags=dict(meta.get("tags") or {}),
             study_id=meta.get("study_id"),
-            stored_status=meta["status"],
-            finished=meta.get("finished"),
-            heartbeat=meta.get("heartbeat"),
-            pid=meta.get("pid"),
-            host=meta.get("host"),
-            environment=meta.get("environment") if isinstance(meta.get("environment"), dict) else {},
+            **RunRecord.fields_from(meta),
         )
         if with_summary:
             record = self._attach_summary(record)
@@ -1582,18 +1580,12 @@ class RunStore:
             notebook=meta["notebook"],
             profile=meta["profile"],
             parameters=dict(meta.get("parameters") or {}),
-            created=meta["created"],
-            finished=meta.get("finished"),
             run_ids=tuple(meta.get("run_ids") or ()),
             executed_notebook=executed,
             executed_notebook_exists=bool(executed) and (folder / executed).is_file(),
             git_revision=meta.get("git_revision"),
             git_dirty=meta.get("git_dirty"),
-            stored_status=meta["status"],
-            heartbeat=meta.get("heartbeat"),
-            pid=meta.get("pid"),
-            host=meta.get("host"),
-            environment=meta.get("environment") if isinstance(meta.get("environment"), dict) else {},
+            **StudyRecord.fields_from(meta),
         )
         return record, meta
 
