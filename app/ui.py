@@ -241,6 +241,25 @@ def pick_run(candidates: pd.DataFrame, label: str, key: str, query: str = "run")
     return chosen
 
 
+NOTHING = object()  # what meta_section returns when its section has nothing to show
+
+
+def meta_section(ctx: Context, title: str, key: str, reader: Callable[[str, str], Any]) -> Any:
+    """The opening of a page's meta-training section: a header and a picker over the readable meta-training runs
+    (newest first), then ``reader(root, run_id)`` of the chosen one. :data:`NOTHING` when there is no such run or
+    the read failed (said on the page)."""
+    meta = latest_first(ctx.view[(ctx.view["kind"] == dd.KIND_META) & (ctx.view["status"] != "corrupt")])
+    if meta.empty:
+        return NOTHING
+    st.header(title)
+    run_id = pick_run(meta, "Meta-training run", key=key, query="meta")
+    value, error = attempt(reader, ctx.root_str, run_id)
+    if error:
+        st.warning(error)
+        return NOTHING
+    return value
+
+
 def latest_first(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.sort_values("created", ascending=False, na_position="last") if "created" in runs else runs
 

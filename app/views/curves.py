@@ -55,14 +55,8 @@ def _transfer_curves(ctx: ui.Context) -> None:
 
 
 def _meta_curves(ctx: ui.Context) -> None:
-    meta = ui.latest_first(ctx.view[(ctx.view["kind"] == dd.KIND_META) & (ctx.view["status"] != "corrupt")])
-    if meta.empty:
-        return
-    st.header("Meta-training")
-    run_id = ui.pick_run(meta, "Meta-training run", key="meta_curve_run", query="meta")
-    frame, error = ui.attempt(ui.load_metrics, ctx.root_str, run_id)
-    if error:
-        st.warning(error)
+    frame = ui.meta_section(ctx, "Meta-training", "meta_curve_run", ui.load_metrics)
+    if frame is ui.NOTHING:
         return
     tasks = frame[frame["stage"] == dd.STAGE_META] if "stage" in frame else frame.iloc[0:0]
     if tasks.empty:

@@ -61,14 +61,9 @@ def _across_runs(ctx: ui.Context, runs: pd.DataFrame) -> None:
 
 
 def _meta(ctx: ui.Context) -> None:
-    meta = ui.latest_first(ctx.view[(ctx.view["kind"] == dd.KIND_META) & (ctx.view["status"] != "corrupt")])
-    if meta.empty:
-        return
-    st.header("phi during meta-training: scale and noise statistics")
-    run_id = ui.pick_run(meta, "Meta-training run", key="meta_scale_run", query="meta")
-    stats, error = ui.attempt(ui.load_meta_site_stats, ctx.root_str, run_id)
-    if error:
-        st.warning(error)
+    stats = ui.meta_section(ctx, "phi during meta-training: scale and noise statistics", "meta_scale_run",
+                            ui.load_meta_site_stats)
+    if stats is ui.NOTHING:
         return
     if stats is None:
         st.info("This run has not written its site statistics yet (they come with each checkpoint).")
