@@ -61,6 +61,16 @@ def make_trainer(dataset, **overrides) -> MetaTrainer:
     return MetaTrainer(config, data.tasks, device="cpu", mean=data.mean, std=data.std, flip=data.flip)
 
 
+def task_steps_then_heldout_batches(trainer: MetaTrainer) -> dict:
+    """One task step on every slot, then each slot's next held-out batch: what a meta step is given."""
+    batches = {}
+    for slot in trainer.slots:
+        with slot.rng.active():
+            trainer.task_step(slot, next(slot.train_iter))
+        batches[slot.index] = next(slot.valid_iter)
+    return batches
+
+
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -90,11 +100,7 @@ def test_task_step_changes_only_its_own_network(dataset):
 
 def test_meta_step_changes_only_phi_and_site_statistics(dataset):
     trainer = make_trainer(dataset)
-    batches = {}
-    for slot in trainer.slots:
-        with slot.rng.active():
-            trainer.task_step(slot, next(slot.train_iter))
-        batches[slot.index] = next(slot.valid_iter)
+    batches = task_steps_then_heldout_batches(trainer)
     phi0 = snapshot(trainer.phi)
     models0 = [snapshot(s.model) for s in trainer.slots]
     trainer.meta_step(batches)
@@ -108,11 +114,7 @@ def test_meta_step_changes_only_phi_and_site_statistics(dataset):
 
 def test_phi_gradient_is_the_mean_of_per_task_gradients(dataset):
     trainer = make_trainer(dataset)
-    batches = {}
-    for slot in trainer.slots:
-        with slot.rng.active():
-            trainer.task_step(slot, next(slot.train_iter))
-        batches[slot.index] = next(slot.valid_iter)
+    batches = task_steps_then_heldout_batches(trainer)
     saved = [(copy.deepcopy(s.rng.state_dict()), snapshot(s.model)) for s in trainer.slots]
     per_task = []
     for slot in trainer.slots:
