@@ -1,7 +1,9 @@
 import copy
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -149,3 +151,46 @@ def test_errors_are_one_line():
     with pytest.raises(WorkbenchError, match="probe forward pass") as info:
         attach(build("vgg9", 2), phi, image_size=1)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "conv4", "tv:resnet18"])
+def test_sites_take_over_the_relu_they_feed_and_compute_the_same(name):
+    """The ReLU after a site is applied by the site itself (one pass fewer each way): model output and every
+    gradient equal those of the site followed by the ReLU module, and remove() gives the modules back."""
+    channels, size = (1, 28) if name == "conv4" else (3, 32)
+    torch.manual_seed(0)
+    model = build(name, 5, in_channels=channels, image_size=size).to(memory_format=torch.channels_last)
+    relus = {m: m.forward for m in model.modules() if type(m) is nn.ReLU}
+    handle = attach(model, MetaPerturb(init_std=0.3).requires_grad_(False), image_size=size)
+    handle.set_clip(3.0)
+    taken = [m for m in relus if "forward" in vars(m)]
+    hosts = [m for m in model.modules() if isinstance(getattr(m, "perturb_site", None), PerturbSite)]
+    if name != "tv:resnet18":  # torchvision blocks fuse through their replaced block forward instead
+        assert taken and set(taken) == {m for m in hosts if type(m) is nn.ReLU}
+    x = torch.randn(4, channels, size, size).contiguous(memory_format=torch.channels_last)
+    y = torch.tensor([0, 1, 2, 3])
+
+    def loss_and_grads():
+        torch.manual_seed(5)  # the same noise in both passes
+        loss = F.cross_entropy(model(x), y)
+        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+    fused = loss_and_grads()
+    for host in taken:  # the unfused wiring: site, then the module's own ReLU
+        host.forward = types.MethodType(lambda self, t: F.relu(self.perturb_site(t)), host)
+    if name == "tv:resnet18":
+        for host in hosts:
+            host.forward = types.MethodType(lambda self, t: self.relu(self.perturb_site(_tv_residual(self, t))), host)
+    unfused = loss_and_grads()
+    assert torch.allclose(fused[0], unfused[0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused[1], unfused[1]))
+    handle.remove()
+    assert not [m for m in model.modules() if "forward" in vars(m)]
+    assert all(m.forward == bound for m, bound in relus.items())
+
+
+def _tv_residual(block, x):
+    """A torchvision BasicBlock's pre-activation (out + identity)."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    return block.bn2(block.conv2(out)) + identity

@@ -433,3 +433,36 @@ def test_fused_site_without_a_backward_skips_its_saved_maps_only(isa_restored, f
         results.append((out.detach(), scale.detach(), stats, rm, rv))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["fused", "two_sweeps", "eager"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 7), (2, 17, 5, 4), (4, 40, 8, 8)])
+def test_relu_fused_into_the_site_is_the_relu_of_its_output(isa_restored, fusing_restored, shape, training, path):
+    """site(h, relu=True) = relu(site(h)) in value and input gradient, the clip included, on every CPU path (the
+    fused site applies it in-kernel and masks its own backward)."""
+    if path == "fused" and not _native.load().cpu_has_avx512():
+        pytest.skip("the fused site needs AVX-512")
+    _native.set_isa("avx512" if path == "fused" and _native.load().cpu_has_avx512() else "generic")
+    _native.fuse_frozen_sites = path == "fused"
+    fn = perturb_module.perturb if path == "eager" else _native.perturb
+    torch.manual_seed(12)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = (3 * torch.randn(shape)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn(shape)
+    results = []
+    for relu in (False, True):
+        rm, rv = _stats(shape[1])
+        torch.manual_seed(13)  # the same noise for both
+        eps = torch.randn(shape) if path == "eager" else None
+        out, _, _ = _call(fn, h, phi, rm, rv, training, eps, relu=relu, **({"fused": True} if path == "eager" else {}))
+        if not relu:
+            (unmasked,) = torch.autograd.grad((out * weight).sum(), [h], retain_graph=True)
+            out = torch.relu(out)
+        (grad,) = torch.autograd.grad((out * weight).sum(), [h])
+        results.append((out.detach(), grad, rv))
+    (out0, grad0, rv0), (out1, grad1, rv1) = results
+    assert (out1 == 0).any() and (out1 > 0).any() and (out1 == 1.5).any()  # both bounds are exercised
+    assert torch.allclose(out1, out0, atol=1e-6) and torch.allclose(rv1, rv0)
+    assert torch.allclose(grad1, grad0, atol=1e-5)
+    assert not torch.allclose(grad1, unmasked, atol=1e-3)  # the ReLU's mask does change the gradient

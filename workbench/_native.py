@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .errors import WorkbenchError
@@ -210,7 +211,8 @@ class _Sweep2(torch.autograd.Function):
 
 
 class _FusedSite(torch.autograd.Function):
-    """The whole site for a frozen phi, one autograd node: h -> (out, scale, [mean, std] of the multiplier).
+    """The whole site for a frozen phi, one autograd node: h -> (out, scale, [mean, std] of the multiplier), with
+    the layer's ReLU applied to ``out`` in-kernel when ``relu``.
 
     Forward: a pre-pass over h (channel mean; when training the scale features and their relu bits), the scale from
     their batch statistics (running statistics updated in place) or from the running ones, then E1, E2 and the
@@ -221,7 +223,7 @@ class _FusedSite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, phi_tensors, running_mean, running_var, eps: Optional[torch.Tensor], seed: int,
                 noise_coeff: float, clip: Optional[float], training: bool, ratios: tuple, momentum: float,
-                double_bessel: bool, keep: bool):
+                double_bessel: bool, keep: bool, relu: bool):
         kid1, kall1, kid2, kall2, kscale, fc_weight = (t.detach() for t in phi_tensors)
         x = _nhwc(h.detach())
         # keep: a backward will follow, so write what it reads (a and the mask); evaluation passes skip both
@@ -231,8 +233,9 @@ class _FusedSite(torch.autograd.Function):
         e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
         out, a, stats = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
                                               float(noise_coeff), clip is not None,
-                                              0.0 if clip is None else float(clip), bool(training), bool(keep))
-        ctx.noise_coeff, ctx.clip, ctx.training = float(noise_coeff), clip, bool(training)
+                                              0.0 if clip is None else float(clip), bool(training), bool(keep),
+                                              bool(relu))
+        ctx.noise_coeff, ctx.clip, ctx.training, ctx.relu = float(noise_coeff), clip, bool(training), bool(relu)
         ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
         ctx.save_for_backward(x, a, mask, scale, features, mean)
         ctx.mark_non_differentiable(stats, *(() if training else (scale,)))
@@ -242,7 +245,7 @@ class _FusedSite(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_out, g_scale_out, _g_stats):
         x, a, mask, scale, features, mean = ctx.saved_tensors
-        none = (None,) * 12
+        none = (None,) * 13
         if not ctx.needs_input_grad[0]:
             return (None,) + none
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
@@ -251,7 +254,7 @@ class _FusedSite(torch.autograd.Function):
             clip = ctx.clip
             gx, g_scale = _module.fused_backward(x, a, mask, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
                                                  ctx.noise_coeff, clip is not None,
-                                                 0.0 if clip is None else float(clip), ctx.training)
+                                                 0.0 if clip is None else float(clip), ctx.training, ctx.relu)
         else:  # a loss on the scale alone
             gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
             g_scale = torch.zeros(c)
@@ -264,7 +267,7 @@ class _FusedSite(torch.autograd.Function):
 
 
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,
-                clip, eps, double_bessel):
+                clip, eps, double_bessel, relu):
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         raise WorkbenchError(f"the fused site needs float32 running statistics, got {running_mean.dtype}; "
                              "keep the perturbation sites in float32 (or set _native.fuse_frozen_sites = False)")
@@ -275,7 +278,8 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
     keep = torch.is_grad_enabled() and h.requires_grad
     return _FusedSite.apply(h, phi_tensors, running_mean, running_var, eps, seed, float(noise_coeff),
                             None if clip is None else float(clip), bool(training),
-                            (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel), keep)
+                            (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel), keep,
+                            bool(relu))
 
 
 def pooled_bytes() -> int:
@@ -328,8 +332,9 @@ def standard_normal(like: torch.Tensor, seed: Optional[int] = None) -> torch.Ten
 def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch.Tensor, *, channel_norm: float,
             spatial_norm: float, training: bool, momentum: float = 0.1, noise_coeff: float = 1.0,
             clip: Optional[float] = None, eps: Optional[torch.Tensor] = None, double_bessel: bool = True,
-            fused: bool = True):
-    """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``.
+            fused: bool = True, relu: bool = False):
+    """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``; ``relu`` applies
+    the layer's ReLU to ``out`` (in-kernel on the fused site, saving the activation's own passes).
 
     The kernel's backward is hand-written (differentiable once): ``fused=False`` (twice-differentiable plain ops,
     for second-order meta-training) is handed to the eager ``perturb`` unchanged.
@@ -344,7 +349,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
 
         return eager_perturb(h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
                              training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-                             double_bessel=double_bessel, fused=False)
+                             double_bessel=double_bessel, fused=False, relu=relu)
     if load() is None:
         raise WorkbenchError("the native perturbation kernel is not built; check available() before calling it")
     b, c, height, width = h.shape
@@ -358,7 +363,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
         out, scale, multiplier_stats = _fused_site(
             h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
             training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-            double_bessel=double_bessel)
+            double_bessel=double_bessel, relu=relu)
         return (out if channels_last_in else out.contiguous()), scale, multiplier_stats
     handoff = _Handoff()
     r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
@@ -370,6 +375,8 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     seed = draw_seed() if eps is None else 0
     out, multiplier = _Sweep2.apply(h, r1, mr, scale, phi.noise2.w_identity, phi.noise2.w_all, eps, seed,
                                     float(noise_coeff), None if clip is None else float(clip), handoff)
+    if relu:
+        out = F.relu(out)
     if not channels_last_in:
         out = out.contiguous()
     return out, scale, multiplier

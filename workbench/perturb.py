@@ -249,9 +249,11 @@ def perturb(
     eps: Optional[torch.Tensor] = None,
     double_bessel: bool = True,
     fused: bool = True,
+    relu: bool = False,
 ):
     """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)`` (the multiplier map, or its
-    ``[mean, std]`` where the fused CPU kernel serves a frozen phi: see ``workbench._native``).
+    ``[mean, std]`` where the fused CPU kernel serves a frozen phi: see ``workbench._native``). ``relu`` applies the
+    layer's ReLU to ``out`` as well (attach fuses a site with the ReLU module it feeds).
 
     In training mode the batch statistics are used and ``running_mean``/``running_var`` (C, 4) are updated in place;
     otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
@@ -261,7 +263,8 @@ def perturb(
     if fused and _native.available(h, phi):
         return _native.perturb(h, phi, running_mean, running_var, channel_norm=channel_norm,
                                spatial_norm=spatial_norm, training=training, momentum=momentum,
-                               noise_coeff=noise_coeff, clip=clip, eps=eps, double_bessel=double_bessel)
+                               noise_coeff=noise_coeff, clip=clip, eps=eps, double_bessel=double_bessel,
+                               relu=relu)
     b, c, height, width = h.shape
     layout_in = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous() else None
     x = h.contiguous(memory_format=torch.channels_last)
@@ -291,6 +294,8 @@ def perturb(
         out = x * multiplier
         out = out.clamp(max=clip) if clip is not None else out
         multiplier = multiplier.detach()
+    if relu:
+        out = F.relu(out)
     if layout_in is None:
         out = out.contiguous()
     return out, scale, multiplier
@@ -342,9 +347,10 @@ class PerturbSite(nn.Module):
             f"noise_coeff={self.noise_coeff:g}, clip={self.clip}, active={self.active}"
         )
 
-    def forward(self, h: torch.Tensor, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, eps: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
+        """The perturbed map; with ``relu``, the ReLU of it (the site then stands in for the layer's ReLU)."""
         if not self.active:
-            return h
+            return F.relu(h) if relu else h
         if h.dim() != 4:
             raise WorkbenchError(
                 f"a perturbation site expects a (B, C, H, W) feature map, got shape {tuple(h.shape)}"
@@ -370,6 +376,7 @@ class PerturbSite(nn.Module):
             eps=eps,
             double_bessel=self.double_bessel,
             fused=self.fused,
+            relu=relu,
         )
         if self.record_stats:
             self.last_scale = scale.detach()

@@ -776,15 +776,16 @@ WB_AVX512 inline __m512 reciprocal512(__m512 d) {
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0f)));
 }
 
-// noise_tail_row over one image row: a = mu + pix[x] + eps, m = 1 + k (s softplus(a) - 1), out = min(h m, clip).
+// noise_tail_row over one image row: a = mu + pix[x] + eps, m = 1 + k (s softplus(a) - 1),
+// out = max(min(h m, clip), lo) (lo = -inf, or 0 where the layer's ReLU is fused into the site).
 // mult: the multiplier row, or nullptr not to write it; mstats: (sum m, sum m^2) += this row's, or nullptr.
 WB_AVX512 void noise_tail_row_avx512(const float* __restrict h, const float* __restrict mu,
                                      const float* __restrict pix, const float* __restrict eps,
                                      const float* __restrict scale, float* __restrict out, float* __restrict mult,
-                                     float* __restrict a_out, float k, float cl, idx W, idx C,
+                                     float* __restrict a_out, float k, float cl, float lo, idx W, idx C,
                                      double* mstats = nullptr) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k),
-               clv = _mm512_set1_ps(cl), sign = _mm512_set1_ps(-0.0f);
+               clv = _mm512_set1_ps(cl), lov = _mm512_set1_ps(lo), sign = _mm512_set1_ps(-0.0f);
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     const __m512 s = _mm512_maskz_loadu_ps(lm, scale + cb);
@@ -799,7 +800,7 @@ WB_AVX512 void noise_tail_row_avx512(const float* __restrict h, const float* __r
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(lm, h + o), m);
       store_block(a_out + o, lm, av);
       if (mult) store_block(mult + o, lm, m);
-      store_block(out + o, lm, _mm512_min_ps(v, clv));
+      store_block(out + o, lm, _mm512_max_ps(_mm512_min_ps(v, clv), lov));
       if (mstats) {
         const __m512 mm = _mm512_maskz_mov_ps(lm, m);
         msum = _mm512_add_ps(msum, mm);
@@ -814,15 +815,16 @@ WB_AVX512 void noise_tail_row_avx512(const float* __restrict h, const float* __r
 }
 
 // noise_tail_backward_row over one image row (see there); acc[c] += sum_x g_m z. mult: the forward's multiplier
-// row, or nullptr to recompute it from a (the same expression as the forward, so the same values).
+// row, or nullptr to recompute it from a (the same expression as the forward, so the same values). lo: the
+// forward's lower bound (-inf, or 0 for a fused ReLU, which passes the gradient where h m > 0).
 WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const float* __restrict mult,
                                               const float* __restrict a, const float* __restrict g_out,
                                               const float* __restrict scale, float* __restrict g_x,
                                               float* __restrict g_mu, float* __restrict g_mu_sum,
-                                              float* __restrict acc, float k, float cl, idx W, idx C,
+                                              float* __restrict acc, float k, float cl, float lo, idx W, idx C,
                                               float* __restrict colsum) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k),
-               clv = _mm512_set1_ps(cl), sign = _mm512_set1_ps(-0.0f);
+               clv = _mm512_set1_ps(cl), lov = _mm512_set1_ps(lo), sign = _mm512_set1_ps(-0.0f);
   for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
@@ -835,8 +837,10 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
       const __m512 z = _mm512_add_ps(_mm512_max_ps(av, zero), log1p_unit512(e));
       const __m512 hv = _mm512_maskz_loadu_ps(lm, h + o);
       const __m512 m = mult ? _mm512_maskz_loadu_ps(lm, mult + o) : _mm512_fmadd_ps(kv, _mm512_fmsub_ps(s, z, one), one);
-      // clamp(max=clip) passes the gradient where h m <= clip
-      const __mmask16 pass = _mm512_mask_cmp_ps_mask(lm, _mm512_mul_ps(hv, m), clv, _CMP_LE_OQ);
+      // clamp(max=clip) passes the gradient where h m <= clip, the ReLU (lo = 0) where h m > 0
+      const __m512 v = _mm512_mul_ps(hv, m);
+      const __mmask16 pass = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(lm, v, clv, _CMP_LE_OQ), v, lov,
+                                                     _CMP_GT_OQ);
       // loaded under the lane mask and zeroed after: a load masked by `pass` would wait for the whole chain above
       const __m512 go = _mm512_maskz_mov_ps(pass, _mm512_maskz_loadu_ps(lm, g_out + o));
       const __m512 gm = _mm512_mul_ps(_mm512_mul_ps(go, hv), kv);
@@ -1348,7 +1352,8 @@ std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, tor
 #if WB_HAS_AVX512_PATH
       if (avx512) {
         noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, mp + o, ap + o, k,
-                              has_clip ? cl : std::numeric_limits<float>::infinity(), g.W, g.C);
+                              has_clip ? cl : std::numeric_limits<float>::infinity(),
+                              -std::numeric_limits<float>::infinity(), g.W, g.C);
         continue;
       }
 #endif
@@ -1403,8 +1408,8 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
       if (avx512)
         noise_tail_backward_row_avx512(xp + o, mp + o, ap + o, gp + o, sp, g_x, gm.data() + slot * rw,
                                        gs.data() + slot * g.W, acc.data(), k,
-                                       has_clip ? cl : std::numeric_limits<float>::infinity(), g.W, g.C,
-                                       colsum.data());
+                                       has_clip ? cl : std::numeric_limits<float>::infinity(),
+                                       -std::numeric_limits<float>::infinity(), g.W, g.C, colsum.data());
       else
 #endif
         noise_tail_backward_row(xp + o, mp + o, ap + o, gp + o, sp, g_x, gm.data() + slot * rw,
@@ -1516,13 +1521,14 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
   return {mh, f, mask};
 }
 
-// out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep; with keep, also writes what the
-// backward reads: a = mu + eps and bit 4 of the mask (without, a is empty and the mask untouched). Returns out
-// ((B, C, H, W) channels_last), a (NHWC), and the multiplier's [mean, std] (unbiased, like torch.std).
+// out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep, then max(., 0) with relu (the
+// layer's ReLU fused in); with keep, also writes what the backward reads: a = mu + eps and bit 4 of the mask
+// (without, a is empty and the mask untouched). Returns out ((B, C, H, W) channels_last), a (NHWC), and the
+// multiplier's [mean, std] (unbiased, like torch.std).
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
-                                         bool has_clip, double clip, bool training, bool keep) {
+                                         bool has_clip, double clip, bool training, bool keep, bool relu) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto K1 = kernel9(kid1), Ka1 = kernel9(kall1), K2 = kernel9(kid2), Ka2 = kernel9(kall2);
@@ -1540,6 +1546,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   std::vector<double> rowstats(static_cast<size_t>(2 * rows_total), 0.0);
   const float k = static_cast<float>(noise_coeff);
   const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
+  const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   const uint64_t useed = static_cast<uint64_t>(seed);
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
@@ -1573,7 +1580,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
       }
       const idx o = r * rw;
       noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, nullptr, keep ? ap + o : a_row.data(), k,
-                            cl, g.W, g.C, rowstats.data() + 2 * r);
+                            cl, lo, g.W, g.C, rowstats.data() + 2 * r);
     }
   });
   double sum = 0.0, squares = 0.0;
@@ -1587,11 +1594,12 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   return {out, a, stats};
 }
 
-// The input gradient of fused_forward except the scale path (scale_backward adds that), and g_scale when asked.
+// The input gradient of fused_forward except the scale path (scale_backward adds that), and g_scale when asked;
+// relu as in the forward.
 std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor mask, torch::Tensor scale,
                                           torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
                                           torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
-                                          double clip, bool need_scale) {
+                                          double clip, bool need_scale, bool relu) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
@@ -1610,6 +1618,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
   const float k = static_cast<float>(noise_coeff);
   const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
+  const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     // ring 1: g_mu rows and their channel sums; ring 2: g_E1 rows and theirs. Output row y needs g_E1 rows y-1..y+1,
     // g_E1 row y' needs g_mu rows y'-1..y'+1; produced in increasing row order, three slots each suffice.
@@ -1622,8 +1631,8 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
       std::fill(acc.begin(), acc.end(), 0.f);
       // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
       noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(),
-                                     gmu.data() + slot * rw, gmus.data() + slot * g.W, acc.data(), k, cl, g.W, g.C,
-                                     colsum.data());
+                                     gmu.data() + slot * rw, gmus.data() + slot * g.W, acc.data(), k, cl, lo, g.W,
+                                     g.C, colsum.data());
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
     };
