@@ -264,3 +264,12 @@ def test_channel_scale_is_the_linear_map_of_the_ten_inputs_in_value_and_gradient
     g_expected = torch.autograd.grad((expected * weights).sum(), [mean, var, phi.scale_fc.weight])
     for a, b in zip(g_got, g_expected):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_multiplier_statistics_as_a_tensor_equal_the_dict():
+    site = _site(MetaPerturb(init_std=0.3), 16)
+    assert site.last_multiplier_stats is None and site.last_multiplier_stats_tensor() is None
+    site.train()
+    site(torch.randn(4, 16, 6, 6))
+    t, d = site.last_multiplier_stats_tensor(), site.last_multiplier_stats
+    assert t.shape == (2,) and d == {"mean": t[0].item(), "std": t[1].item()} and d["std"] > 0

@@ -455,11 +455,11 @@ class MetaTrainer:
         parts = [torch.cat([g.reshape(-1) for g in grads]), train.to(self.device), heldout]
         if record:
             scales = [s.mean() for s in slot.handle.scales()]
-            nan = {"mean": float("nan"), "std": float("nan")}
-            stats = [s.last_multiplier_stats or nan for s in slot.handle.sites]
-            parts += [torch.stack(scales).to(self.device).float(),
-                      torch.tensor([d["mean"] for d in stats], device=self.device),
-                      torch.tensor([d["std"] for d in stats], device=self.device)]
+            nan = torch.full((2,), float("nan"), device=self.device)
+            # gathered as device tensors: reading each site's statistics on the host would sync a GPU twice per site
+            per_site = [s.last_multiplier_stats_tensor() for s in slot.handle.sites]
+            stats = torch.stack([nan if t is None else t.to(self.device).float() for t in per_site])
+            parts += [torch.stack(scales).to(self.device).float(), stats[:, 0], stats[:, 1]]
         else:
             parts.append(torch.zeros(3 * self.num_sites, device=self.device))
         return torch.cat([p.float() for p in parts])

@@ -386,12 +386,18 @@ class PerturbSite(nn.Module):
     @property
     def last_multiplier_stats(self) -> Optional[dict]:
         """Mean and standard deviation of the last forward's multiplier ``1 + k (s z - 1)`` (None before one)."""
-        if self._last_multiplier is None:
-            return None
+        stats = self.last_multiplier_stats_tensor()
+        return None if stats is None else {"mean": stats[0].item(), "std": stats[1].item()}
+
+    def last_multiplier_stats_tensor(self) -> Optional[torch.Tensor]:
+        """``[mean, std]`` of the last forward's multiplier as a (2,) tensor on the site's device: no host sync, for
+        code that gathers the statistics of many sites before reading them (None before a forward)."""
         m = self._last_multiplier
+        if m is None:
+            return None
         if m.dim() == 1:  # the fused kernel's [mean, std]: it never writes the map
-            return {"mean": m[0].item(), "std": m[1].item()}
-        return {"mean": m.mean().item(), "std": m.std().item()}
+            return m
+        return torch.stack([m.mean(), m.std()])
 
 
 def reference_perturb(h, phi: MetaPerturb, running_mean, running_var, *, channel_norm, spatial_norm, eps, clip=None,
