@@ -153,20 +153,23 @@ def test_errors_are_one_line():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "conv4", "tv:resnet18"])
-def test_sites_take_over_the_relu_they_feed_and_compute_the_same(name):
-    """The ReLU after a site is applied by the site itself (one pass fewer each way): model output and every
-    gradient equal those of the site followed by the ReLU module, and remove() gives the modules back."""
+@pytest.mark.parametrize("name", ["resnet20", "conv4", "vgg9", "tv:resnet18"])
+def test_sites_take_over_the_relu_and_pool_they_feed_and_compute_the_same(name):
+    """The ReLU after a site (and a 2x2 max-pool right after it) is applied by the site itself: model output and
+    every gradient equal those of the site followed by the ReLU and pool modules, and remove() gives them back."""
     channels, size = (1, 28) if name == "conv4" else (3, 32)
     torch.manual_seed(0)
     model = build(name, 5, in_channels=channels, image_size=size).to(memory_format=torch.channels_last)
-    relus = {m: m.forward for m in model.modules() if type(m) is nn.ReLU}
+    forwards = {m: m.forward for m in model.modules() if type(m) in (nn.ReLU, nn.MaxPool2d)}
     handle = attach(model, MetaPerturb(init_std=0.3).requires_grad_(False), image_size=size)
     handle.set_clip(3.0)
-    taken = [m for m in relus if "forward" in vars(m)]
+    taken = [m for m in forwards if type(m) is nn.ReLU and "forward" in vars(m)]
+    pools = [m for m in forwards if type(m) is nn.MaxPool2d and "forward" in vars(m)]
     hosts = [m for m in model.modules() if isinstance(getattr(m, "perturb_site", None), PerturbSite)]
     if name != "tv:resnet18":  # torchvision blocks fuse through their replaced block forward instead
         assert taken and set(taken) == {m for m in hosts if type(m) is nn.ReLU}
+    # every pool of Conv-4 follows a site; VGG-9 at 32x32 has five, after its sites 1, 2, 4, 6 and 8
+    assert len(pools) == {"conv4": 4, "vgg9": 5}.get(name, 0)
     x = torch.randn(4, channels, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 3])
 
@@ -176,8 +179,10 @@ def test_sites_take_over_the_relu_they_feed_and_compute_the_same(name):
         return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
     fused = loss_and_grads()
-    for host in taken:  # the unfused wiring: site, then the module's own ReLU
+    for host in taken:  # the unfused wiring: site, then the module's own ReLU and pool
         host.forward = types.MethodType(lambda self, t: F.relu(self.perturb_site(t)), host)
+    for pool in pools:
+        del pool.forward
     if name == "tv:resnet18":
         for host in hosts:
             host.forward = types.MethodType(lambda self, t: self.relu(self.perturb_site(_tv_residual(self, t))), host)
@@ -186,7 +191,7 @@ def test_sites_take_over_the_relu_they_feed_and_compute_the_same(name):
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused[1], unfused[1]))
     handle.remove()
     assert not [m for m in model.modules() if "forward" in vars(m)]
-    assert all(m.forward == bound for m, bound in relus.items())
+    assert all(m.forward == bound for m, bound in forwards.items())
 
 
 def _tv_residual(block, x):

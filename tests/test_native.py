@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import OFFICIAL_OUTPUT
 from workbench import MetaPerturb, PerturbSite, WorkbenchError, _native
@@ -415,10 +416,11 @@ def test_fused_site_scale_path_alone_still_reaches_h(isa_restored, fusing_restor
 
 
 @needs_avx512
+@pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_fused_site_without_a_backward_skips_its_saved_maps_only(isa_restored, fusing_restored, training):
-    """Under no_grad the fused site writes neither a nor the mask (nothing will read them); the output, scale,
-    running statistics and multiplier statistics are those of a pass that keeps them."""
+def test_fused_site_without_a_backward_skips_its_saved_maps_only(isa_restored, fusing_restored, training, pool):
+    """Under no_grad the fused site writes neither a nor the mask nor the pool's winners (nothing will read them);
+    the output, scale, running statistics and multiplier statistics are those of a pass that keeps them."""
     _native.set_isa("avx512")
     _native.fuse_frozen_sites = True
     torch.manual_seed(15)
@@ -429,7 +431,7 @@ def test_fused_site_without_a_backward_skips_its_saved_maps_only(isa_restored, f
         rm, rv = _stats(19)
         torch.manual_seed(16)
         with torch.set_grad_enabled(grad):
-            out, scale, stats = _call(_native.perturb, h, phi, rm, rv, training, None)
+            out, scale, stats = _call(_native.perturb, h, phi, rm, rv, training, None, relu=pool, pool=pool)
         results.append((out.detach(), scale.detach(), stats, rm, rv))
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -466,3 +468,42 @@ def test_relu_fused_into_the_site_is_the_relu_of_its_output(isa_restored, fusing
     assert torch.allclose(out1, out0, atol=1e-6) and torch.allclose(rv1, rv0)
     assert torch.allclose(grad1, grad0, atol=1e-5)
     assert not torch.allclose(grad1, unmasked, atol=1e-3)  # the ReLU's mask does change the gradient
+
+
+@pytest.mark.parametrize("path", ["fused", "two_sweeps", "eager"])
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 7), (2, 17, 6, 5), (2, 40, 8, 8)])
+def test_pool_fused_into_the_site_is_the_max_pool_of_its_output(isa_restored, fusing_restored, shape, training, relu,
+                                                                path):
+    """site(h, relu, pool=True) = max_pool2d(site(h, relu), 2) in value and input gradient on every CPU path: odd
+    sizes drop the last row and column, clipped and ReLU-zeroed winners pass no gradient, and a window of equal
+    values gives it to its first element, as torch's max-pool does (the fused site pools in-kernel and keeps each
+    window's winner for its backward)."""
+    if path == "fused" and not _native.load().cpu_has_avx512():
+        pytest.skip("the fused site needs AVX-512")
+    _native.set_isa("avx512" if path == "fused" and _native.load().cpu_has_avx512() else "generic")
+    _native.fuse_frozen_sites = path == "fused"
+    fn = perturb_module.perturb if path == "eager" else _native.perturb
+    torch.manual_seed(17)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = 3 * torch.randn(shape)
+    h[:, :, 2:4, 0:2] = 0.0  # windows of equal values (h m = 0)
+    h = h.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    pooled_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    weight = torch.randn(pooled_shape)
+    results = []
+    for pool in (False, True):
+        rm, rv = _stats(shape[1])
+        torch.manual_seed(18)  # the same noise for both
+        eps = torch.randn(shape) if path == "eager" else None
+        out, _, _ = _call(fn, h, phi, rm, rv, training, eps, relu=relu, pool=pool,
+                          **({"fused": True} if path == "eager" else {}))
+        if not pool:
+            out = F.max_pool2d(out, 2)
+        (grad,) = torch.autograd.grad((out * weight).sum(), [h])
+        results.append((out.detach(), grad, rv))
+    (out0, grad0, rv0), (out1, grad1, rv1) = results
+    assert out1.shape == pooled_shape and (out1 == 1.5).any()
+    assert torch.allclose(out1, out0, atol=1e-6) and torch.allclose(rv1, rv0)
+    assert torch.allclose(grad1, grad0, atol=1e-5)  # without the ReLU, the zero windows test the first-wins rule

@@ -212,7 +212,7 @@ class _Sweep2(torch.autograd.Function):
 
 class _FusedSite(torch.autograd.Function):
     """The whole site for a frozen phi, one autograd node: h -> (out, scale, [mean, std] of the multiplier), with
-    the layer's ReLU applied to ``out`` in-kernel when ``relu``.
+    the layer's ReLU applied to ``out`` in-kernel when ``relu`` and then its 2x2 max-pool (stride 2) when ``pool``.
 
     Forward: a pre-pass over h (channel mean; when training the scale features and their relu bits), the scale from
     their batch statistics (running statistics updated in place) or from the running ones, then E1, E2 and the
@@ -223,7 +223,7 @@ class _FusedSite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, phi_tensors, running_mean, running_var, eps: Optional[torch.Tensor], seed: int,
                 noise_coeff: float, clip: Optional[float], training: bool, ratios: tuple, momentum: float,
-                double_bessel: bool, keep: bool, relu: bool):
+                double_bessel: bool, keep: bool, relu: bool, pool: bool):
         kid1, kall1, kid2, kall2, kscale, fc_weight = (t.detach() for t in phi_tensors)
         x = _nhwc(h.detach())
         # keep: a backward will follow, so write what it reads (a and the mask); evaluation passes skip both
@@ -231,21 +231,21 @@ class _FusedSite(torch.autograd.Function):
         scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
                                                  float(ratios[1]), float(momentum), bool(double_bessel))
         e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
-        out, a, stats = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
-                                              float(noise_coeff), clip is not None,
-                                              0.0 if clip is None else float(clip), bool(training), bool(keep),
-                                              bool(relu))
+        out, a, stats, winners = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
+                                                       float(noise_coeff), clip is not None,
+                                                       0.0 if clip is None else float(clip), bool(training),
+                                                       bool(keep), bool(relu), bool(pool))
         ctx.noise_coeff, ctx.clip, ctx.training, ctx.relu = float(noise_coeff), clip, bool(training), bool(relu)
         ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
-        ctx.save_for_backward(x, a, mask, scale, features, mean)
+        ctx.save_for_backward(x, a, mask, scale, features, mean, winners)
         ctx.mark_non_differentiable(stats, *(() if training else (scale,)))
         return out, scale, stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_scale_out, _g_stats):
-        x, a, mask, scale, features, mean = ctx.saved_tensors
-        none = (None,) * 13
+        x, a, mask, scale, features, mean, winners = ctx.saved_tensors
+        none = (None,) * 14
         if not ctx.needs_input_grad[0]:
             return (None,) + none
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
@@ -254,7 +254,8 @@ class _FusedSite(torch.autograd.Function):
             clip = ctx.clip
             gx, g_scale = _module.fused_backward(x, a, mask, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
                                                  ctx.noise_coeff, clip is not None,
-                                                 0.0 if clip is None else float(clip), ctx.training, ctx.relu)
+                                                 0.0 if clip is None else float(clip), ctx.training, ctx.relu,
+                                                 winners)
         else:  # a loss on the scale alone
             gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
             g_scale = torch.zeros(c)
@@ -267,7 +268,7 @@ class _FusedSite(torch.autograd.Function):
 
 
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,
-                clip, eps, double_bessel, relu):
+                clip, eps, double_bessel, relu, pool):
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         raise WorkbenchError(f"the fused site needs float32 running statistics, got {running_mean.dtype}; "
                              "keep the perturbation sites in float32 (or set _native.fuse_frozen_sites = False)")
@@ -279,7 +280,7 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
     return _FusedSite.apply(h, phi_tensors, running_mean, running_var, eps, seed, float(noise_coeff),
                             None if clip is None else float(clip), bool(training),
                             (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel), keep,
-                            bool(relu))
+                            bool(relu), bool(pool))
 
 
 def pooled_bytes() -> int:
@@ -332,9 +333,10 @@ def standard_normal(like: torch.Tensor, seed: Optional[int] = None) -> torch.Ten
 def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch.Tensor, *, channel_norm: float,
             spatial_norm: float, training: bool, momentum: float = 0.1, noise_coeff: float = 1.0,
             clip: Optional[float] = None, eps: Optional[torch.Tensor] = None, double_bessel: bool = True,
-            fused: bool = True, relu: bool = False):
+            fused: bool = True, relu: bool = False, pool: bool = False):
     """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``; ``relu`` applies
-    the layer's ReLU to ``out`` (in-kernel on the fused site, saving the activation's own passes).
+    the layer's ReLU to ``out`` and ``pool`` then its 2x2 max-pool (in-kernel on the fused site, saving those
+    layers' own passes).
 
     The kernel's backward is hand-written (differentiable once): ``fused=False`` (twice-differentiable plain ops,
     for second-order meta-training) is handed to the eager ``perturb`` unchanged.
@@ -349,7 +351,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
 
         return eager_perturb(h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
                              training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-                             double_bessel=double_bessel, fused=False, relu=relu)
+                             double_bessel=double_bessel, fused=False, relu=relu, pool=pool)
     if load() is None:
         raise WorkbenchError("the native perturbation kernel is not built; check available() before calling it")
     b, c, height, width = h.shape
@@ -360,10 +362,13 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
         )
     channels_last_in = h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
     if fuse_frozen_sites and _module.isa() == "avx512" and not any(p.requires_grad for p in phi.parameters()):
+        pool_here = pool and height >= 2 and width >= 2  # smaller maps: max_pool2d's own error below
         out, scale, multiplier_stats = _fused_site(
             h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
             training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-            double_bessel=double_bessel, relu=relu)
+            double_bessel=double_bessel, relu=relu, pool=pool_here)
+        if pool and not pool_here:
+            out = F.max_pool2d(out, 2)
         return (out if channels_last_in else out.contiguous()), scale, multiplier_stats
     handoff = _Handoff()
     r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
@@ -377,6 +382,8 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
                                     float(noise_coeff), None if clip is None else float(clip), handoff)
     if relu:
         out = F.relu(out)
+    if pool:
+        out = F.max_pool2d(out, 2)
     if not channels_last_in:
         out = out.contiguous()
     return out, scale, multiplier

@@ -26,7 +26,11 @@ Each site is registered as a child module named ``perturb_site`` of the module i
 statistics are in ``model.state_dict()`` and move with ``model.to(...)``; phi itself is never a model parameter.
 Where the activation after a site is a plain ``nn.ReLU`` module (a ``site_activation`` host, torchvision's
 ``BasicBlock`` / ``Bottleneck``), the site applies that ReLU itself (``site(h, relu=True)``) and the module's forward
-is replaced while attached: the same function, one pass fewer over the map each way. ``remove()`` restores it.
+is replaced while attached: the same function, one pass fewer over the map each way. When that ReLU is followed, in
+the same ``nn.Sequential``, by a ``MaxPool2d(2)`` (kernel 2, stride 2, no padding: Conv-4/6 and VGG-9 blocks), the
+site takes over the pool as well (``site(h, relu=True, pool=True)``: on the CPU kernel the full-size output is never
+written and the pool's own passes go) and the pool module passes its input through while attached.
+``remove()`` restores both.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from .errors import WorkbenchError
 from .perturb import MetaPerturb, PerturbSite
@@ -94,15 +99,41 @@ def _site_then_relu(self, x):
     return getattr(self, SITE_ATTR)(x, relu=True)
 
 
+def _site_then_relu_and_pool(self, x):
+    """Replaces the forward of a site's ``nn.ReLU`` host that a ``MaxPool2d(2)`` follows: the site applies both."""
+    return getattr(self, SITE_ATTR)(x, relu=True, pool=True)
+
+
+def _pooled_by_the_site(self, x):
+    """Replaces the forward of that ``MaxPool2d(2)``: its input is already pooled."""
+    return x
+
+
 def _output_hook(module, args, output):
     return getattr(module, SITE_ATTR)(output)
 
 
 class _Place:
-    """Where one site goes: the module that hosts it and how it is wired in."""
+    """Where one site goes: the module that hosts it, how it is wired in, and the 2x2 max-pool it may take over."""
 
-    def __init__(self, name: str, host: nn.Module, how: str, forward=None):
-        self.name, self.host, self.how, self.forward = name, host, how, forward
+    def __init__(self, name: str, host: nn.Module, how: str, forward=None, pool: Optional[nn.Module] = None):
+        self.name, self.host, self.how, self.forward, self.pool = name, host, how, forward, pool
+
+
+def _fusable_pool_after(block: nn.Module, attribute: str) -> Optional[nn.Module]:
+    """The ``nn.MaxPool2d`` of kernel 2, stride 2, no padding or dilation, floor mode, that directly follows child
+    ``attribute`` of ``block`` when ``block`` is an ``nn.Sequential`` (so the child's output goes nowhere else)."""
+    if not isinstance(block, nn.Sequential):
+        return None
+    names = list(block._modules)
+    if attribute not in names or names.index(attribute) + 1 == len(names):
+        return None
+    pool = block._modules[names[names.index(attribute) + 1]]
+    if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices:
+        return None
+    if _pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2) or _pair(pool.padding) != (0, 0):
+        return None
+    return pool if _pair(pool.dilation) == (1, 1) else None
 
 
 def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
@@ -125,7 +156,8 @@ def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
                 raise WorkbenchError(
                     f"block {name} ({type(module).__name__}) names activation '{rule[1]}' but has no such module"
                 )
-            places.append(_Place(f"{name}.{rule[1]}" if name else rule[1], host, "pre"))
+            pool = _fusable_pool_after(module, rule[1]) if type(host) is nn.ReLU else None
+            places.append(_Place(f"{name}.{rule[1]}" if name else rule[1], host, "pre", pool=pool))
         elif rule[0] == "output":
             places.append(_Place(name, module, "output"))
         else:
@@ -242,6 +274,8 @@ class PerturbHandle:
         for place in self._places:
             if "forward" in vars(place.host):  # a replaced block forward or a fused ReLU
                 del place.host.forward
+            if place.pool is not None and "forward" in vars(place.pool):
+                del place.pool.forward
             if hasattr(place.host, SITE_ATTR):
                 delattr(place.host, SITE_ATTR)
         self._attached = False
@@ -313,7 +347,10 @@ def attach(
         site = PerturbSite(phi, c, channel_norm, spatial_norm).to(device)
         site.train(place.host.training)
         place.host.add_module(SITE_ATTR, site)
-        if place.how == "pre" and type(place.host) is nn.ReLU:
+        if place.how == "pre" and type(place.host) is nn.ReLU and place.pool is not None:
+            place.host.forward = types.MethodType(_site_then_relu_and_pool, place.host)
+            place.pool.forward = types.MethodType(_pooled_by_the_site, place.pool)
+        elif place.how == "pre" and type(place.host) is nn.ReLU:
             place.host.forward = types.MethodType(_site_then_relu, place.host)
         elif place.how == "pre":
             hooks.append(place.host.register_forward_pre_hook(_pre_hook))

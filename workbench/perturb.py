@@ -250,10 +250,12 @@ def perturb(
     double_bessel: bool = True,
     fused: bool = True,
     relu: bool = False,
+    pool: bool = False,
 ):
     """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)`` (the multiplier map, or its
     ``[mean, std]`` where the fused CPU kernel serves a frozen phi: see ``workbench._native``). ``relu`` applies the
-    layer's ReLU to ``out`` as well (attach fuses a site with the ReLU module it feeds).
+    layer's ReLU to ``out`` as well, and ``pool`` then the layer's 2x2 max-pool of stride 2 (attach fuses a site
+    with the ReLU module it feeds, and with a ``MaxPool2d(2)`` right after that).
 
     In training mode the batch statistics are used and ``running_mean``/``running_var`` (C, 4) are updated in place;
     otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
@@ -264,7 +266,7 @@ def perturb(
         return _native.perturb(h, phi, running_mean, running_var, channel_norm=channel_norm,
                                spatial_norm=spatial_norm, training=training, momentum=momentum,
                                noise_coeff=noise_coeff, clip=clip, eps=eps, double_bessel=double_bessel,
-                               relu=relu)
+                               relu=relu, pool=pool)
     b, c, height, width = h.shape
     layout_in = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous() else None
     x = h.contiguous(memory_format=torch.channels_last)
@@ -296,6 +298,8 @@ def perturb(
         multiplier = multiplier.detach()
     if relu:
         out = F.relu(out)
+    if pool:
+        out = F.max_pool2d(out, 2)
     if layout_in is None:
         out = out.contiguous()
     return out, scale, multiplier
@@ -347,10 +351,13 @@ class PerturbSite(nn.Module):
             f"noise_coeff={self.noise_coeff:g}, clip={self.clip}, active={self.active}"
         )
 
-    def forward(self, h: torch.Tensor, eps: Optional[torch.Tensor] = None, relu: bool = False) -> torch.Tensor:
-        """The perturbed map; with ``relu``, the ReLU of it (the site then stands in for the layer's ReLU)."""
+    def forward(self, h: torch.Tensor, eps: Optional[torch.Tensor] = None, relu: bool = False,
+                pool: bool = False) -> torch.Tensor:
+        """The perturbed map; with ``relu``, the ReLU of it (the site then stands in for the layer's ReLU), and with
+        ``pool`` also its 2x2 max-pool of stride 2 (the site stands in for the layer's ``MaxPool2d(2)`` too)."""
         if not self.active:
-            return F.relu(h) if relu else h
+            h = F.relu(h) if relu else h
+            return F.max_pool2d(h, 2) if pool else h
         if h.dim() != 4:
             raise WorkbenchError(
                 f"a perturbation site expects a (B, C, H, W) feature map, got shape {tuple(h.shape)}"
@@ -377,6 +384,7 @@ class PerturbSite(nn.Module):
             double_bessel=self.double_bessel,
             fused=self.fused,
             relu=relu,
+            pool=pool,
         )
         if self.record_stats:
             self.last_scale = scale.detach()

@@ -988,6 +988,64 @@ WB_AVX512 void relu_backward_row_avx512(const uint8_t* __restrict mask, const fl
   for (idx x = 0; x < W; ++x) gsum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
 }
 
+// ---- the layer's 2x2 max-pool (stride 2, floor) fused into the site
+
+constexpr uint8_t kNoWinner = 4;  // a window whose winner passes no gradient (clipped, or zeroed by the ReLU)
+
+// One pooled row from two rows of v = h m (before the clip and the bound): out = the window's largest
+// max(min(v, clip), lo), the first of equal values in row-major order winning (as torch's max_pool2d); code (or
+// nullptr) = the winner's place 0..3 in that order when the gradient passes it (lo < v <= clip), else kNoWinner.
+WB_AVX512 void pool_rows_avx512(const float* __restrict top, const float* __restrict bottom, idx Wp, idx C, float cl,
+                                float lo, float* __restrict out, uint8_t* __restrict code) {
+  const __m512 clv = _mm512_set1_ps(cl), lov = _mm512_set1_ps(lo);
+  auto bounded = [&](__m512 v) { return _mm512_max_ps(_mm512_min_ps(v, clv), lov); };
+  for (idx xp = 0; xp < Wp; ++xp) {
+    const float* t = top + 2 * xp * C;
+    const float* b = bottom + 2 * xp * C;
+    for (idx cb = 0; cb < C; cb += 16) {
+      const __mmask16 lm = lanes_of(C - cb);
+      const __m512 v00 = _mm512_maskz_loadu_ps(lm, t + cb), v01 = _mm512_maskz_loadu_ps(lm, t + C + cb);
+      const __m512 v10 = _mm512_maskz_loadu_ps(lm, b + cb), v11 = _mm512_maskz_loadu_ps(lm, b + C + cb);
+      const __m512 c00 = bounded(v00), c01 = bounded(v01), c10 = bounded(v10), c11 = bounded(v11);
+      const __mmask16 right_top = _mm512_cmp_ps_mask(c01, c00, _CMP_GT_OQ);
+      const __mmask16 right_bottom = _mm512_cmp_ps_mask(c11, c10, _CMP_GT_OQ);
+      const __m512 ct = _mm512_mask_blend_ps(right_top, c00, c01), cbo = _mm512_mask_blend_ps(right_bottom, c10, c11);
+      const __mmask16 lower = _mm512_cmp_ps_mask(cbo, ct, _CMP_GT_OQ);
+      store_block(out + xp * C + cb, lm, _mm512_mask_blend_ps(lower, ct, cbo));
+      if (code == nullptr) continue;
+      const __m512 vt = _mm512_mask_blend_ps(right_top, v00, v01), vb = _mm512_mask_blend_ps(right_bottom, v10, v11);
+      const __m512 v = _mm512_mask_blend_ps(lower, vt, vb);
+      const __m128i place_top = _mm_maskz_mov_epi8(right_top, _mm_set1_epi8(1));
+      const __m128i place_bottom = _mm_mask_blend_epi8(right_bottom, _mm_set1_epi8(2), _mm_set1_epi8(3));
+      const __mmask16 passes = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(v, clv, _CMP_LE_OQ), v, lov, _CMP_GT_OQ);
+      const __m128i place = _mm_mask_blend_epi8(lower, place_top, place_bottom);
+      store_block(code + xp * C + cb, lm, _mm_mask_blend_epi8(passes, _mm_set1_epi8(kNoWinner), place));
+    }
+  }
+}
+
+// The gradient of row y of the site's pre-pool output from the pooled gradient row (g_pool, code: that row's pooled
+// row yp = y / 2, or anything when y is the unpooled last row of an odd height): the pooled gradient where the
+// element won its window and passes it, zero elsewhere (and in the unpooled last column of an odd width).
+WB_AVX512 void unpool_grad_row_avx512(const float* __restrict g_pool, const uint8_t* __restrict code, idx y, idx Hp,
+                                      idx Wp, idx W, idx C, float* __restrict g_row) {
+  const __m512 zero = _mm512_setzero_ps();
+  idx x = 0;
+  if (y / 2 < Hp) {
+    for (; x < 2 * Wp; ++x) {
+      const idx xp = x / 2;
+      const __m128i place = _mm_set1_epi8(static_cast<char>(2 * (y & 1) + (x & 1)));
+      for (idx cb = 0; cb < C; cb += 16) {
+        const __mmask16 lm = lanes_of(C - cb);
+        const __mmask16 won = _mm_mask_cmpeq_epi8_mask(lm, _mm_maskz_loadu_epi8(lm, code + xp * C + cb), place);
+        store_block(g_row + x * C + cb, lm, _mm512_maskz_loadu_ps(won, g_pool + xp * C + cb));
+      }
+    }
+  }
+  for (; x < W; ++x)
+    for (idx cb = 0; cb < C; cb += 16) store_block(g_row + x * C + cb, lanes_of(C - cb), zero);
+}
+
 // ---- noise: Philox4x32-10 and Box-Muller over sixteen counters per register (the draw of philox_normals_block)
 
 // 32 x 32 -> 64-bit products of every 32-bit lane of a with m: high and low halves
@@ -1522,15 +1580,19 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
 }
 
 // out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep, then max(., 0) with relu (the
-// layer's ReLU fused in); with keep, also writes what the backward reads: a = mu + eps and bit 4 of the mask
-// (without, a is empty and the mask untouched). Returns out ((B, C, H, W) channels_last), a (NHWC), and the
-// multiplier's [mean, std] (unbiased, like torch.std).
+// layer's ReLU fused in) and the 2x2 max-pool (stride 2) with pool (the layer's pool fused in); with keep, also
+// writes what the backward reads: a = mu + eps, bit 4 of the mask and, with pool, the windows' winners (without,
+// a and the winners are empty and the mask untouched). Returns out ((B, C, H, W) or pooled (B, C, H / 2, W / 2),
+// channels_last), a (NHWC), the multiplier's [mean, std] (unbiased, like torch.std) and the winners (NHWC bytes of
+// the pooled shape, pool_rows_avx512's codes).
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
-                                         bool has_clip, double clip, bool training, bool keep, bool relu) {
+                                         bool has_clip, double clip, bool training, bool keep, bool relu, bool pool) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
+  const idx Hp = g.H / 2, Wp = g.W / 2;
+  TORCH_CHECK(!pool || (Hp > 0 && Wp > 0), "a fused 2x2 pool needs a map of at least 2x2, got ", g.H, "x", g.W);
   const auto K1 = kernel9(kid1), Ka1 = kernel9(kall1), K2 = kernel9(kid2), Ka2 = kernel9(kall2);
   auto s = scale.detach().to(torch::kFloat).contiguous();
   const float* sp = s.data_ptr<float>();
@@ -1539,18 +1601,25 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const float* xp = x.data_ptr<float>();
   const float* mhp = mh.data_ptr<float>();
   uint8_t* maskp = keep ? mask.data_ptr<uint8_t>() : nullptr;
-  auto out = empty_channels_last(g.B, g.C, g.H, g.W);
+  auto out = pool ? empty_channels_last(g.B, g.C, Hp, Wp) : empty_channels_last(g.B, g.C, g.H, g.W);
   auto a = keep ? empty_map(x.sizes()) : torch::empty({0}, x.options());
+  auto winners = pool && keep ? empty_map({g.B, Hp, Wp, g.C}, torch::kUInt8) : torch::empty({0}, torch::kUInt8);
   float* op = out.data_ptr<float>();
   float* ap = keep ? a.data_ptr<float>() : nullptr;
+  uint8_t* wp = pool && keep ? winners.data_ptr<uint8_t>() : nullptr;
   std::vector<double> rowstats(static_cast<size_t>(2 * rows_total), 0.0);
   const float k = static_cast<float>(noise_coeff);
-  const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
-  const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
+  const float inf = std::numeric_limits<float>::infinity();
+  const float cl = has_clip ? static_cast<float>(clip) : inf;
+  const float lo = relu ? 0.0f : -inf;
   const uint64_t useed = static_cast<uint64_t>(seed);
-  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+  // with pool the rows are split between threads at row pairs, so that one thread makes both rows of a window
+  const idx pairs = (g.H + 1) / 2, units = pool ? g.B * pairs : rows_total;
+  auto first_row = [&](idx unit) { return pool ? unit / pairs * g.H + 2 * (unit % pairs) : unit; };
+  at::parallel_for(0, units, 1, [&](idx u0, idx u1) {
+    const idx r0 = first_row(u0), r1_ = first_row(u1);
     std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
-        colsum(16 * g.W), a_row(keep ? 0 : rw);
+        colsum(16 * g.W), a_row(keep ? 0 : rw), v_rows(pool ? 2 * rw : 0);
     RowRing r1_rows;
     // r1 = relu(E1(h)) of a row into its ring slot, with the row's channel mean
     auto produce = [&](idx row, int slot) {
@@ -1579,8 +1648,14 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
         e = noise.data();
       }
       const idx o = r * rw;
-      noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, op + o, nullptr, keep ? ap + o : a_row.data(), k,
-                            cl, lo, g.W, g.C, rowstats.data() + 2 * r);
+      // with pool the row's h m goes to a two-row buffer, bounded and pooled when the window's second row is done
+      noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, pool ? v_rows.data() + (y & 1) * rw : op + o,
+                            nullptr, keep ? ap + o : a_row.data(), k, pool ? inf : cl, pool ? -inf : lo, g.W, g.C,
+                            rowstats.data() + 2 * r);
+      if (pool && (y & 1)) {
+        const idx pooled = (b * Hp + y / 2) * Wp * g.C;
+        pool_rows_avx512(v_rows.data(), v_rows.data() + rw, Wp, g.C, cl, lo, op + pooled, wp ? wp + pooled : nullptr);
+      }
     }
   });
   double sum = 0.0, squares = 0.0;
@@ -1591,17 +1666,20 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const double n = static_cast<double>(x.numel()), mean = sum / n;
   const double var = n > 1 ? std::max(0.0, (squares - n * mean * mean) / (n - 1)) : 0.0;
   auto stats = torch::tensor({static_cast<float>(mean), static_cast<float>(std::sqrt(var))});
-  return {out, a, stats};
+  return {out, a, stats, winners};
 }
 
 // The input gradient of fused_forward except the scale path (scale_backward adds that), and g_scale when asked;
-// relu as in the forward.
+// relu as in the forward. With pool, g_out is the pooled gradient and winners the forward's (non-empty).
 std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor mask, torch::Tensor scale,
                                           torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
                                           torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
-                                          double clip, bool need_scale, bool relu) {
+                                          double clip, bool need_scale, bool relu, torch::Tensor winners) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
+  const bool pool = winners.numel() > 0;
+  const idx Hp = g.H / 2, Wp = g.W / 2;
+  const uint8_t* wp = pool ? winners.data_ptr<uint8_t>() : nullptr;
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
   flip9(kernel9(kid1).data(), K1f);
   flip9(kernel9(kall1).data(), Ka1f);
@@ -1617,20 +1695,28 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   float* gxp = gx.data_ptr<float>();
   std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
   const float k = static_cast<float>(noise_coeff);
-  const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
-  const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
+  const float inf = std::numeric_limits<float>::infinity();
+  // with pool the winners carry the clip's and the ReLU's masks: the unpooled gradient passes everywhere
+  const float cl = has_clip && !pool ? static_cast<float>(clip) : inf;
+  const float lo = relu && !pool ? 0.0f : -inf;
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     // ring 1: g_mu rows and their channel sums; ring 2: g_E1 rows and theirs. Output row y needs g_E1 rows y-1..y+1,
     // g_E1 row y' needs g_mu rows y'-1..y'+1; produced in increasing row order, three slots each suffice.
     std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), acc(g.C),
-        dummy(rw), colsum(16 * g.W);
+        dummy(rw), colsum(16 * g.W), g_row(pool ? rw : 0);
     RowRing mu_rows, e_rows;
     auto produce_mu = [&](idx row, int slot) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
+      const float* go = gp + o;
+      if (pool) {
+        const idx y = row % g.H, pooled = (row / g.H * Hp + y / 2) * Wp * g.C;
+        unpool_grad_row_avx512(gp + pooled, wp + pooled, y, Hp, Wp, g.W, g.C, g_row.data());
+        go = g_row.data();
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
       // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
-      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(),
+      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, go, sp, own ? gxp + o : dummy.data(),
                                      gmu.data() + slot * rw, gmus.data() + slot * g.W, acc.data(), k, cl, lo, g.W,
                                      g.C, colsum.data());
       if (need_scale && own)
