@@ -401,7 +401,8 @@ def test_fused_site_does_not_depend_on_the_thread_count(isa_restored, fusing_res
 
 
 @needs_avx512
-def test_fused_site_scale_path_alone_still_reaches_h(isa_restored, fusing_restored):
+@pytest.mark.parametrize("pool", [False, True])
+def test_fused_site_scale_path_alone_still_reaches_h(isa_restored, fusing_restored, pool):
     """A loss on the scale only (no gradient through the noise path): the scale path's gradient still reaches h."""
     _native.set_isa("avx512")
     torch.manual_seed(14)
@@ -410,7 +411,7 @@ def test_fused_site_scale_path_alone_still_reaches_h(isa_restored, fusing_restor
     grads = []
     for fused in (False, True):
         _native.fuse_frozen_sites = fused
-        _, scale, _ = _call(_native.perturb, h, phi, *_stats(6), True, torch.randn(h.shape))
+        _, scale, _ = _call(_native.perturb, h, phi, *_stats(6), True, torch.randn(h.shape), relu=pool, pool=pool)
         grads.append(torch.autograd.grad(scale.sum(), [h])[0])
     assert grads[0].abs().sum() > 0 and _rel(grads[1], grads[0]) < 1e-4
 

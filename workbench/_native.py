@@ -217,7 +217,10 @@ class _FusedSite(torch.autograd.Function):
     Forward: a pre-pass over h (channel mean; when training the scale features and their relu bits), the scale from
     their batch statistics (running statistics updated in place) or from the running ones, then E1, E2 and the
     noise tail in one sweep. Backward: one sweep for the noise path (it also sums g_scale), the scale statistics'
-    backward, and a pass that adds the scale path into the same gradient map.
+    backward, and a pass that adds the scale path into the same gradient map. With ``pool`` only each window's
+    winner gets a gradient, so the forward keeps what the backward needs at the winners (pooled maps: the multiplier
+    and the two noise-path derivatives); the backward sums g_scale from them first and then runs one sweep, the
+    scale path included, with no transcendental functions and without reading h.
     """
 
     @staticmethod
@@ -231,31 +234,34 @@ class _FusedSite(torch.autograd.Function):
         scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
                                                  float(ratios[1]), float(momentum), bool(double_bessel))
         e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
-        out, a, stats, winners = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
+        out, a, stats, *pooled = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
                                                        float(noise_coeff), clip is not None,
                                                        0.0 if clip is None else float(clip), bool(training),
                                                        bool(keep), bool(relu), bool(pool))
         ctx.noise_coeff, ctx.clip, ctx.training, ctx.relu = float(noise_coeff), clip, bool(training), bool(relu)
+        ctx.pool, ctx.shape = bool(pool), x.shape
         ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
-        ctx.save_for_backward(x, a, mask, scale, features, mean, winners)
+        # with pool the backward reads the windows' winners and what they keep (pooled maps) instead of h and a
+        ctx.save_for_backward(*(pooled if pool else (x, a)), mask, scale, features, mean)
         ctx.mark_non_differentiable(stats, *(() if training else (scale,)))
         return out, scale, stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, g_scale_out, _g_stats):
-        x, a, mask, scale, features, mean, winners = ctx.saved_tensors
         none = (None,) * 14
         if not ctx.needs_input_grad[0]:
             return (None,) + none
+        if ctx.pool:
+            return (_FusedSite._pooled_backward(ctx, g_out, g_scale_out),) + none
+        x, a, mask, scale, features, mean = ctx.saved_tensors
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
         b, height, width, c = x.shape
         if g_out is not None:
             clip = ctx.clip
             gx, g_scale = _module.fused_backward(x, a, mask, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
                                                  ctx.noise_coeff, clip is not None,
-                                                 0.0 if clip is None else float(clip), ctx.training, ctx.relu,
-                                                 winners)
+                                                 0.0 if clip is None else float(clip), ctx.training, ctx.relu)
         else:  # a loss on the scale alone
             gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
             g_scale = torch.zeros(c)
@@ -265,6 +271,23 @@ class _FusedSite(torch.autograd.Function):
             g_features = _module.site_scale_backward(features, mean, scale, fc_weight, g_scale)
             _module.scale_backward(mask, g_features, kscale, gx)  # adds the scale path in place
         return (gx,) + none
+
+    @staticmethod
+    def _pooled_backward(ctx, g_out, g_scale_out):
+        """The input gradient with pool: g_s from the winners' kept p first, so that the one backward sweep adds the
+        scale path too."""
+        winners, win_m, win_d, win_p, mask, scale, features, mean = ctx.saved_tensors
+        kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
+        b, height, width, c = ctx.shape
+        g_pool = torch.zeros(b, height // 2, width // 2, c) if g_out is None else _nhwc(g_out)
+        g_features = torch.empty(0)
+        if ctx.training:
+            g_scale = _module.pooled_scale_grad(g_pool, win_p)
+            if g_scale_out is not None:
+                g_scale = g_scale + g_scale_out
+            g_features = _module.site_scale_backward(features, mean, scale, fc_weight, g_scale)
+        return _module.fused_backward_pooled(mask, g_pool, winners, win_m, win_d, g_features, kid1, kall1, kid2,
+                                             kall2, kscale)
 
 
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,

@@ -261,6 +261,17 @@ class RowRing {
   idx held_[3] = {-1, -1, -1};
 };
 
+// Ask for the lines of [p, p + bytes) ahead of use (into L2). The fused forward walks each row of h once per
+// 16-channel block, a strided pattern the hardware prefetchers follow too late: on maps that spill the caches it
+// waited on those loads (measured: 9% of its time at batch 128, 28x28x64).
+inline void prefetch_span(const void* p, idx bytes, bool for_writing = false) {
+  const char* c = static_cast<const char*>(p);
+  if (for_writing)
+    for (idx off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_ET0);
+  else
+    for (idx off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+}
+
 struct Geometry {
   idx B, H, W, C;
   idx row() const { return W * C; }
@@ -992,58 +1003,104 @@ WB_AVX512 void relu_backward_row_avx512(const uint8_t* __restrict mask, const fl
 
 constexpr uint8_t kNoWinner = 4;  // a window whose winner passes no gradient (clipped, or zeroed by the ReLU)
 
+// What a pooled site keeps for its backward, per pooled element (pointers at the pooled row; all nullptr when no
+// backward follows): the window's winner (code), and for that winner, zero where it passes no gradient, the
+// multiplier m, d = h k s sigmoid(a) (so g_mu = g d there) and p = h k z (so g_s sums g p).
+struct PooledKeep {
+  uint8_t* code = nullptr;
+  float* m = nullptr;
+  float* d = nullptr;
+  float* p = nullptr;
+};
+
 // One pooled row from two rows of v = h m (before the clip and the bound): out = the window's largest
-// max(min(v, clip), lo), the first of equal values in row-major order winning (as torch's max_pool2d); code (or
-// nullptr) = the winner's place 0..3 in that order when the gradient passes it (lo < v <= clip), else kNoWinner.
-WB_AVX512 void pool_rows_avx512(const float* __restrict top, const float* __restrict bottom, idx Wp, idx C, float cl,
-                                float lo, float* __restrict out, uint8_t* __restrict code) {
-  const __m512 clv = _mm512_set1_ps(cl), lov = _mm512_set1_ps(lo);
-  auto bounded = [&](__m512 v) { return _mm512_max_ps(_mm512_min_ps(v, clv), lov); };
+// max(min(v, clip), lo), the first of equal values in row-major order winning (as torch's max_pool2d); with keep, the
+// winner's place 0..3 in that order when the gradient passes it (lo < v <= clip), else kNoWinner, and what the
+// backward reads at the winner (PooledKeep), from the two rows' a = mu + eps and h. The backward then runs no
+// transcendental function and reads neither h nor a: only a quarter of the elements get a gradient through the pool.
+WB_AVX512 void pool_rows_avx512(const float* const v[2], const float* const a[2], const float* const h[2],
+                                const float* __restrict scale, float k, idx Wp, idx C, float cl, float lo,
+                                float* __restrict out, const PooledKeep& keep) {
+  const __m512 clv = _mm512_set1_ps(cl), lov = _mm512_set1_ps(lo), zero = _mm512_setzero_ps(),
+               one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k), sign = _mm512_set1_ps(-0.0f);
+  auto bounded = [&](__m512 x) { return _mm512_max_ps(_mm512_min_ps(x, clv), lov); };
   for (idx xp = 0; xp < Wp; ++xp) {
-    const float* t = top + 2 * xp * C;
-    const float* b = bottom + 2 * xp * C;
+    const idx o = 2 * xp * C, po = xp * C;
     for (idx cb = 0; cb < C; cb += 16) {
       const __mmask16 lm = lanes_of(C - cb);
-      const __m512 v00 = _mm512_maskz_loadu_ps(lm, t + cb), v01 = _mm512_maskz_loadu_ps(lm, t + C + cb);
-      const __m512 v10 = _mm512_maskz_loadu_ps(lm, b + cb), v11 = _mm512_maskz_loadu_ps(lm, b + C + cb);
+      auto at = [&](const float* const rows[2], int dy, int dx) {
+        return _mm512_maskz_loadu_ps(lm, rows[dy] + o + dx * C + cb);
+      };
+      const __m512 v00 = at(v, 0, 0), v01 = at(v, 0, 1), v10 = at(v, 1, 0), v11 = at(v, 1, 1);
       const __m512 c00 = bounded(v00), c01 = bounded(v01), c10 = bounded(v10), c11 = bounded(v11);
       const __mmask16 right_top = _mm512_cmp_ps_mask(c01, c00, _CMP_GT_OQ);
       const __mmask16 right_bottom = _mm512_cmp_ps_mask(c11, c10, _CMP_GT_OQ);
       const __m512 ct = _mm512_mask_blend_ps(right_top, c00, c01), cbo = _mm512_mask_blend_ps(right_bottom, c10, c11);
       const __mmask16 lower = _mm512_cmp_ps_mask(cbo, ct, _CMP_GT_OQ);
-      store_block(out + xp * C + cb, lm, _mm512_mask_blend_ps(lower, ct, cbo));
-      if (code == nullptr) continue;
-      const __m512 vt = _mm512_mask_blend_ps(right_top, v00, v01), vb = _mm512_mask_blend_ps(right_bottom, v10, v11);
-      const __m512 v = _mm512_mask_blend_ps(lower, vt, vb);
+      store_block(out + po + cb, lm, _mm512_mask_blend_ps(lower, ct, cbo));
+      if (keep.code == nullptr) continue;
+      // the winner's v, a and h
+      auto winner = [&](const float* const rows[2]) {
+        const __m512 top = _mm512_mask_blend_ps(right_top, at(rows, 0, 0), at(rows, 0, 1));
+        const __m512 bottom = _mm512_mask_blend_ps(right_bottom, at(rows, 1, 0), at(rows, 1, 1));
+        return _mm512_mask_blend_ps(lower, top, bottom);
+      };
+      const __m512 vw = _mm512_mask_blend_ps(lower, _mm512_mask_blend_ps(right_top, v00, v01),
+                                             _mm512_mask_blend_ps(right_bottom, v10, v11));
+      const __m512 aw = winner(a), hw = winner(h);
+      const __mmask16 passes = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(lm, vw, clv, _CMP_LE_OQ), vw, lov,
+                                                       _CMP_GT_OQ);
       const __m128i place_top = _mm_maskz_mov_epi8(right_top, _mm_set1_epi8(1));
       const __m128i place_bottom = _mm_mask_blend_epi8(right_bottom, _mm_set1_epi8(2), _mm_set1_epi8(3));
-      const __mmask16 passes = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(v, clv, _CMP_LE_OQ), v, lov, _CMP_GT_OQ);
       const __m128i place = _mm_mask_blend_epi8(lower, place_top, place_bottom);
-      store_block(code + xp * C + cb, lm, _mm_mask_blend_epi8(passes, _mm_set1_epi8(kNoWinner), place));
+      store_block(keep.code + po + cb, lm, _mm_mask_blend_epi8(passes, _mm_set1_epi8(kNoWinner), place));
+      // the multiplier exactly as noise_tail_row_avx512 made it, and its derivatives
+      const __m512 s = _mm512_maskz_loadu_ps(lm, scale + cb);
+      const __m512 e = exp512(_mm512_or_ps(aw, sign));
+      const __m512 z = _mm512_add_ps(_mm512_max_ps(aw, zero), log1p_unit512(e));
+      const __m512 m = _mm512_fmadd_ps(kv, _mm512_fmsub_ps(s, z, one), one);
+      const __m512 r = reciprocal512(_mm512_add_ps(one, e));
+      const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(aw, zero, _CMP_LT_OQ), e, r);
+      const __m512 hk = _mm512_mul_ps(hw, kv);
+      store_block(keep.m + po + cb, lm, _mm512_maskz_mov_ps(passes, m));
+      store_block(keep.d + po + cb, lm, _mm512_maskz_mov_ps(passes, _mm512_mul_ps(_mm512_mul_ps(hk, s), sig)));
+      store_block(keep.p + po + cb, lm, _mm512_maskz_mov_ps(passes, _mm512_mul_ps(hk, z)));
     }
   }
 }
 
-// The gradient of row y of the site's pre-pool output from the pooled gradient row (g_pool, code: that row's pooled
-// row yp = y / 2, or anything when y is the unpooled last row of an odd height): the pooled gradient where the
-// element won its window and passes it, zero elsewhere (and in the unpooled last column of an odd width).
-WB_AVX512 void unpool_grad_row_avx512(const float* __restrict g_pool, const uint8_t* __restrict code, idx y, idx Hp,
-                                      idx Wp, idx W, idx C, float* __restrict g_row) {
+// Row y of a pooled site's backward from the pooled gradient (g_pool, code, m, d: that row's pooled row yp = y / 2,
+// unread when y is the unpooled last row of an odd height): g_x = g m and g_mu = g d at each window's winner, zero
+// elsewhere (and in the unpooled last column of an odd width); g_mu_sum[x] = sum_c g_mu.
+WB_AVX512 void unpool_row_avx512(const float* __restrict g_pool, const uint8_t* __restrict code,
+                                 const float* __restrict mw, const float* __restrict dw, idx y, idx Hp, idx Wp, idx W,
+                                 idx C, float* __restrict g_x, float* __restrict g_mu, float* __restrict g_mu_sum) {
   const __m512 zero = _mm512_setzero_ps();
   idx x = 0;
   if (y / 2 < Hp) {
     for (; x < 2 * Wp; ++x) {
-      const idx xp = x / 2;
+      const idx po = x / 2 * C, o = x * C;
       const __m128i place = _mm_set1_epi8(static_cast<char>(2 * (y & 1) + (x & 1)));
+      __m512 sum = zero;
       for (idx cb = 0; cb < C; cb += 16) {
         const __mmask16 lm = lanes_of(C - cb);
-        const __mmask16 won = _mm_mask_cmpeq_epi8_mask(lm, _mm_maskz_loadu_epi8(lm, code + xp * C + cb), place);
-        store_block(g_row + x * C + cb, lm, _mm512_maskz_loadu_ps(won, g_pool + xp * C + cb));
+        const __mmask16 won = _mm_mask_cmpeq_epi8_mask(lm, _mm_maskz_loadu_epi8(lm, code + po + cb), place);
+        const __m512 g = _mm512_maskz_loadu_ps(won, g_pool + po + cb);
+        const __m512 gmu = _mm512_mul_ps(g, _mm512_maskz_loadu_ps(won, dw + po + cb));
+        store_block(g_x + o + cb, lm, _mm512_mul_ps(g, _mm512_maskz_loadu_ps(won, mw + po + cb)));
+        store_block(g_mu + o + cb, lm, gmu);
+        sum = _mm512_add_ps(sum, gmu);
       }
+      g_mu_sum[x] = _mm512_reduce_add_ps(sum);
     }
   }
-  for (; x < W; ++x)
-    for (idx cb = 0; cb < C; cb += 16) store_block(g_row + x * C + cb, lanes_of(C - cb), zero);
+  for (; x < W; ++x) {
+    for (idx cb = 0; cb < C; cb += 16) {
+      store_block(g_x + x * C + cb, lanes_of(C - cb), zero);
+      store_block(g_mu + x * C + cb, lanes_of(C - cb), zero);
+    }
+    g_mu_sum[x] = 0.f;
+  }
 }
 
 // ---- noise: Philox4x32-10 and Box-Muller over sixteen counters per register (the draw of philox_normals_block)
@@ -1581,10 +1638,10 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
 
 // out = min(h (1 + k (s softplus(E2(relu(E1(h))) + eps) - 1)), clip) in one sweep, then max(., 0) with relu (the
 // layer's ReLU fused in) and the 2x2 max-pool (stride 2) with pool (the layer's pool fused in); with keep, also
-// writes what the backward reads: a = mu + eps, bit 4 of the mask and, with pool, the windows' winners (without,
-// a and the winners are empty and the mask untouched). Returns out ((B, C, H, W) or pooled (B, C, H / 2, W / 2),
-// channels_last), a (NHWC), the multiplier's [mean, std] (unbiased, like torch.std) and the winners (NHWC bytes of
-// the pooled shape, pool_rows_avx512's codes).
+// writes what the backward reads: bit 4 of the mask and a = mu + eps or, with pool, PooledKeep's maps (without
+// keep, those are empty and the mask untouched). Returns out ((B, C, H, W) or pooled (B, C, H / 2, W / 2),
+// channels_last), a (NHWC), the multiplier's [mean, std] (unbiased, like torch.std), and with pool the winners
+// (NHWC bytes of the pooled shape) and the winners' m, d and p (NHWC floats of the pooled shape).
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
@@ -1602,11 +1659,15 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const float* mhp = mh.data_ptr<float>();
   uint8_t* maskp = keep ? mask.data_ptr<uint8_t>() : nullptr;
   auto out = pool ? empty_channels_last(g.B, g.C, Hp, Wp) : empty_channels_last(g.B, g.C, g.H, g.W);
-  auto a = keep ? empty_map(x.sizes()) : torch::empty({0}, x.options());
-  auto winners = pool && keep ? empty_map({g.B, Hp, Wp, g.C}, torch::kUInt8) : torch::empty({0}, torch::kUInt8);
+  const bool keep_a = keep && !pool, keep_pooled = keep && pool;
+  auto a = keep_a ? empty_map(x.sizes()) : torch::empty({0}, x.options());
+  auto pooled_map = [&](at::ScalarType type) {
+    return keep_pooled ? empty_map({g.B, Hp, Wp, g.C}, type) : torch::empty({0}, torch::TensorOptions(type));
+  };
+  auto winners = pooled_map(torch::kUInt8), win_m = pooled_map(torch::kFloat), win_d = pooled_map(torch::kFloat),
+       win_p = pooled_map(torch::kFloat);
   float* op = out.data_ptr<float>();
-  float* ap = keep ? a.data_ptr<float>() : nullptr;
-  uint8_t* wp = pool && keep ? winners.data_ptr<uint8_t>() : nullptr;
+  float* ap = keep_a ? a.data_ptr<float>() : nullptr;
   std::vector<double> rowstats(static_cast<size_t>(2 * rows_total), 0.0);
   const float k = static_cast<float>(noise_coeff);
   const float inf = std::numeric_limits<float>::infinity();
@@ -1619,13 +1680,14 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   at::parallel_for(0, units, 1, [&](idx u0, idx u1) {
     const idx r0 = first_row(u0), r1_ = first_row(u1);
     std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
-        colsum(16 * g.W), a_row(keep ? 0 : rw), v_rows(pool ? 2 * rw : 0);
+        colsum(16 * g.W), a_rows(keep_a ? 0 : 2 * rw), v_rows(pool ? 2 * rw : 0);
     RowRing r1_rows;
     // r1 = relu(E1(h)) of a row into its ring slot, with the row's channel mean
     auto produce = [&](idx row, int slot) {
       const idx b = row / g.H, yy = row % g.H;
       const float *hrows[3], *mhrows[3];
       neighbours(xp, g, b, yy, rw, hrows);
+      if (row + 3 < rows_total) prefetch_span(xp + (row + 3) * rw, rw * 4);
       neighbours(mhp, g, b, yy, g.W, mhrows);
       stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
       const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
@@ -1648,13 +1710,20 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
         e = noise.data();
       }
       const idx o = r * rw;
-      // with pool the row's h m goes to a two-row buffer, bounded and pooled when the window's second row is done
+      // with pool the row's h m and a go to two-row buffers, bounded and pooled when the window's second row is done
       noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, pool ? v_rows.data() + (y & 1) * rw : op + o,
-                            nullptr, keep ? ap + o : a_row.data(), k, pool ? inf : cl, pool ? -inf : lo, g.W, g.C,
-                            rowstats.data() + 2 * r);
+                            nullptr, keep_a ? ap + o : a_rows.data() + (y & 1) * rw, k, pool ? inf : cl,
+                            pool ? -inf : lo, g.W, g.C, rowstats.data() + 2 * r);
       if (pool && (y & 1)) {
         const idx pooled = (b * Hp + y / 2) * Wp * g.C;
-        pool_rows_avx512(v_rows.data(), v_rows.data() + rw, Wp, g.C, cl, lo, op + pooled, wp ? wp + pooled : nullptr);
+        PooledKeep kept;
+        if (keep_pooled)
+          kept = {winners.data_ptr<uint8_t>() + pooled, win_m.data_ptr<float>() + pooled,
+                  win_d.data_ptr<float>() + pooled, win_p.data_ptr<float>() + pooled};
+        const float* vr[2] = {v_rows.data(), v_rows.data() + rw};
+        const float* ar[2] = {a_rows.data(), a_rows.data() + rw};
+        const float* hr[2] = {xp + o - rw, xp + o};
+        pool_rows_avx512(vr, ar, hr, sp, k, Wp, g.C, cl, lo, op + pooled, kept);
       }
     }
   });
@@ -1666,20 +1735,42 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const double n = static_cast<double>(x.numel()), mean = sum / n;
   const double var = n > 1 ? std::max(0.0, (squares - n * mean * mean) / (n - 1)) : 0.0;
   auto stats = torch::tensor({static_cast<float>(mean), static_cast<float>(std::sqrt(var))});
-  return {out, a, stats, winners};
+  return {out, a, stats, winners, win_m, win_d, win_p};
 }
 
-// The input gradient of fused_forward except the scale path (scale_backward adds that), and g_scale when asked;
-// relu as in the forward. With pool, g_out is the pooled gradient and winners the forward's (non-empty).
+// g_s (C) of a pooled site: sum over the pooled map of g_pool p (p from fused_forward); the scale path's gradient
+// needs it before the backward sweep, which can then add that path in the same pass.
+torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
+  const idx C = g_pool.size(3), rows = g_pool.size(0) * g_pool.size(1), rw = g_pool.size(2) * C;
+  const float* gp = g_pool.data_ptr<float>();
+  const float* pp = win_p.data_ptr<float>();
+  std::vector<double> total(C, 0.0);
+  std::mutex lock;
+  at::parallel_for(0, rows, 1, [&](idx r0, idx r1_) {
+    std::vector<float> acc(C, 0.f);
+    std::vector<double> part(C, 0.0);
+    for (idx r = r0; r < r1_; ++r) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (idx o = r * rw; o < (r + 1) * rw; o += C)
+        for (idx c = 0; c < C; ++c) acc[c] += gp[o + c] * pp[o + c];
+      for (idx c = 0; c < C; ++c) part[c] += acc[c];
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (idx c = 0; c < C; ++c) total[c] += part[c];
+  });
+  auto out = torch::empty({C});
+  for (idx c = 0; c < C; ++c) out.data_ptr<float>()[c] = static_cast<float>(total[c]);
+  return out;
+}
+
+// The input gradient of fused_forward (without pool) except the scale path (scale_backward adds that), and g_scale
+// when asked; relu as in the forward.
 std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor mask, torch::Tensor scale,
                                           torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
                                           torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
-                                          double clip, bool need_scale, bool relu, torch::Tensor winners) {
+                                          double clip, bool need_scale, bool relu) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
-  const bool pool = winners.numel() > 0;
-  const idx Hp = g.H / 2, Wp = g.W / 2;
-  const uint8_t* wp = pool ? winners.data_ptr<uint8_t>() : nullptr;
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
   flip9(kernel9(kid1).data(), K1f);
   flip9(kernel9(kall1).data(), Ka1f);
@@ -1695,28 +1786,20 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   float* gxp = gx.data_ptr<float>();
   std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
   const float k = static_cast<float>(noise_coeff);
-  const float inf = std::numeric_limits<float>::infinity();
-  // with pool the winners carry the clip's and the ReLU's masks: the unpooled gradient passes everywhere
-  const float cl = has_clip && !pool ? static_cast<float>(clip) : inf;
-  const float lo = relu && !pool ? 0.0f : -inf;
+  const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
+  const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     // ring 1: g_mu rows and their channel sums; ring 2: g_E1 rows and theirs. Output row y needs g_E1 rows y-1..y+1,
     // g_E1 row y' needs g_mu rows y'-1..y'+1; produced in increasing row order, three slots each suffice.
     std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), acc(g.C),
-        dummy(rw), colsum(16 * g.W), g_row(pool ? rw : 0);
+        dummy(rw), colsum(16 * g.W);
     RowRing mu_rows, e_rows;
     auto produce_mu = [&](idx row, int slot) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
-      const float* go = gp + o;
-      if (pool) {
-        const idx y = row % g.H, pooled = (row / g.H * Hp + y / 2) * Wp * g.C;
-        unpool_grad_row_avx512(gp + pooled, wp + pooled, y, Hp, Wp, g.W, g.C, g_row.data());
-        go = g_row.data();
-      }
       std::fill(acc.begin(), acc.end(), 0.f);
       // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
-      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, go, sp, own ? gxp + o : dummy.data(),
+      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(),
                                      gmu.data() + slot * rw, gmus.data() + slot * g.W, acc.data(), k, cl, lo, g.W,
                                      g.C, colsum.data());
       if (need_scale && own)
@@ -1759,6 +1842,83 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
     gscale = t.to(torch::kFloat);
   }
   return {gx, gscale};
+}
+
+// The whole input gradient of a pooled fused site (fused_forward with pool), the scale path included when g_f (B, C,
+// 4, from site_scale_backward) is given: one sweep with g_mu and g_E1 in three-row rings like fused_backward, but the
+// noise path's start comes from the winners' kept m and d (unpool_row_avx512) and each output row adds the scale
+// path's masked stencils in the same loop as the E1 terms.
+torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor g_pool, torch::Tensor winners,
+                                    torch::Tensor win_m, torch::Tensor win_d, torch::Tensor g_f, torch::Tensor kid1,
+                                    torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
+                                    torch::Tensor kscale) {
+  const Geometry g{mask.size(0), mask.size(1), mask.size(2), mask.size(3)};
+  const idx rows_total = g.B * g.H, rw = g.row(), Hp = g.H / 2, Wp = g.W / 2;
+  float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
+  flip9(kernel9(kid1).data(), K1f);
+  flip9(kernel9(kall1).data(), Ka1f);
+  flip9(kernel9(kid2).data(), K2f);
+  flip9(kernel9(kall2).data(), Ka2f);
+  std::vector<float> Ksf(9 * kScaleKernels);
+  const auto ks = kernel9(kscale);
+  for (int j = 0; j < kScaleKernels; ++j) flip9(ks.data() + 9 * j, Ksf.data() + 9 * j);
+  const bool scale_path = g_f.numel() > 0;
+  auto gf = scale_path ? g_f.to(torch::kFloat).div(static_cast<double>(g.H * g.W)).transpose(1, 2).contiguous()
+                       : torch::empty({0});  // (B, 4, C)
+  const float* gfp = scale_path ? gf.data_ptr<float>() : nullptr;
+  const float* gp = g_pool.data_ptr<float>();
+  const uint8_t* wp = winners.data_ptr<uint8_t>();
+  const float* mwp = win_m.data_ptr<float>();
+  const float* dwp = win_d.data_ptr<float>();
+  const uint8_t* maskp = mask.data_ptr<uint8_t>();
+  auto gx = empty_channels_last(g.B, g.C, g.H, g.W);
+  float* gxp = gx.data_ptr<float>();
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), dummy(rw),
+        colsum(16 * g.W);
+    RowRing mu_rows, e_rows;
+    auto produce_mu = [&](idx row, int slot) {
+      const idx y = row % g.H, pooled = (row / g.H * Hp + y / 2) * Wp * g.C;
+      const bool own = row >= r0 && row < r1_;
+      if (row + 3 < rows_total) {
+        prefetch_span(gxp + (row + 3) * rw, rw * 4, true);
+        prefetch_span(maskp + (row + 3) * rw, rw);
+      }
+      // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
+      unpool_row_avx512(gp + pooled, wp + pooled, mwp + pooled, dwp + pooled, y, Hp, Wp, g.W, g.C,
+                        own ? gxp + row * rw : dummy.data(), gmu.data() + slot * rw, gmus.data() + slot * g.W);
+    };
+    auto produce_e = [&](idx row, int slot) {
+      const idx b = row / g.H, yy = row % g.H;
+      const float *mrows[3], *srows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const int ms = mu_rows.fetch(b, yy + dy - 1, g.H, produce_mu);
+        mrows[dy] = ms >= 0 ? gmu.data() + ms * rw : nullptr;
+        srows[dy] = ms >= 0 ? gmus.data() + ms * g.W : nullptr;
+      }
+      stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
+      stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
+      relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
+                               ges.data() + slot * g.W, g.W, g.C, colsum.data());
+    };
+    for (idx r = r0; r < r1_; ++r) {
+      const idx b = r / g.H, y = r % g.H;
+      mu_rows.fetch(b, y, g.H, produce_mu);  // writes the direct term of row r before the E1 terms are added to it
+      const float *grows[3], *srows[3];
+      const uint8_t* maskrows[3];
+      for (int dy = 0; dy < 3; ++dy) {
+        const int es = e_rows.fetch(b, y + dy - 1, g.H, produce_e);
+        grows[dy] = es >= 0 ? ge.data() + es * rw : nullptr;
+        srows[dy] = es >= 0 ? ges.data() + es * g.W : nullptr;
+        maskrows[dy] = es >= 0 ? maskp + (b * g.H + y + dy - 1) * rw : nullptr;
+      }
+      stencil_row(pix.data(), srows, Ka1f, g.W, 1);
+      sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f,
+                                 scale_path ? Ksf.data() : nullptr,
+                                 scale_path ? gfp + b * kScaleKernels * g.C : nullptr, g.W, g.C);
+    }
+  });
+  return gx;
 }
 
 // The per-channel scale of a site from its scale features f (B, C, 4): s_c = sigmoid(w . [m_c, v_c, channel_ratio,
@@ -1882,6 +2042,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_prepass", &scale_prepass);
   m.def("fused_forward", &fused_forward);
   m.def("fused_backward", &fused_backward);
+  m.def("pooled_scale_grad", &pooled_scale_grad);
+  m.def("fused_backward_pooled", &fused_backward_pooled);
   m.def("scale_backward", &scale_backward);
   m.def("site_scale_forward", &site_scale_forward);
   m.def("site_scale_backward", &site_scale_backward);
