@@ -1766,11 +1766,13 @@ torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
   std::vector<double> total(C, 0.0);
   std::mutex lock;
   at::parallel_for(0, rows, 1, [&](idx r0, idx r1_) {
-    std::vector<float> acc(C, 0.f);
+    std::vector<float> acc_row(C, 0.f);
     std::vector<double> part(C, 0.0);
+    float* __restrict acc = acc_row.data();
     for (idx r = r0; r < r1_; ++r) {
-      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(acc, acc + C, 0.f);
       for (idx o = r * rw; o < (r + 1) * rw; o += C)
+#pragma omp simd
         for (idx c = 0; c < C; ++c) acc[c] += gp[o + c] * pp[o + c];
       for (idx c = 0; c < C; ++c) part[c] += acc[c];
     }
@@ -1958,22 +1960,25 @@ std::vector<torch::Tensor> site_scale_forward(torch::Tensor f, torch::Tensor run
   if (training) {
     auto fc = f.contiguous();
     const float* fp = fc.data_ptr<float>();
-    const idx B = fc.size(0);
+    const idx B = fc.size(0), n = C * kScaleKernels;
+    // two passes over f in memory order (b outer): the (c, j) columns are strided by C * 4 floats
+    std::vector<double> sum(n, 0.0), squares(n, 0.0), mean(n);
+    for (idx b = 0; b < B; ++b)
+      for (idx i = 0; i < n; ++i) sum[i] += fp[b * n + i];
+    for (idx i = 0; i < n; ++i) mean[i] = sum[i] / static_cast<double>(B);
+    for (idx b = 0; b < B; ++b)
+      for (idx i = 0; i < n; ++i) {
+        const double d = fp[b * n + i] - mean[i];
+        squares[i] += d * d;
+      }
+    const double correction = double_bessel ? static_cast<double>(B) / static_cast<double>(B - 1) : 1.0;
     for (idx c = 0; c < C; ++c)
       for (int j = 0; j < kScaleKernels; ++j) {
-        double sum = 0.0;
-        for (idx b = 0; b < B; ++b) sum += fp[(b * C + c) * kScaleKernels + j];
-        const double mean = sum / static_cast<double>(B);
-        double squares = 0.0;
-        for (idx b = 0; b < B; ++b) {
-          const double d = fp[(b * C + c) * kScaleKernels + j] - mean;
-          squares += d * d;
-        }
-        const double var = squares / static_cast<double>(B - 1);
-        mp[c * kScaleKernels + j] = static_cast<float>(mean);
-        vp[c * kScaleKernels + j] = static_cast<float>(var);
-        const double correction = double_bessel ? static_cast<double>(B) / static_cast<double>(B - 1) : 1.0;
-        rm[c][j] = static_cast<float>((1.0 - momentum) * rm[c][j] + momentum * static_cast<float>(mean));
+        const idx i = c * kScaleKernels + j;
+        const double var = squares[i] / static_cast<double>(B - 1);
+        mp[i] = static_cast<float>(mean[i]);
+        vp[i] = static_cast<float>(var);
+        rm[c][j] = static_cast<float>((1.0 - momentum) * rm[c][j] + momentum * static_cast<float>(mean[i]));
         rv[c][j] = static_cast<float>((1.0 - momentum) * rv[c][j] + momentum * static_cast<float>(var) * correction);
       }
   } else {
@@ -2009,17 +2014,17 @@ torch::Tensor site_scale_backward(torch::Tensor f, torch::Tensor m, torch::Tenso
   auto g_f = torch::empty({B, C, kScaleKernels});
   float* out = g_f.data_ptr<float>();
   const float inv_b = 1.0f / static_cast<float>(B), two_over = 2.0f / static_cast<float>(B - 1);
+  const idx n = C * kScaleKernels;
+  std::vector<float> g_mean(n), g_var(n);
   for (idx c = 0; c < C; ++c) {
     const float g_pre = gp[c] * sp[c] * (1.0f - sp[c]);
     for (int j = 0; j < kScaleKernels; ++j) {
-      const float g_mean = g_pre * w[j] * inv_b, g_var = g_pre * w[kScaleKernels + j] * two_over;
-      const float mean = mp[c * kScaleKernels + j];
-      for (idx b = 0; b < B; ++b) {
-        const idx i = (b * C + c) * kScaleKernels + j;
-        out[i] = g_mean + g_var * (fp[i] - mean);
-      }
+      g_mean[c * kScaleKernels + j] = g_pre * w[j] * inv_b;
+      g_var[c * kScaleKernels + j] = g_pre * w[kScaleKernels + j] * two_over;
     }
   }
+  for (idx b = 0; b < B; ++b)  // in memory order
+    for (idx i = 0; i < n; ++i) out[b * n + i] = g_mean[i] + g_var[i] * (fp[b * n + i] - mp[i]);
   return g_f;
 }
 
