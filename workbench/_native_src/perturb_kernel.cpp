@@ -882,8 +882,9 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
 
 // ---- the fused site (frozen phi): a pre-pass over h, then E1 -> E2 -> noise tail in one sweep with r1 in a ring
 
-// The four scale stencils K_j * h at pixels x .. x + kPixels - 1 of one 16-channel block. Two pixels at a time share
-// each broadcast kernel tap between two FMAs and load four columns instead of six.
+// The four scale stencils K_j * h at pixels x .. x + kPixels - 1 of one 16-channel block. Pixels side by side share
+// each broadcast kernel tap between their FMAs and the columns they read: four pixels (sixteen accumulators) load
+// six columns per row instead of twelve, and each tap once instead of four times.
 template <int kPixels>
 WB_AVX512 inline void scale_stencils(const float* const hrows[3], const float* Ks, idx x, idx W, idx C, idx cb,
                                      __mmask16 lm, __m512 s[kPixels][kScaleKernels]) {
@@ -940,6 +941,11 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
     };
     idx x = 0;
     if constexpr (kTraining) {
+      for (; x + 3 < W; x += 4) {
+        __m512 s[4][kScaleKernels];
+        scale_stencils<4>(hrows, Ks, x, W, C, cb, lm, s);
+        finish(x, 4, s);
+      }
       for (; x + 1 < W; x += 2) {
         __m512 s[2][kScaleKernels];
         scale_stencils<2>(hrows, Ks, x, W, C, cb, lm, s);
