@@ -199,3 +199,45 @@ def _tv_residual(block, x):
     identity = x if block.downsample is None else block.downsample(x)
     out = block.relu(block.bn1(block.conv1(x)))
     return block.bn2(block.conv2(out)) + identity
+
+
+class _PoolBlock(nn.Sequential):
+    site_activation = "act"
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
+        self.pool = pool
+
+
+@pytest.mark.parametrize("pool, fused", [
+    (nn.MaxPool2d(2), True),
+    (nn.MaxPool2d((2, 2), stride=2), True),
+    (nn.MaxPool2d(3, stride=2), False),
+    (nn.MaxPool2d(2, stride=1), False),
+    (nn.MaxPool2d(2, ceil_mode=True), False),
+    (nn.MaxPool2d(2, padding=1), False),
+    (nn.AvgPool2d(2), False),
+])
+def test_only_a_plain_2x2_max_pool_is_taken_over_and_the_output_is_the_same(pool, fused):
+    """The site takes over the pool after its ReLU only for MaxPool2d(2) of stride 2, no padding, floor mode; any
+    other pool keeps its own forward; either way the model computes what the unfused site followed by the pool
+    computes."""
+    torch.manual_seed(3)
+    model = nn.Sequential(_PoolBlock(pool), nn.Flatten()).train()
+    x = torch.randn(4, 3, 9, 9)
+    handle = attach(model, MetaPerturb(init_std=0.3).requires_grad_(False), image_size=9)
+    block = model[0]
+    assert ("forward" in vars(block.pool)) == fused
+    torch.manual_seed(4)
+    out = model(x)
+    block.act.forward = types.MethodType(lambda self, t: F.relu(self.perturb_site(t)), block.act)
+    if fused:
+        del block.pool.forward
+    torch.manual_seed(4)
+    expected = model(x)
+    assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
+    handle.remove()
+    assert not [m for m in model.modules() if "forward" in vars(m)]

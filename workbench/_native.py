@@ -20,7 +20,10 @@ With a frozen phi (transfer, evaluation) on an AVX-512 CPU the site is fused fur
 pre-pass over h gives the channel mean and the scale features, then E1, E2 and the noise tail run in one sweep with
 r1 held in a three-row ring, and the backward is one sweep with g_mu and g_E1 in rings plus a pass that adds the
 scale path. r1 and the multiplier map are never written (the multiplier's mean and std come back instead): about
-40% less memory traffic, which is what bounds these sweeps on maps of a few MB and more.
+40% less memory traffic, which is what bounds these sweeps on maps of a few MB and more. A site can also apply the
+layer's ReLU and then its 2x2 max-pool (``relu``, ``pool``; attach does where the model has them): pooled, only
+each window's winner gets a gradient, so the forward keeps the winners' multiplier and noise-path derivatives at
+pooled size and the backward is a single sweep, the scale path included, with no transcendental functions.
 
 Large maps the kernel returns come from a pool of recycled buffers (a fresh 25 MB map cost as much in page faults
 and page zeroing as the sweep that fills it); :func:`release_pool` frees what the pool holds.
