@@ -438,27 +438,39 @@ def test_fused_site_without_a_backward_skips_its_saved_maps_only(isa_restored, f
         assert torch.equal(a, b)
 
 
+def _site_function(path: str):
+    """The site function of one CPU path: "fused" (AVX-512 fused site), "two_sweeps" (generic rows) or "eager"."""
+    if path == "fused" and not _native.load().cpu_has_avx512():
+        pytest.skip("the fused site needs AVX-512")
+    _native.set_isa("avx512" if path == "fused" else "generic")
+    _native.fuse_frozen_sites = path == "fused"
+    return perturb_module.perturb if path == "eager" else _native.perturb
+
+
+def _with_the_same_noise(fn, path, h, phi, training, seed, **kw):
+    """One site call with fresh running statistics and the noise of `seed` (drawn in-kernel, or given to the eager
+    path): calls with the same seed perturb alike. Returns (out, running_var)."""
+    rm, rv = _stats(h.shape[1])
+    torch.manual_seed(seed)
+    eps = torch.randn(h.shape) if path == "eager" else None
+    out, _, _ = _call(fn, h, phi, rm, rv, training, eps, **kw, **({"fused": True} if path == "eager" else {}))
+    return out, rv
+
+
 @pytest.mark.parametrize("path", ["fused", "two_sweeps", "eager"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("shape", [(3, 5, 9, 7), (2, 17, 5, 4), (4, 40, 8, 8)])
 def test_relu_fused_into_the_site_is_the_relu_of_its_output(isa_restored, fusing_restored, shape, training, path):
     """site(h, relu=True) = relu(site(h)) in value and input gradient, the clip included, on every CPU path (the
     fused site applies it in-kernel and masks its own backward)."""
-    if path == "fused" and not _native.load().cpu_has_avx512():
-        pytest.skip("the fused site needs AVX-512")
-    _native.set_isa("avx512" if path == "fused" and _native.load().cpu_has_avx512() else "generic")
-    _native.fuse_frozen_sites = path == "fused"
-    fn = perturb_module.perturb if path == "eager" else _native.perturb
+    fn = _site_function(path)
     torch.manual_seed(12)
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     h = (3 * torch.randn(shape)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     weight = torch.randn(shape)
     results = []
     for relu in (False, True):
-        rm, rv = _stats(shape[1])
-        torch.manual_seed(13)  # the same noise for both
-        eps = torch.randn(shape) if path == "eager" else None
-        out, _, _ = _call(fn, h, phi, rm, rv, training, eps, relu=relu, **({"fused": True} if path == "eager" else {}))
+        out, rv = _with_the_same_noise(fn, path, h, phi, training, 13, relu=relu)
         if not relu:
             (unmasked,) = torch.autograd.grad((out * weight).sum(), [h], retain_graph=True)
             out = torch.relu(out)
@@ -481,11 +493,7 @@ def test_pool_fused_into_the_site_is_the_max_pool_of_its_output(isa_restored, fu
     sizes drop the last row and column, clipped and ReLU-zeroed winners pass no gradient, and a window of equal
     values gives it to its first element, as torch's max-pool does (the fused site pools in-kernel and keeps each
     window's winner for its backward)."""
-    if path == "fused" and not _native.load().cpu_has_avx512():
-        pytest.skip("the fused site needs AVX-512")
-    _native.set_isa("avx512" if path == "fused" and _native.load().cpu_has_avx512() else "generic")
-    _native.fuse_frozen_sites = path == "fused"
-    fn = perturb_module.perturb if path == "eager" else _native.perturb
+    fn = _site_function(path)
     torch.manual_seed(17)
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     h = 3 * torch.randn(shape)
@@ -495,11 +503,7 @@ def test_pool_fused_into_the_site_is_the_max_pool_of_its_output(isa_restored, fu
     weight = torch.randn(pooled_shape)
     results = []
     for pool in (False, True):
-        rm, rv = _stats(shape[1])
-        torch.manual_seed(18)  # the same noise for both
-        eps = torch.randn(shape) if path == "eager" else None
-        out, _, _ = _call(fn, h, phi, rm, rv, training, eps, relu=relu, pool=pool,
-                          **({"fused": True} if path == "eager" else {}))
+        out, rv = _with_the_same_noise(fn, path, h, phi, training, 18, relu=relu, pool=pool)
         if not pool:
             out = F.max_pool2d(out, 2)
         (grad,) = torch.autograd.grad((out * weight).sum(), [h])

@@ -257,6 +257,20 @@ class RowRing {
     return slot;
   }
 
+  // Rows yy - 1, yy, yy + 1 of image b, each made by produce when not held: where their values (rw floats a slot,
+  // from `values`) and channel sums (sw floats a slot, from `sums`) are, nullptr outside the image; slots[dy] is the
+  // slot (-1 outside).
+  template <class Produce>
+  void window(idx b, idx yy, idx H, Produce&& produce, const float* values, idx rw, const float* sums, idx sw,
+              const float* value_rows[3], const float* sum_rows[3], int slots[3] = nullptr) {
+    for (int dy = 0; dy < 3; ++dy) {
+      const int slot = fetch(b, yy + dy - 1, H, produce);
+      value_rows[dy] = slot >= 0 ? values + slot * rw : nullptr;
+      sum_rows[dy] = slot >= 0 ? sums + slot * sw : nullptr;
+      if (slots) slots[dy] = slot;
+    }
+  }
+
  private:
   idx held_[3] = {-1, -1, -1};
 };
@@ -1389,13 +1403,11 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
       };
       const float *grows[3], *srows[3], *hrows[3], *mrows[3];
       const float* erows[kScaleKernels][3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int slot = ring.fetch(b, y + dy - 1, g.H, produce);
-        grows[dy] = slot >= 0 ? ge.data() + slot * rw : nullptr;
-        srows[dy] = slot >= 0 ? gs.data() + slot * g.W : nullptr;
+      int slots[3];
+      ring.window(b, y, g.H, produce, ge.data(), rw, gs.data(), g.W, grows, srows, slots);
+      for (int dy = 0; dy < 3; ++dy)
         for (int j = 0; j < kScaleKernels; ++j)
-          erows[j][dy] = slot >= 0 && expand ? expanded.data() + (slot * kScaleKernels + j) * rw : nullptr;
-      }
+          erows[j][dy] = slots[dy] >= 0 && expand ? expanded.data() + (slots[dy] * kScaleKernels + j) * rw : nullptr;
       if (need_x) {
         float* out = gxp + r * rw;
 #if WB_HAS_AVX512_PATH
@@ -1564,11 +1576,7 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
       }
       const idx b = r / g.H, y = r % g.H;
       const float *grows[3], *srows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int slot = ring.fetch(b, y + dy - 1, g.H, produce);
-        grows[dy] = slot >= 0 ? gm.data() + slot * rw : nullptr;
-        srows[dy] = slot >= 0 ? gs.data() + slot * g.W : nullptr;
-      }
+      ring.window(b, y, g.H, produce, gm.data(), rw, gs.data(), g.W, grows, srows);
       if (need_r1) {
 #if WB_HAS_AVX512_PATH
         if (avx512)
@@ -1722,11 +1730,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
       const float *rrows[3], *mrrows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int slot = r1_rows.fetch(b, y + dy - 1, g.H, produce);
-        rrows[dy] = slot >= 0 ? ring.data() + slot * rw : nullptr;
-        mrrows[dy] = slot >= 0 ? ring_mr.data() + slot * g.W : nullptr;
-      }
+      r1_rows.window(b, y, g.H, produce, ring.data(), rw, ring_mr.data(), g.W, rrows, mrrows);
       stencil_row_avx512(mu.data(), rrows, K2.data(), g.W, g.C);
       stencil_row(pix.data(), mrrows, Ka2.data(), g.W, 1);
       const float* e = epsp + r * rw;
@@ -1790,6 +1794,43 @@ torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
   return out;
 }
 
+// The sweep both fused backwards share, over the rows [r0, r1_) of one thread: g_mu rows, made by
+// produce_mu(row, g_mu row, its channel sums) (which also writes the direct term into gx for rows in [r0, r1_)),
+// then E2^T and the E1 ReLU mask give g_E1 rows, then E1^T is added into gx, with the scale path's masked stencils
+// when Ksf is given (gf(b): image b's (4, C) gradient over H W). g_mu and g_E1 rows live in three-row rings: output
+// row y needs g_E1 rows y-1..y+1 and g_E1 row y' needs g_mu rows y'-1..y'+1; made in increasing row order, three
+// slots each suffice.
+template <class ProduceMu, class ScaleGrad>
+WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uint8_t* maskp, float* gxp,
+                                   const float* K1f, const float* Ka1f, const float* K2f, const float* Ka2f,
+                                   const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu) {
+  const idx rw = g.row();
+  std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W),
+      colsum(16 * g.W);
+  RowRing mu_rows, e_rows;
+  auto make_mu = [&](idx row, int slot) { produce_mu(row, gmu.data() + slot * rw, gmus.data() + slot * g.W); };
+  auto make_e = [&](idx row, int slot) {
+    const idx b = row / g.H, yy = row % g.H;
+    const float *mrows[3], *srows[3];
+    mu_rows.window(b, yy, g.H, make_mu, gmu.data(), rw, gmus.data(), g.W, mrows, srows);
+    stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
+    stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
+    relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
+                             ges.data() + slot * g.W, g.W, g.C, colsum.data());
+  };
+  for (idx r = r0; r < r1_; ++r) {
+    const idx b = r / g.H, y = r % g.H;
+    mu_rows.fetch(b, y, g.H, make_mu);  // writes the direct term of row r before the E1 terms are added to it
+    const float *grows[3], *srows[3];
+    const uint8_t* maskrows[3];
+    e_rows.window(b, y, g.H, make_e, ge.data(), rw, ges.data(), g.W, grows, srows);
+    for (int dy = 0; dy < 3; ++dy) maskrows[dy] = grows[dy] ? maskp + (b * g.H + y + dy - 1) * rw : nullptr;
+    stencil_row(pix.data(), srows, Ka1f, g.W, 1);
+    sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f, Ksf, Ksf ? gf(b) : nullptr,
+                               g.W, g.C);
+  }
+}
+
 // The input gradient of fused_forward (without pool) except the scale path (scale_backward adds that), and g_scale
 // when asked; relu as in the forward.
 std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor mask, torch::Tensor scale,
@@ -1816,49 +1857,18 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
   const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    // ring 1: g_mu rows and their channel sums; ring 2: g_E1 rows and theirs. Output row y needs g_E1 rows y-1..y+1,
-    // g_E1 row y' needs g_mu rows y'-1..y'+1; produced in increasing row order, three slots each suffice.
-    std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), acc(g.C),
-        dummy(rw), colsum(16 * g.W);
-    RowRing mu_rows, e_rows;
-    auto produce_mu = [&](idx row, int slot) {
+    std::vector<float> acc(g.C), dummy(rw), colsum(16 * g.W);
+    auto no_scale = [](idx) -> const float* { return nullptr; };
+    noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, nullptr, no_scale,
+                        [&](idx row, float* gmu, float* gmu_sum) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
-      // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
-      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(),
-                                     gmu.data() + slot * rw, gmus.data() + slot * g.W, acc.data(), k, cl, lo, g.W,
-                                     g.C, colsum.data());
+      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(), gmu, gmu_sum,
+                                     acc.data(), k, cl, lo, g.W, g.C, colsum.data());
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
-    };
-    auto produce_e = [&](idx row, int slot) {
-      const idx b = row / g.H, yy = row % g.H;
-      const float *mrows[3], *srows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int ms = mu_rows.fetch(b, yy + dy - 1, g.H, produce_mu);
-        mrows[dy] = ms >= 0 ? gmu.data() + ms * rw : nullptr;
-        srows[dy] = ms >= 0 ? gmus.data() + ms * g.W : nullptr;
-      }
-      stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
-      stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
-      relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
-                               ges.data() + slot * g.W, g.W, g.C, colsum.data());
-    };
-    for (idx r = r0; r < r1_; ++r) {
-      const idx b = r / g.H, y = r % g.H;
-      mu_rows.fetch(b, y, g.H, produce_mu);  // writes the direct term of row r before the E1 terms are added to it
-      const float *grows[3], *srows[3];
-      const uint8_t* maskrows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int es = e_rows.fetch(b, y + dy - 1, g.H, produce_e);
-        grows[dy] = es >= 0 ? ge.data() + es * rw : nullptr;
-        srows[dy] = es >= 0 ? ges.data() + es * g.W : nullptr;
-        maskrows[dy] = es >= 0 ? maskp + (b * g.H + y + dy - 1) * rw : nullptr;
-      }
-      stencil_row(pix.data(), srows, Ka1f, g.W, 1);
-      sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f, nullptr, nullptr, g.W, g.C);
-    }
+    });
   });
   torch::Tensor gscale = torch::empty({0}, x.options());
   if (need_scale) {
@@ -1901,49 +1911,19 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor g_pool, to
   auto gx = empty_channels_last(g.B, g.C, g.H, g.W);
   float* gxp = gx.data_ptr<float>();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W), dummy(rw),
-        colsum(16 * g.W);
-    RowRing mu_rows, e_rows;
-    auto produce_mu = [&](idx row, int slot) {
+    std::vector<float> dummy(rw);
+    auto scale_grad = [&](idx b) { return gfp + b * kScaleKernels * g.C; };
+    noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, scale_path ? Ksf.data() : nullptr, scale_grad,
+                        [&](idx row, float* gmu, float* gmu_sum) {
       const idx y = row % g.H, pooled = (row / g.H * Hp + y / 2) * Wp * g.C;
-      const bool own = row >= r0 && row < r1_;
       if (row + 3 < rows_total) {
         prefetch_span(gxp + (row + 3) * rw, rw * 4, true);
         prefetch_span(maskp + (row + 3) * rw, rw);
       }
       // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
       unpool_row_avx512(gp + pooled, wp + pooled, mwp + pooled, dwp + pooled, y, Hp, Wp, g.W, g.C,
-                        own ? gxp + row * rw : dummy.data(), gmu.data() + slot * rw, gmus.data() + slot * g.W);
-    };
-    auto produce_e = [&](idx row, int slot) {
-      const idx b = row / g.H, yy = row % g.H;
-      const float *mrows[3], *srows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int ms = mu_rows.fetch(b, yy + dy - 1, g.H, produce_mu);
-        mrows[dy] = ms >= 0 ? gmu.data() + ms * rw : nullptr;
-        srows[dy] = ms >= 0 ? gmus.data() + ms * g.W : nullptr;
-      }
-      stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
-      stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
-      relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
-                               ges.data() + slot * g.W, g.W, g.C, colsum.data());
-    };
-    for (idx r = r0; r < r1_; ++r) {
-      const idx b = r / g.H, y = r % g.H;
-      mu_rows.fetch(b, y, g.H, produce_mu);  // writes the direct term of row r before the E1 terms are added to it
-      const float *grows[3], *srows[3];
-      const uint8_t* maskrows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const int es = e_rows.fetch(b, y + dy - 1, g.H, produce_e);
-        grows[dy] = es >= 0 ? ge.data() + es * rw : nullptr;
-        srows[dy] = es >= 0 ? ges.data() + es * g.W : nullptr;
-        maskrows[dy] = es >= 0 ? maskp + (b * g.H + y + dy - 1) * rw : nullptr;
-      }
-      stencil_row(pix.data(), srows, Ka1f, g.W, 1);
-      sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f,
-                                 scale_path ? Ksf.data() : nullptr,
-                                 scale_path ? gfp + b * kScaleKernels * g.C : nullptr, g.W, g.C);
-    }
+                        row >= r0 && row < r1_ ? gxp + row * rw : dummy.data(), gmu, gmu_sum);
+    });
   });
   return gx;
 }
