@@ -241,3 +241,14 @@ def test_only_a_plain_2x2_max_pool_is_taken_over_and_the_output_is_the_same(pool
     assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
     handle.remove()
     assert not [m for m in model.modules() if "forward" in vars(m)]
+
+
+def test_a_pool_registered_twice_is_not_taken_over():
+    """A MaxPool2d module that two blocks share keeps its own forward (passing its input through would skip the
+    pool of the block without a site too)."""
+    shared = nn.MaxPool2d(2)
+    model = nn.Sequential(_PoolBlock(shared), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), shared))
+    handle = attach(model, MetaPerturb(), image_size=8)
+    assert "forward" not in vars(shared) and "forward" in vars(model[0].act)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 2, 2)
+    handle.remove()

@@ -232,7 +232,8 @@ class _FusedSite(torch.autograd.Function):
                 double_bessel: bool, keep: bool, relu: bool, pool: bool):
         kid1, kall1, kid2, kall2, kscale, fc_weight = (t.detach() for t in phi_tensors)
         x = _nhwc(h.detach())
-        # keep: a backward will follow, so write what it reads (a and the mask); evaluation passes skip both
+        # keep: a backward will follow, so write what it reads (the mask, and a or with pool the winners' maps);
+        # evaluation passes skip them
         mh, features, mask = _module.scale_prepass(x, kscale, bool(training), bool(keep))
         scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
                                                  float(ratios[1]), float(momentum), bool(double_bessel))

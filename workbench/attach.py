@@ -35,6 +35,7 @@ written and the pool's own passes go) and the pool module passes its input throu
 from __future__ import annotations
 
 import types
+from collections import Counter
 from typing import Iterator, Optional
 
 import torch
@@ -120,16 +121,19 @@ class _Place:
         self.name, self.host, self.how, self.forward, self.pool = name, host, how, forward, pool
 
 
-def _fusable_pool_after(block: nn.Module, attribute: str) -> Optional[nn.Module]:
+def _fusable_pool_after(block: nn.Module, attribute: str, uses: Counter) -> Optional[nn.Module]:
     """The ``nn.MaxPool2d`` of kernel 2, stride 2, no padding or dilation, floor mode, that directly follows child
-    ``attribute`` of ``block`` when ``block`` is an ``nn.Sequential`` (so the child's output goes nowhere else)."""
+    ``attribute`` of ``block`` when ``block`` is an ``nn.Sequential`` (so the child's output goes nowhere else) and
+    the pool is registered nowhere else in the model (``uses``: registrations per module id), since it will pass its
+    input through wherever it is called."""
     if not isinstance(block, nn.Sequential):
         return None
     names = list(block._modules)
-    if attribute not in names or names.index(attribute) + 1 == len(names):
+    following = names.index(attribute) + 1 if attribute in names else len(names)
+    if following == len(names):
         return None
-    pool = block._modules[names[names.index(attribute) + 1]]
-    if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices:
+    pool = block._modules[names[following]]
+    if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices or uses[id(pool)] != 1:
         return None
     if _pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2) or _pair(pool.padding) != (0, 0):
         return None
@@ -141,6 +145,7 @@ def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
     (``pre``: the host's input, ``output``: its output, ``forward``: a replaced block forward). ``probe_input`` is
     a zero batch of the model's input shape, used by the plain-net rule to see which BatchNorm feeds an activation."""
     rules = _block_rules()
+    uses = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
     places: list[_Place] = []
     claimed: list[str] = []
     for name, module in model.named_modules():
@@ -156,7 +161,7 @@ def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
                 raise WorkbenchError(
                     f"block {name} ({type(module).__name__}) names activation '{rule[1]}' but has no such module"
                 )
-            pool = _fusable_pool_after(module, rule[1]) if type(host) is nn.ReLU else None
+            pool = _fusable_pool_after(module, rule[1], uses) if type(host) is nn.ReLU else None
             places.append(_Place(f"{name}.{rule[1]}" if name else rule[1], host, "pre", pool=pool))
         elif rule[0] == "output":
             places.append(_Place(name, module, "output"))
