@@ -1135,15 +1135,7 @@ WB_AVX512 void unpool_row_avx512(const float* __restrict g_pool, const uint8_t* 
   }
 }
 
-// ---- noise: Philox4x32-10 and Box-Muller over sixteen counters per register (the draw of philox_normals_block)
-
-// 32 x 32 -> 64-bit products of every 32-bit lane of a with m: high and low halves
-WB_AVX512 inline void mul_hilo(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
+// ---- noise: Philox4x32-10 and Box-Muller in registers (the draw of philox_normals_block)
 
 WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1) {
   const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f);
