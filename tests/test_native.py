@@ -376,22 +376,23 @@ def test_avx512_noise_is_the_generic_draw(isa_restored):
 
 
 @needs_avx512
-def test_fused_site_does_not_depend_on_the_thread_count(isa_restored, fusing_restored):
+@pytest.mark.parametrize("pool", [False, True])
+def test_fused_site_does_not_depend_on_the_thread_count(isa_restored, fusing_restored, pool):
     """Rows at a thread's chunk edges are recomputed into its rings; each row's mask bit, direct gradient term and
-    statistics are still written once, by the chunk that owns the row."""
+    statistics are still written once, by the chunk that owns the row (with pool, chunks start at window rows)."""
     _native.set_isa("avx512")
     _native.fuse_frozen_sites = True
     torch.manual_seed(12)
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
-    h = torch.randn(3, 21, 12, 9).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    weight = torch.randn(h.shape)
+    h = torch.randn(3, 21, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn((3, 21, 5, 4) if pool else h.shape)
     results = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             torch.manual_seed(13)
-            out, _, stats = _call(_native.perturb, h, phi, *_stats(21), True, None)
+            out, _, stats = _call(_native.perturb, h, phi, *_stats(21), True, None, relu=pool, pool=pool)
             results.append((out.detach(), stats, torch.autograd.grad((out * weight).sum(), [h])[0]))
     finally:
         torch.set_num_threads(threads)
