@@ -1036,8 +1036,9 @@ WB_AVX512 void relu_backward_row_avx512(const uint8_t* __restrict mask, const fl
 constexpr uint8_t kNoWinner = 4;  // a window whose winner passes no gradient (clipped, or zeroed by the ReLU)
 
 // What a pooled site keeps for its backward, per pooled element (pointers at the pooled row; all nullptr when no
-// backward follows): the window's winner (code), and for that winner, zero where it passes no gradient, the
-// multiplier m, d = h k s sigmoid(a) (so g_mu = g d there) and p = h k z (so g_s sums g p).
+// backward follows): the window's winner (code: its place, kNoWinner where it passes no gradient, so that the
+// unpooled gradient goes nowhere), and for that winner the multiplier m, d = h k s sigmoid(a) (so g_mu = g d there)
+// and p = h k z, zero where the winner passes no gradient (g_s sums g p over the pooled map without the codes).
 struct PooledKeep {
   uint8_t* code = nullptr;
   float* m = nullptr;
@@ -1094,8 +1095,8 @@ WB_AVX512 void pool_rows_avx512(const float* const v[2], const float* const a[2]
       const __m512 r = reciprocal512(_mm512_add_ps(one, e));
       const __m512 sig = _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(aw, zero, _CMP_LT_OQ), e, r);
       const __m512 hk = _mm512_mul_ps(hw, kv);
-      store_block(keep.m + po + cb, lm, _mm512_maskz_mov_ps(passes, m));
-      store_block(keep.d + po + cb, lm, _mm512_maskz_mov_ps(passes, _mm512_mul_ps(_mm512_mul_ps(hk, s), sig)));
+      store_block(keep.m + po + cb, lm, m);
+      store_block(keep.d + po + cb, lm, _mm512_mul_ps(_mm512_mul_ps(hk, s), sig));
       store_block(keep.p + po + cb, lm, _mm512_maskz_mov_ps(passes, _mm512_mul_ps(hk, z)));
     }
   }
