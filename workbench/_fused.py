@@ -20,6 +20,13 @@ from typing import Optional
 import torch
 
 _PARALLEL_MIN_NUMEL = 1 << 18
+
+
+def relu_and_pool(x: torch.Tensor, relu: bool, pool: bool) -> torch.Tensor:
+    """The layers a site can stand in for, in their order: the ReLU, then the 2x2 max-pool of stride 2."""
+    x = torch.relu(x) if relu else x
+    return torch.nn.functional.max_pool2d(x, 2) if pool else x
+
 _NOISE_CHUNKS = 8
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0

@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ._fused import relu_and_pool
 from .errors import WorkbenchError
 
 _log = logging.getLogger(__name__)
@@ -394,8 +394,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
             h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
             training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
             double_bessel=double_bessel, relu=relu, pool=pool_here)
-        if pool and not pool_here:
-            out = F.max_pool2d(out, 2)
+        out = relu_and_pool(out, False, pool and not pool_here)
         return (out if channels_last_in else out.contiguous()), scale, multiplier_stats
     handoff = _Handoff()
     r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
@@ -407,10 +406,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     seed = draw_seed() if eps is None else 0
     out, multiplier = _Sweep2.apply(h, r1, mr, scale, phi.noise2.w_identity, phi.noise2.w_all, eps, seed,
                                     float(noise_coeff), None if clip is None else float(clip), handoff)
-    if relu:
-        out = F.relu(out)
-    if pool:
-        out = F.max_pool2d(out, 2)
+    out = relu_and_pool(out, relu, pool)
     if not channels_last_in:
         out = out.contiguous()
     return out, scale, multiplier

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native
-from ._fused import NoiseTail, ReluMean, standard_normal
+from ._fused import NoiseTail, ReluMean, relu_and_pool, standard_normal
 from .errors import WorkbenchError
 
 FORMAT_NAME = "workbench.metaperturb"
@@ -296,10 +296,7 @@ def perturb(
         out = x * multiplier
         out = out.clamp(max=clip) if clip is not None else out
         multiplier = multiplier.detach()
-    if relu:
-        out = F.relu(out)
-    if pool:
-        out = F.max_pool2d(out, 2)
+    out = relu_and_pool(out, relu, pool)
     if layout_in is None:
         out = out.contiguous()
     return out, scale, multiplier
@@ -356,8 +353,7 @@ class PerturbSite(nn.Module):
         """The perturbed map; with ``relu``, the ReLU of it (the site then stands in for the layer's ReLU), and with
         ``pool`` also its 2x2 max-pool of stride 2 (the site stands in for the layer's ``MaxPool2d(2)`` too)."""
         if not self.active:
-            h = F.relu(h) if relu else h
-            return F.max_pool2d(h, 2) if pool else h
+            return relu_and_pool(h, relu, pool)
         if h.dim() != 4:
             raise WorkbenchError(
                 f"a perturbation site expects a (B, C, H, W) feature map, got shape {tuple(h.shape)}"
