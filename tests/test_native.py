@@ -131,9 +131,13 @@ def test_drawn_noise_is_standard_normal_and_reproducible():
     assert abs(inside_one_sigma - 0.6827) < 0.003
     assert abs((values.abs() > 3).double().mean().item() - 0.0027) < 0.0005
     assert abs((values ** 4).mean().item() - 3) < 0.05  # kurtosis of a normal
-    # neighbouring elements are uncorrelated (each Philox counter gives four of them)
-    flat = values.view(-1, 4)
-    assert abs((flat[:, 0] * flat[:, 1]).mean().item()) < 0.01 and abs((flat[:, 1] * flat[:, 2]).mean().item()) < 0.01
+    # neighbours are uncorrelated, and so are the two normals of one Box-Muller pair (elements l and l + 16 of each
+    # block of 32), which are independent: E[a^2 b^2] = 1 (a pair drawn from one number would give 3)
+    blocks = values.view(-1, 2, 16)
+    first, second = blocks[:, 0], blocks[:, 1]
+    assert abs((first[:, :-1] * first[:, 1:]).mean().item()) < 0.01
+    assert abs((first * second).mean().item()) < 0.01
+    assert abs((first ** 2 * second ** 2).mean().item() - 1) < 0.05
     torch.manual_seed(5)
     assert torch.equal(_native.standard_normal(like), noise)
     assert not torch.equal(_native.standard_normal(like), noise)
@@ -366,7 +370,7 @@ def test_input_gradient_is_a_tensor_of_its_own_not_a_view():
 
 @needs_avx512
 def test_avx512_noise_is_the_generic_draw(isa_restored):
-    like = torch.empty(3, 24, 7, 5)  # 2520 normals: several Philox blocks and a partial one
+    like = torch.empty(3, 24, 7, 5)  # 2520 normals: many noise blocks and a partial one
     draws = {}
     for isa in ("generic", "avx512"):
         _native.set_isa(isa)

@@ -7,8 +7,9 @@ map; here the site is two sweeps over the channels_last (NHWC) map, each 3x3 ste
   ``f[b, c, j]`` (spatial means of ``relu(K_j * h)``, never stored) plus one mask byte per element for the backward;
 * the per-channel scale (batch statistics of f, running-stat update, the linear map) stays in PyTorch: it works on
   (B, C, 4) tensors, so it costs microseconds, and autograd gives phi's ``scale_fc`` gradient for free;
-* sweep 2 computes ``mu = E2(r1)``, draws eps in-kernel when none is given (Philox4x32-10 keyed by a seed taken from
-  the global torch RNG, Box-Muller; so ``torch.manual_seed`` reproduces a run for any thread count), and writes
+* sweep 2 computes ``mu = E2(r1)``, draws eps in-kernel when none is given (counter-based SplitMix64 keyed by a
+  seed taken from the global torch RNG, Box-Muller; so ``torch.manual_seed`` reproduces a run for any thread count),
+  and writes
   ``out = min(h * (1 + k (s softplus(mu + eps) - 1)), clip)``.
 
 The stencil-heavy rows have two forms: hand-written AVX-512 (each 16-channel block one register; the five stencils

