@@ -651,53 +651,100 @@ struct Window3 {
   }
 };
 
+// The scale path's mask bits of one row as horizontal patterns, for table lookups in the backward: word (x, c) holds
+// bit j of the mask bytes at x - 1, x and x + 1 (zero off the image) in its bits 3 j, 3 j + 1 and 3 j + 2. A
+// permute reads the low four bits of each index, so (word >> 3 j) picks a row's share of kernel j's transposed
+// stencil from a 16-entry table (entries 8-15 repeat 0-7 for the next kernel's bit above): one permute instead of
+// three bit tests and three masked adds.
+WB_AVX512 void scale_pattern_row_avx512(const uint8_t* __restrict mask, idx W, idx C, uint32_t* __restrict out) {
+  // spread[n] << dx: bit j of a mask byte's low nibble n to bit 3 j + dx (the ReLU bit above is ignored)
+  alignas(64) int32_t spread[3][16];
+  for (int n = 0; n < 16; ++n) {
+    int32_t bits = 0;
+    for (int j = 0; j < kScaleKernels; ++j) bits |= ((n >> j) & 1) << (3 * j);
+    for (int dx = 0; dx < 3; ++dx) spread[dx][n] = bits << dx;
+  }
+  const __m512i t0 = _mm512_load_si512(spread[0]), t1 = _mm512_load_si512(spread[1]),
+                t2 = _mm512_load_si512(spread[2]);
+  for (idx x = 0; x < W; ++x)
+    for (idx cb = 0; cb < C; cb += 16) {
+      const __mmask16 lm = lanes_of(C - cb);
+      auto column = [&](idx xx) {
+        return xx >= 0 && xx < W ? _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lm, mask + xx * C + cb))
+                                 : _mm512_setzero_si512();
+      };
+      const __m512i w = _mm512_ternarylogic_epi32(_mm512_permutexvar_epi32(column(x - 1), t0),
+                                                  _mm512_permutexvar_epi32(column(x), t1),
+                                                  _mm512_permutexvar_epi32(column(x + 1), t2), 0xFE);
+      _mm512_mask_storeu_epi32(out + x * C + cb, lm, w);
+    }
+}
+
+// Scale-pattern rows of a mask in a ring of three slots: each row is made once per sweep and read by three
+// output rows.
+class PatternRing {
+ public:
+  explicit PatternRing(idx row_words) : words_(static_cast<size_t>(3 * row_words)), rw_(row_words) {}
+
+  // rows y - 1, y, y + 1 of image b (nullptr outside the image) of the NHWC mask bytes at maskp
+  WB_AVX512 void window(const uint8_t* maskp, const Geometry& g, idx b, idx y, const uint32_t* rows[3]) {
+    auto make = [&](idx row, int slot) {
+      scale_pattern_row_avx512(maskp + row * rw_, g.W, g.C, words_.data() + slot * rw_);
+    };
+    for (int dy = 0; dy < 3; ++dy) {
+      const int slot = ring_.fetch(b, y + dy - 1, g.H, make);
+      rows[dy] = slot >= 0 ? words_.data() + slot * rw_ : nullptr;
+    }
+  }
+
+ private:
+  std::vector<uint32_t> words_;
+  idx rw_;
+  RowRing ring_;
+};
+
 // One row of sweep 1's input gradient (kernels flipped for the transposed stencils):
 // out (=, or += with accumulate) K_id^T * gE + pix[x] / C + sum_j gf[j, c] * (K_j^T * [mask bit j]).
-// mrows: the mask rows above, at and below (nullptr outside the image); grows: the g_E1 rows likewise, or nullptr
-// for no E1 term (then pix is unused); gf: this image's (4, C) scale-feature gradient over H W, or nullptr when the
-// scale path carries none. The g_E1 values and the mask bytes slide along the row in registers (Window3 and its
-// byte twin): three loads of each per output instead of nine.
+// prows: the scale-pattern rows (scale_pattern_row_avx512) above, at and below (nullptr outside the image); grows:
+// the g_E1 rows likewise, or nullptr for no E1 term (then pix is unused); gf: this image's (4, C) scale-feature
+// gradient over H W, or nullptr when the scale path carries none. The g_E1 values slide along the row in registers
+// (Window3): three loads per output instead of nine.
 WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate, const float* const* grows,
-                                          const uint8_t* const mrows[3], const float* __restrict pix,
+                                          const uint32_t* const prows[3], const float* __restrict pix,
                                           const float* K1f, const float* Ksf, const float* gf, idx W, idx C) {
   const __m512 zero = _mm512_setzero_ps();
   const float inv_c = 1.0f / static_cast<float>(C);
+  // table[j][dy][i] = sum_dx Ksf[j][dy][dx] * bit dx of i (i mod 8)
+  alignas(64) float table[kScaleKernels][3][16];
+  if (gf)
+    for (int j = 0; j < kScaleKernels; ++j)
+      for (int dy = 0; dy < 3; ++dy)
+        for (int i = 0; i < 16; ++i) {
+          float t = 0.f;
+          for (int dx = 0; dx < 3; ++dx)
+            if ((i >> dx) & 1) t += Ksf[9 * j + 3 * dy + dx];
+          table[j][dy][i] = t;
+        }
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     __m512 g[kScaleKernels];
     for (int j = 0; j < kScaleKernels; ++j) g[j] = gf ? _mm512_maskz_loadu_ps(lm, gf + j * C + cb) : zero;
     Window3 ge;
     if (grows) ge.start(grows, W, C, cb, lm);
-    __m128i bytes[3][3];  // [row][column] mask bytes of columns x - 1, x, x + 1
-    auto byte_column = [&](int dy, idx xx) {
-      return mrows[dy] && xx < W ? _mm_maskz_loadu_epi8(lm, mrows[dy] + xx * C + cb) : _mm_setzero_si128();
-    };
-    if (gf)
-      for (int dy = 0; dy < 3; ++dy) {
-        bytes[dy][0] = _mm_setzero_si128();
-        bytes[dy][1] = byte_column(dy, 0);
-        bytes[dy][2] = byte_column(dy, 1);
-      }
     for (idx x = 0; x < W; ++x) {
-      if (x > 0) {
-        if (grows) ge.slide(grows, x, W, C, cb, lm);
-        if (gf)
-          for (int dy = 0; dy < 3; ++dy) {
-            bytes[dy][0] = bytes[dy][1];
-            bytes[dy][1] = bytes[dy][2];
-            bytes[dy][2] = byte_column(dy, x + 1);
-          }
-      }
+      if (x > 0 && grows) ge.slide(grows, x, W, C, cb, lm);
       __m512 v = grows ? _mm512_add_ps(ge.apply(K1f), _mm512_set1_ps(pix[x] * inv_c)) : zero;
       if (gf) {
         __m512 coef[kScaleKernels];
         for (int j = 0; j < kScaleKernels; ++j) coef[j] = zero;
-        for (int dy = 0; dy < 3; ++dy)
-          for (int dx = 0; dx < 3; ++dx)
-            for (int j = 0; j < kScaleKernels; ++j) {
-              const __mmask16 on = _mm_test_epi8_mask(bytes[dy][dx], _mm_set1_epi8(static_cast<char>(1 << j)));
-              coef[j] = _mm512_mask_add_ps(coef[j], on, coef[j], _mm512_set1_ps(Ksf[9 * j + 3 * dy + dx]));
-            }
+        for (int dy = 0; dy < 3; ++dy) {
+          if (prows[dy] == nullptr) continue;
+          const __m512i w = _mm512_maskz_loadu_epi32(lm, prows[dy] + x * C + cb);
+          for (int j = 0; j < kScaleKernels; ++j) {
+            const __m512i index = j == 0 ? w : _mm512_srli_epi32(w, 3 * j);
+            coef[j] = _mm512_add_ps(coef[j], _mm512_permutexvar_ps(index, _mm512_load_ps(table[j][dy])));
+          }
+        }
         for (int j = 0; j < kScaleKernels; ++j) v = _mm512_fmadd_ps(coef[j], g[j], v);
       }
       float* dst = out + x * C + cb;
@@ -1313,6 +1360,9 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
     std::vector<int32_t> bits(rw);
     std::vector<float> expanded(expand ? 3 * kScaleKernels * rw : 0);
     RowRing ring;
+#if WB_HAS_AVX512_PATH
+    PatternRing patterns(avx512 && with_scale ? rw : 0);
+#endif
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
       auto produce = [&](idx row, int slot) {
@@ -1335,10 +1385,10 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
         float* out = gxp + r * rw;
 #if WB_HAS_AVX512_PATH
         if (avx512) {
-          const uint8_t* maskrows[3];
-          for (int dy = 0; dy < 3; ++dy) maskrows[dy] = grows[dy] ? mp + (r + dy - 1) * rw : nullptr;
+          const uint32_t* prows[3] = {nullptr, nullptr, nullptr};
+          if (with_scale) patterns.window(mp, g, b, y, prows);
           stencil_row(pix.data(), srows, Kall, g.W, 1);
-          sweep1_backward_row_avx512(out, accumulate, grows, maskrows, pix.data(), Kid, Ks.data(),
+          sweep1_backward_row_avx512(out, accumulate, grows, prows, pix.data(), Kid, Ks.data(),
                                      with_scale ? gfp + b * kScaleKernels * g.C : nullptr, g.W, g.C);
           continue;
         }
@@ -1731,6 +1781,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
   std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W),
       colsum(16 * g.W);
   RowRing mu_rows, e_rows;
+  PatternRing patterns(Ksf ? rw : 0);
   auto make_mu = [&](idx row, int slot) { produce_mu(row, gmu.data() + slot * rw, gmus.data() + slot * g.W); };
   auto make_e = [&](idx row, int slot) {
     const idx b = row / g.H, yy = row % g.H;
@@ -1745,11 +1796,11 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
     const idx b = r / g.H, y = r % g.H;
     mu_rows.fetch(b, y, g.H, make_mu);  // writes the direct term of row r before the E1 terms are added to it
     const float *grows[3], *srows[3];
-    const uint8_t* maskrows[3];
+    const uint32_t* prows[3] = {nullptr, nullptr, nullptr};
     e_rows.window(b, y, g.H, make_e, ge.data(), rw, ges.data(), g.W, grows, srows);
-    for (int dy = 0; dy < 3; ++dy) maskrows[dy] = grows[dy] ? maskp + (b * g.H + y + dy - 1) * rw : nullptr;
+    if (Ksf) patterns.window(maskp, g, b, y, prows);
     stencil_row(pix.data(), srows, Ka1f, g.W, 1);
-    sweep1_backward_row_avx512(gxp + r * rw, true, grows, maskrows, pix.data(), K1f, Ksf, Ksf ? gf(b) : nullptr,
+    sweep1_backward_row_avx512(gxp + r * rw, true, grows, prows, pix.data(), K1f, Ksf, Ksf ? gf(b) : nullptr,
                                g.W, g.C);
   }
 }
@@ -1948,15 +1999,14 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
   const float* gfp = gf.data_ptr<float>();
   const uint8_t* maskp = mask.data_ptr<uint8_t>();
   float* gxp = gx.data_ptr<float>();  // channels_last memory: NHWC
+  const Geometry g{B, H, W, C};
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    PatternRing patterns(rw);
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / H, y = r % H;
-      const uint8_t* maskrows[3];
-      for (int dy = 0; dy < 3; ++dy) {
-        const idx yy = y + dy - 1;
-        maskrows[dy] = (yy < 0 || yy >= H) ? nullptr : maskp + (b * H + yy) * rw;
-      }
-      sweep1_backward_row_avx512(gxp + r * rw, true, nullptr, maskrows, nullptr, nullptr, Ksf.data(),
+      const uint32_t* prows[3];
+      patterns.window(maskp, g, b, y, prows);
+      sweep1_backward_row_avx512(gxp + r * rw, true, nullptr, prows, nullptr, nullptr, Ksf.data(),
                                  gfp + b * kScaleKernels * C, W, C);
     }
   });
