@@ -369,6 +369,27 @@ def test_input_gradient_is_a_tensor_of_its_own_not_a_view():
 
 
 @needs_avx512
+@pytest.mark.parametrize("fused", [True, False])
+def test_avx512_softplus_over_the_whole_range(isa_restored, fusing_restored, fused):
+    """With phi's noise kernels zero, mu = 0 and the multiplier is 1 + k (s softplus(eps) - 1): the table-driven
+    softplus of the AVX-512 rows against torch's, from -40 to 40 (across every table interval and the clamp at 16)."""
+    _native.set_isa("avx512")
+    _native.fuse_frozen_sites = fused
+    phi = MetaPerturb(init_std=0.3)
+    with torch.no_grad():
+        for t in (phi.noise1.w_identity, phi.noise1.w_all, phi.noise2.w_identity, phi.noise2.w_all):
+            t.zero_()
+    phi.requires_grad_(not fused)  # a frozen phi takes the fused site, a trained one the two sweeps
+    eps = torch.linspace(-40, 40, 2 * 64 * 25 * 25).view(2, 25, 25, 64).permute(0, 3, 1, 2)
+    h = torch.ones_like(eps)
+    out, scale, _ = _call(_native.perturb, h, phi, *_stats(64), True, eps, clip=None, k=1.0)
+    expected = scale.view(1, 64, 1, 1) * F.softplus(eps)
+    assert (out - expected).abs().max().item() < 2e-7 * max(1.0, expected.abs().max().item())
+    small = eps < -8  # softplus is tiny there: its absolute error, not only relative to the largest value
+    assert (out - expected)[small].abs().max().item() < 2e-7
+
+
+@needs_avx512
 def test_avx512_noise_is_the_generic_draw(isa_restored):
     like = torch.empty(3, 24, 7, 5)  # 2520 normals: many noise blocks and a partial one
     draws = {}
