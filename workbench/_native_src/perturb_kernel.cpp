@@ -704,12 +704,13 @@ class PatternRing {
 };
 
 // One row of sweep 1's input gradient (kernels flipped for the transposed stencils):
-// out (=, or += with accumulate) K_id^T * gE + pix[x] / C + sum_j gf[j, c] * (K_j^T * [mask bit j]).
+// out = addend + K_id^T * gE + pix[x] / C + sum_j gf[j, c] * (K_j^T * [mask bit j]) (addend: a row to add, which
+// may be out itself, or nullptr for none).
 // prows: the scale-pattern rows (scale_pattern_row_avx512) above, at and below (nullptr outside the image); grows:
 // the g_E1 rows likewise, or nullptr for no E1 term (then pix is unused); gf: this image's (4, C) scale-feature
 // gradient over H W, or nullptr when the scale path carries none. The g_E1 values slide along the row in registers
 // (Window3): three loads per output instead of nine.
-WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate, const float* const* grows,
+WB_AVX512 void sweep1_backward_row_avx512(float* out, const float* addend, const float* const* grows,
                                           const uint32_t* const prows[3], const float* __restrict pix,
                                           const float* K1f, const float* Ksf, const float* gf, idx W, idx C) {
   const __m512 zero = _mm512_setzero_ps();
@@ -748,7 +749,7 @@ WB_AVX512 void sweep1_backward_row_avx512(float* __restrict out, bool accumulate
         for (int j = 0; j < kScaleKernels; ++j) v = _mm512_fmadd_ps(coef[j], g[j], v);
       }
       float* dst = out + x * C + cb;
-      if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, dst), v);
+      if (addend) v = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, addend + x * C + cb), v);
       store_block(dst, lm, v);
     }
   }
@@ -1397,7 +1398,7 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
           const uint32_t* prows[3] = {nullptr, nullptr, nullptr};
           if (with_scale) patterns.window(mp, g, b, y, prows);
           stencil_row(pix.data(), srows, Kall, g.W, 1);
-          sweep1_backward_row_avx512(out, accumulate, grows, prows, pix.data(), Kid, Ks.data(),
+          sweep1_backward_row_avx512(out, accumulate ? out : nullptr, grows, prows, pix.data(), Kid, Ks.data(),
                                      with_scale ? gfp + b * kScaleKernels * g.C : nullptr, g.W, g.C);
           continue;
         }
@@ -1777,21 +1778,23 @@ torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
 }
 
 // The sweep both fused backwards share, over the rows [r0, r1_) of one thread: g_mu rows, made by
-// produce_mu(row, g_mu row, its channel sums) (which also writes the direct term into gx for rows in [r0, r1_)),
-// then E2^T and the E1 ReLU mask give g_E1 rows, then E1^T is added into gx, with the scale path's masked stencils
-// when Ksf is given (gf(b): image b's (4, C) gradient over H W). g_mu and g_E1 rows live in three-row rings: output
-// row y needs g_E1 rows y-1..y+1 and g_E1 row y' needs g_mu rows y'-1..y'+1; made in increasing row order, three
-// slots each suffice.
+// produce_mu(row, g_mu row, its channel sums, direct term row), then E2^T and the E1 ReLU mask give g_E1 rows, then
+// gx = the direct term + E1^T (g_E1) + the scale path's masked stencils when Ksf is given (gf(b): image b's (4, C)
+// gradient over H W), each gx row written once. g_mu (with the direct term) and g_E1 rows live in three-row rings:
+// output row y needs g_E1 rows y-1..y+1 and g_E1 row y' needs g_mu rows y'-1..y'+1; made in increasing row order,
+// three slots each suffice.
 template <class ProduceMu, class ScaleGrad>
 WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uint8_t* maskp, float* gxp,
                                    const float* K1f, const float* Ka1f, const float* K2f, const float* Ka2f,
                                    const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu) {
   const idx rw = g.row();
-  std::vector<float> gmu(3 * rw), gmus(3 * g.W), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W), pix(g.W),
-      colsum(16 * g.W);
+  std::vector<float> gmu(3 * rw), gmus(3 * g.W), direct(3 * rw), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W),
+      pix(g.W), colsum(16 * g.W);
   RowRing mu_rows, e_rows;
   PatternRing patterns(Ksf ? rw : 0);
-  auto make_mu = [&](idx row, int slot) { produce_mu(row, gmu.data() + slot * rw, gmus.data() + slot * g.W); };
+  auto make_mu = [&](idx row, int slot) {
+    produce_mu(row, gmu.data() + slot * rw, gmus.data() + slot * g.W, direct.data() + slot * rw);
+  };
   auto make_e = [&](idx row, int slot) {
     const idx b = row / g.H, yy = row % g.H;
     const float *mrows[3], *srows[3];
@@ -1803,14 +1806,15 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
   };
   for (idx r = r0; r < r1_; ++r) {
     const idx b = r / g.H, y = r % g.H;
-    mu_rows.fetch(b, y, g.H, make_mu);  // writes the direct term of row r before the E1 terms are added to it
+    // row r's direct term stays in its slot of the g_mu ring until row r + 3 is made, after this row is output
+    const int slot = mu_rows.fetch(b, y, g.H, make_mu);
     const float *grows[3], *srows[3];
     const uint32_t* prows[3] = {nullptr, nullptr, nullptr};
     e_rows.window(b, y, g.H, make_e, ge.data(), rw, ges.data(), g.W, grows, srows);
     if (Ksf) patterns.window(maskp, g, b, y, prows);
     stencil_row(pix.data(), srows, Ka1f, g.W, 1);
-    sweep1_backward_row_avx512(gxp + r * rw, true, grows, prows, pix.data(), K1f, Ksf, Ksf ? gf(b) : nullptr,
-                               g.W, g.C);
+    sweep1_backward_row_avx512(gxp + r * rw, direct.data() + slot * rw, grows, prows, pix.data(), K1f, Ksf,
+                               Ksf ? gf(b) : nullptr, g.W, g.C);
   }
 }
 
@@ -1840,15 +1844,15 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
   const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> acc(g.C), dummy(rw), colsum(16 * g.W);
+    std::vector<float> acc(g.C), colsum(16 * g.W);
     auto no_scale = [](idx) -> const float* { return nullptr; };
     noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, nullptr, no_scale,
-                        [&](idx row, float* gmu, float* gmu_sum) {
+                        [&](idx row, float* gmu, float* gmu_sum, float* direct) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
-      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, own ? gxp + o : dummy.data(), gmu, gmu_sum,
-                                     acc.data(), k, cl, lo, g.W, g.C, colsum.data());
+      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, direct, gmu, gmu_sum, acc.data(), k, cl,
+                                     lo, g.W, g.C, colsum.data());
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
     });
@@ -1894,18 +1898,16 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor g_pool, to
   auto gx = empty_channels_last(g.B, g.C, g.H, g.W);
   float* gxp = gx.data_ptr<float>();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> dummy(rw);
     auto scale_grad = [&](idx b) { return gfp + b * kScaleKernels * g.C; };
     noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, scale_path ? Ksf.data() : nullptr, scale_grad,
-                        [&](idx row, float* gmu, float* gmu_sum) {
+                        [&](idx row, float* gmu, float* gmu_sum, float* direct) {
       const idx y = row % g.H, pooled = (row / g.H * Hp + y / 2) * Wp * g.C;
       if (row + 3 < rows_total) {
         prefetch_span(gxp + (row + 3) * rw, rw * 4, true);
         prefetch_span(maskp + (row + 3) * rw, rw);
       }
-      // the direct term g m goes straight into gx for this chunk's rows; the E1 terms are added when the row is output
-      unpool_row_avx512(gp + pooled, wp + pooled, mwp + pooled, dwp + pooled, y, Hp, Wp, g.W, g.C,
-                        row >= r0 && row < r1_ ? gxp + row * rw : dummy.data(), gmu, gmu_sum);
+      unpool_row_avx512(gp + pooled, wp + pooled, mwp + pooled, dwp + pooled, y, Hp, Wp, g.W, g.C, direct, gmu,
+                        gmu_sum);
     });
   });
   return gx;
@@ -2015,7 +2017,7 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
       const idx b = r / H, y = r % H;
       const uint32_t* prows[3];
       patterns.window(maskp, g, b, y, prows);
-      sweep1_backward_row_avx512(gxp + r * rw, true, nullptr, prows, nullptr, nullptr, Ksf.data(),
+      sweep1_backward_row_avx512(gxp + r * rw, gxp + r * rw, nullptr, prows, nullptr, nullptr, Ksf.data(),
                                  gfp + b * kScaleKernels * C, W, C);
     }
   });
