@@ -126,7 +126,7 @@ def available(h: torch.Tensor, phi) -> bool:
     """Whether :func:`perturb` can serve this call: enabled, float32 CPU tensors, no double backward, and built."""
     if not enabled() or h.device.type != "cpu" or h.dtype != torch.float32 or h.dim() != 4:
         return False
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in phi.parameters()):
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in phi.function_tensors()):
         return False
     return load() is not None
 
@@ -231,7 +231,7 @@ class _FusedSite(torch.autograd.Function):
     def forward(ctx, h, phi_tensors, running_mean, running_var, eps: Optional[torch.Tensor], seed: int,
                 noise_coeff: float, clip: Optional[float], training: bool, ratios: tuple, momentum: float,
                 double_bessel: bool, keep: bool, relu: bool, pool: bool):
-        kid1, kall1, kid2, kall2, kscale, fc_weight = (t.detach() for t in phi_tensors)
+        kid1, kall1, kid2, kall2, kscale, fc_weight = phi_tensors  # frozen: no detach needed (the kernels read them)
         x = _nhwc(h.detach())
         # keep: a backward will follow, so write what it reads (the mask, and a or with pool the winners' maps);
         # evaluation passes skip them
@@ -301,8 +301,7 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
         raise WorkbenchError(f"the fused site needs float32 running statistics, got {running_mean.dtype}; "
                              "keep the perturbation sites in float32 (or set _native.fuse_frozen_sites = False)")
     b, c, height, width = h.shape
-    phi_tensors = (phi.noise1.w_identity, phi.noise1.w_all, phi.noise2.w_identity, phi.noise2.w_all,
-                   phi.scale_kernels, phi.scale_fc.weight)
+    phi_tensors = phi.function_tensors()
     seed = draw_seed() if eps is None else 0
     keep = torch.is_grad_enabled() and h.requires_grad
     return _FusedSite.apply(h, phi_tensors, running_mean, running_var, eps, seed, float(noise_coeff),
@@ -389,7 +388,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
             "use a larger batch or call model.eval()"
         )
     channels_last_in = h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
-    if fuse_frozen_sites and _module.isa() == "avx512" and not any(p.requires_grad for p in phi.parameters()):
+    if fuse_frozen_sites and _module.isa() == "avx512" and not any(t.requires_grad for t in phi.function_tensors()):
         pool_here = pool and height >= 2 and width >= 2  # smaller maps: max_pool2d's own error below
         out, scale, multiplier_stats = _fused_site(
             h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,

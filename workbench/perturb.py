@@ -113,6 +113,16 @@ class MetaPerturb(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def function_tensors(self) -> tuple:
+        """(noise1.w_identity, noise1.w_all, noise2.w_identity, noise2.w_all, scale_kernels, scale_fc.weight): the six
+        tensors the fused kernel reads, looked up in the modules' own dicts. Every site of every layer asks on every
+        call, and ``parameters()`` or the ``nn.Module`` attribute lookups cost tens of microseconds there (the caches
+        are cold right after a large map's sweep)."""
+        modules = self._modules
+        noise1, noise2 = modules["noise1"]._parameters, modules["noise2"]._parameters
+        return (noise1["w_identity"], noise1["w_all"], noise2["w_identity"], noise2["w_all"],
+                self._parameters["scale_kernels"], modules["scale_fc"]._parameters["weight"])
+
     def extra_repr(self) -> str:
         return f"parameters={self.num_parameters}"
 

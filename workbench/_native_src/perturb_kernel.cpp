@@ -383,13 +383,33 @@ Geometry geometry(const torch::Tensor& x_nhwc) {
   return {x_nhwc.size(0), x_nhwc.size(1), x_nhwc.size(2), x_nhwc.size(3)};
 }
 
+// t itself when it is float32 and contiguous (as phi's tensors and the scales are): no dispatcher call, which costs
+// microseconds a tensor with the caches cold after a sweep; else a contiguous float32 copy
+torch::Tensor float_contiguous(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat && t.is_contiguous() ? t : t.detach().to(torch::kFloat).contiguous();
+}
+
 std::vector<float> kernel9(const torch::Tensor& k) {
-  auto c = k.detach().to(torch::kFloat).contiguous();
+  auto c = float_contiguous(k);
   return std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel());
 }
 
 constexpr int kScaleKernels = 4;
 constexpr int32_t kReluBit = 1 << kScaleKernels;
+
+// g_f (B, C, 4) over H W, laid out (B, 4, C) for the channel loops
+std::vector<float> scale_grad_rows(const torch::Tensor& g_f, idx hw) {
+  const auto t = float_contiguous(g_f);
+  const idx B = t.size(0), C = t.size(1);
+  const float* p = t.data_ptr<float>();
+  const float d = static_cast<float>(hw);
+  std::vector<float> rows(static_cast<size_t>(B * kScaleKernels * C));
+  for (idx b = 0; b < B; ++b)
+    for (idx c = 0; c < C; ++c)
+      for (int j = 0; j < kScaleKernels; ++j)
+        rows[(b * kScaleKernels + j) * C + c] = p[(b * C + c) * kScaleKernels + j] / d;
+  return rows;
+}
 
 // ------------------------------------------------------------------------------------------------ row kernels
 // out = relu(e + pix[x]), mask = relu bit, mean[x] = mean_c out
@@ -1345,10 +1365,8 @@ std::vector<torch::Tensor> sweep1_backward(torch::Tensor x, torch::Tensor mh, to
   const uint8_t* mp = mask.data_ptr<uint8_t>();
   const float* grp = g_r1.data_ptr<float>();
   const float* gmrp = g_mr.data_ptr<float>();
-  // g_f scaled by 1/(H W), laid out (B, 4, C) for the channel loop
-  torch::Tensor gf = with_scale ? g_f.to(torch::kFloat).div(static_cast<double>(g.H * g.W)).transpose(1, 2).contiguous()
-                                : torch::empty({0}, opts);
-  const float* gfp = with_scale ? gf.data_ptr<float>() : nullptr;
+  const auto gf = with_scale ? scale_grad_rows(g_f, g.H * g.W) : std::vector<float>();
+  const float* gfp = with_scale ? gf.data() : nullptr;
 
   const float inv_c = 1.0f / static_cast<float>(g.C);
 
@@ -1446,7 +1464,7 @@ std::vector<torch::Tensor> sweep2_forward(torch::Tensor x, torch::Tensor r1, tor
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto Kid = kernel9(kid), Kall = kernel9(kall);
-  auto s = scale.detach().to(torch::kFloat).contiguous();
+  auto s = float_contiguous(scale);
   const float* sp = s.data_ptr<float>();
   const bool drawn = eps.numel() == 0;
   const float* epsp = drawn ? nullptr : eps.data_ptr<float>();
@@ -1508,7 +1526,7 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
   float Kid[9], Kall[9];
   flip9(kernel9(kid).data(), Kid);
   flip9(kernel9(kall).data(), Kall);
-  auto s = scale.detach().to(torch::kFloat).contiguous();
+  auto s = float_contiguous(scale);
   const float* sp = s.data_ptr<float>();
   auto opts = x.options();
   const float* xp = x.data_ptr<float>();
@@ -1667,7 +1685,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const idx Hp = g.H / 2, Wp = g.W / 2;
   TORCH_CHECK(!pool || (Hp > 0 && Wp > 0), "a fused 2x2 pool needs a map of at least 2x2, got ", g.H, "x", g.W);
   const auto K1 = kernel9(kid1), Ka1 = kernel9(kall1), K2 = kernel9(kid2), Ka2 = kernel9(kall2);
-  auto s = scale.detach().to(torch::kFloat).contiguous();
+  auto s = float_contiguous(scale);
   const float* sp = s.data_ptr<float>();
   const bool drawn = eps.numel() == 0;
   const float* epsp = drawn ? nullptr : eps.data_ptr<float>();
@@ -1831,7 +1849,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   flip9(kernel9(kall1).data(), Ka1f);
   flip9(kernel9(kid2).data(), K2f);
   flip9(kernel9(kall2).data(), Ka2f);
-  auto s = scale.detach().to(torch::kFloat).contiguous();
+  auto s = float_contiguous(scale);
   const float* sp = s.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
@@ -1887,9 +1905,8 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor g_pool, to
   const auto ks = kernel9(kscale);
   for (int j = 0; j < kScaleKernels; ++j) flip9(ks.data() + 9 * j, Ksf.data() + 9 * j);
   const bool scale_path = g_f.numel() > 0;
-  auto gf = scale_path ? g_f.to(torch::kFloat).div(static_cast<double>(g.H * g.W)).transpose(1, 2).contiguous()
-                       : torch::empty({0});  // (B, 4, C)
-  const float* gfp = scale_path ? gf.data_ptr<float>() : nullptr;
+  const auto gf = scale_path ? scale_grad_rows(g_f, g.H * g.W) : std::vector<float>();
+  const float* gfp = scale_path ? gf.data() : nullptr;
   const float* gp = g_pool.data_ptr<float>();
   const uint8_t* wp = winners.data_ptr<uint8_t>();
   const float* mwp = win_m.data_ptr<float>();
@@ -1977,7 +1994,7 @@ torch::Tensor site_scale_backward(torch::Tensor f, torch::Tensor m, torch::Tenso
   auto fc = f.contiguous();
   const idx B = fc.size(0), C = fc.size(1);
   auto w = kernel9(fc_weight);
-  auto gsc = g_s.to(torch::kFloat).contiguous();
+  auto gsc = float_contiguous(g_s);
   const float* fp = fc.data_ptr<float>();
   const float* mp = m.data_ptr<float>();
   const float* sp = s.data_ptr<float>();
@@ -2006,8 +2023,8 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
   std::vector<float> Ksf(9 * kScaleKernels);
   const auto k = kernel9(kscale);
   for (int j = 0; j < kScaleKernels; ++j) flip9(k.data() + 9 * j, Ksf.data() + 9 * j);
-  auto gf = g_f.to(torch::kFloat).div(static_cast<double>(H * W)).transpose(1, 2).contiguous();  // (B, 4, C)
-  const float* gfp = gf.data_ptr<float>();
+  const auto gf = scale_grad_rows(g_f, H * W);
+  const float* gfp = gf.data();
   const uint8_t* maskp = mask.data_ptr<uint8_t>();
   float* gxp = gx.data_ptr<float>();  // channels_last memory: NHWC
   const Geometry g{B, H, W, C};
