@@ -112,19 +112,20 @@ __attribute__((always_inline)) inline uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+constexpr float kHalfPi = 1.57079632679489662f;
+
 __attribute__((always_inline)) inline void box_muller(uint32_t a, uint32_t b, float& n0, float& n1) {
   const float u1 = static_cast<float>(static_cast<int32_t>((a >> 8) + 1u)) * (1.0f / 16777216.0f);  // (0, 1]
-  const float u2 = static_cast<float>(static_cast<int32_t>(b >> 8)) * (1.0f / 16777216.0f);         // [0, 1)
   const float radius = std::sqrt(-2.0f * fast_log(u1));
-  // angle 2 pi u2 = q pi/2 + x with x in [-pi/4, pi/4]
-  const float t = u2 * 4.0f;
-  const float q = (t + 12582912.f) - 12582912.f;
-  const float x = (t - q) * 1.57079632679489662f;
+  // the angle q pi/2 + x, uniform on the circle: the quadrant q from b's top two bits, x in [-pi/4, pi/4) from its
+  // next 23 (the mantissa of a float in [1, 2))
+  const uint32_t quadrant = b >> 30;
+  const float f = bits_to_float(0x3F800000u | ((b << 2) >> 9));
+  const float x = std::fma(f, kHalfPi, -1.5f * kHalfPi);
   const float z = x * x;
   const float s = ((-1.9515295891E-4f * z + 8.3321608736E-3f) * z - 1.6666654611E-1f) * z * x + x;
   const float c = ((2.443315711809948E-5f * z - 1.388731625493765E-3f) * z + 4.166664568298827E-2f) * z * z -
                   0.5f * z + 1.0f;
-  const int quadrant = static_cast<int>(q) & 3;
   const float sin_v = quadrant == 0 ? s : quadrant == 1 ? c : quadrant == 2 ? -s : -c;
   const float cos_v = quadrant == 0 ? c : quadrant == 1 ? -s : quadrant == 2 ? -c : s;
   n0 = radius * cos_v;
@@ -995,7 +996,7 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
           for (int j = 0; j < kScaleKernels; ++j) {
             const __mmask16 sp = _mm512_mask_cmp_ps_mask(lm, s[p][j], zero, _CMP_GT_OQ);
             f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[p][j]);
-            bits = _mm_or_si128(bits, _mm_maskz_mov_epi8(sp, _mm_set1_epi8(static_cast<char>(1 << j))));
+            bits = _mm_mask_add_epi8(bits, sp, bits, _mm_set1_epi8(static_cast<char>(1 << j)));  // distinct bits: + is |
           }
           if (mask) store_block(mask + xp * C + cb, lm, bits);
         }
@@ -1047,10 +1048,11 @@ WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restric
       store_block(r1 + x * C + cb, lm, rv);
       _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), rv));
       if (mask) {
-        __m128i bits = _mm_maskz_mov_epi8(pos, _mm_set1_epi8(static_cast<char>(kReluBit)));
+        const __m128i bit = _mm_set1_epi8(static_cast<char>(kReluBit));
         uint8_t* dst = mask + x * C + cb;
-        if (or_into) bits = _mm_or_si128(bits, _mm_maskz_loadu_epi8(lm, dst));
-        store_block(dst, lm, bits);
+        // or_into: the pre-pass's bits 0-3 are there, and bit 4 is not, so adding it is or-ing it
+        const __m128i there = or_into ? _mm_maskz_loadu_epi8(lm, dst) : _mm_setzero_si128();
+        store_block(dst, lm, _mm_mask_add_epi8(there, pos, there, bit));
       }
     }
   }
@@ -1187,14 +1189,12 @@ WB_AVX512 void unpool_row_avx512(const float* __restrict g_pool, const uint8_t* 
 // ---- noise: SplitMix64 and Box-Muller in registers (the draw of normals_block)
 
 WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1) {
-  const __m512 scale = _mm512_set1_ps(1.0f / 16777216.0f);
   const __m512 u1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(a, 8), _mm512_set1_epi32(1))),
-                                  scale);                                                      // (0, 1]
-  const __m512 u2 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 8)), scale);  // [0, 1)
+                                  _mm512_set1_ps(1.0f / 16777216.0f));  // (0, 1]
   const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log512(u1)));
-  const __m512 t = _mm512_mul_ps(u2, _mm512_set1_ps(4.0f));
-  const __m512 q = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 x = _mm512_mul_ps(_mm512_sub_ps(t, q), _mm512_set1_ps(1.57079632679489662f));
+  const __m512 f = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_srli_epi32(_mm512_slli_epi32(b, 2), 9), _mm512_set1_epi32(0x3F800000)));
+  const __m512 x = _mm512_fmadd_ps(f, _mm512_set1_ps(kHalfPi), _mm512_set1_ps(-1.5f * kHalfPi));
   const __m512 z = _mm512_mul_ps(x, x);
   __m512 s = _mm512_fmadd_ps(_mm512_set1_ps(-1.9515295891E-4f), z, _mm512_set1_ps(8.3321608736E-3f));
   s = _mm512_fmadd_ps(s, z, _mm512_set1_ps(-1.6666654611E-1f));
@@ -1202,19 +1202,15 @@ WB_AVX512 inline void box_muller512(__m512i a, __m512i b, __m512& n0, __m512& n1
   __m512 c = _mm512_fmadd_ps(_mm512_set1_ps(2.443315711809948E-5f), z, _mm512_set1_ps(-1.388731625493765E-3f));
   c = _mm512_fmadd_ps(c, z, _mm512_set1_ps(4.166664568298827E-2f));
   c = _mm512_fmadd_ps(_mm512_mul_ps(c, z), z, _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, _mm512_set1_ps(1.0f)));
-  // quadrant q mod 4: 0 (sin s, cos c), 1 (c, -s), 2 (-s, -c), 3 (-c, s)
-  const __m512i qi = _mm512_cvtps_epi32(q);
-  const __mmask16 swap = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(1));
-  const __mmask16 sin_negative = _mm512_test_epi32_mask(qi, _mm512_set1_epi32(2));
-  const __mmask16 cos_negative =
-      _mm512_test_epi32_mask(_mm512_xor_si512(qi, _mm512_srli_epi32(qi, 1)), _mm512_set1_epi32(1));
-  const __m512 sign = _mm512_set1_ps(-0.0f);
-  const __m512 sin_v = _mm512_mask_xor_ps(_mm512_mask_blend_ps(swap, s, c), sin_negative,
-                                          _mm512_mask_blend_ps(swap, s, c), sign);
-  const __m512 cos_v = _mm512_mask_xor_ps(_mm512_mask_blend_ps(swap, c, s), cos_negative,
-                                          _mm512_mask_blend_ps(swap, c, s), sign);
-  n0 = _mm512_mul_ps(radius, cos_v);
-  n1 = _mm512_mul_ps(radius, sin_v);
+  // quadrant q = b >> 30: 0 (sin s, cos c), 1 (c, -s), 2 (-s, -c), 3 (-c, s): odd q swaps the two, the sine's sign is
+  // q's high bit (b's bit 31) and the cosine's the xor of q's two bits; t ^ (sign bit of m) is ternary logic 0x78
+  const __mmask16 swap = _mm512_test_epi32_mask(b, _mm512_set1_epi32(1 << 30));
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i sin_v = _mm512_ternarylogic_epi32(_mm512_castps_si512(_mm512_mask_blend_ps(swap, s, c)), b, sign, 0x78);
+  const __m512i cos_v = _mm512_ternarylogic_epi32(_mm512_castps_si512(_mm512_mask_blend_ps(swap, c, s)),
+                                                  _mm512_xor_si512(b, _mm512_slli_epi32(b, 1)), sign, 0x78);
+  n0 = _mm512_mul_ps(radius, _mm512_castsi512_ps(cos_v));
+  n1 = _mm512_mul_ps(radius, _mm512_castsi512_ps(sin_v));
 }
 
 WB_AVX512 inline __m512i mix64_512(__m512i z) {
