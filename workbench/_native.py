@@ -62,6 +62,7 @@ _build_failed = False
 # Frozen phi on an AVX-512 CPU (transfer, evaluation): the fused site (two passes over h each way, ~40% less memory
 # traffic). False keeps the two sweeps everywhere (tests compare the two).
 fuse_frozen_sites = True
+_NONE = torch.empty(0)  # the kernels' "no tensor" argument (never written)
 
 
 def _cpu_tag() -> str:
@@ -77,7 +78,8 @@ def _cpu_tag() -> str:
 
 def enabled() -> bool:
     """False when the environment variable ``WORKBENCH_NATIVE`` is ``0`` (or ``false``/``off``)."""
-    return os.environ.get("WORKBENCH_NATIVE", "1").strip().lower() not in {"0", "false", "off", "no"}
+    value = os.environ.get("WORKBENCH_NATIVE")
+    return value is None or value.strip().lower() not in {"0", "false", "off", "no"}
 
 
 def _put_ninja_on_path() -> None:
@@ -124,9 +126,10 @@ def load(verbose: bool = False):
 
 def available(h: torch.Tensor, phi) -> bool:
     """Whether :func:`perturb` can serve this call: enabled, float32 CPU tensors, no double backward, and built."""
-    if not enabled() or h.device.type != "cpu" or h.dtype != torch.float32 or h.dim() != 4:
+    # every site asks on every call: attribute tests only (no torch.device objects)
+    if not (h.is_cpu and h.dtype is torch.float32 and h.dim() == 4) or not enabled():
         return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in phi.function_tensors()):
+    if not all(t.is_cpu and t.dtype is torch.float32 for t in phi.function_tensors()):
         return False
     return load() is not None
 
@@ -238,7 +241,7 @@ class _FusedSite(torch.autograd.Function):
         mh, features, mask = _module.scale_prepass(x, kscale, bool(training), bool(keep))
         scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
                                                  float(ratios[1]), float(momentum), bool(double_bessel))
-        e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
+        e = _NONE if eps is None else _nhwc(eps.detach().to(torch.float32))
         out, a, stats, *pooled = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
                                                        float(noise_coeff), clip is not None,
                                                        0.0 if clip is None else float(clip), bool(training),
@@ -285,7 +288,7 @@ class _FusedSite(torch.autograd.Function):
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
         b, height, width, c = ctx.shape
         g_pool = torch.zeros(b, height // 2, width // 2, c) if g_out is None else _nhwc(g_out)
-        g_features = torch.empty(0)
+        g_features = _NONE
         if ctx.training:
             g_scale = _module.pooled_scale_grad(g_pool, win_p)
             if g_scale_out is not None:
@@ -346,7 +349,7 @@ def set_isa(name: str) -> None:
 
 def draw_seed() -> int:
     """A 63-bit seed from the global torch RNG (so ``torch.manual_seed`` fixes the in-kernel noise)."""
-    return int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).item())
+    return int(_built().draw_seed())
 
 
 def standard_normal(like: torch.Tensor, seed: Optional[int] = None) -> torch.Tensor:

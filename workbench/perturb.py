@@ -392,9 +392,9 @@ class PerturbSite(nn.Module):
             relu=relu,
             pool=pool,
         )
-        if self.record_stats:
-            self.last_scale = scale.detach()
-            self._last_multiplier = multiplier
+        if self.record_stats:  # plain attributes: set past nn.Module.__setattr__'s checks, on every call
+            self.__dict__["last_scale"] = scale.detach()
+            self.__dict__["_last_multiplier"] = multiplier
         return out
 
     @property

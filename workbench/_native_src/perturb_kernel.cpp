@@ -2,6 +2,7 @@
 // autograd wiring). All maps are NHWC (channels_last memory), so every 3x3 stencil is a three-row sweep over
 // contiguous W*C floats with shifts of +-C, and the channel loop vectorises for any C.
 #include <torch/extension.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -1613,6 +1614,14 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
 }
 
 // standalone draw (for tests of the generator): NHWC-linear normals
+// A 63-bit seed from torch's default CPU generator (the stream torch.manual_seed sets), without the tensor and the
+// dispatch of a torch.randint: each site draws one a call.
+int64_t draw_seed() {
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  return static_cast<int64_t>(at::check_generator<at::CPUGeneratorImpl>(generator)->random64() >> 1);
+}
+
 torch::Tensor draw(int64_t n, int64_t seed) {
   auto out = torch::empty({n}, torch::dtype(torch::kFloat));
   float* p = out.data_ptr<float>();
@@ -2045,6 +2054,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sweep2_forward", &sweep2_forward);
   m.def("sweep2_backward", &sweep2_backward);
   m.def("draw", &draw);
+  m.def("draw_seed", &draw_seed, "a 63-bit seed from the default CPU generator");
 #if WB_HAS_AVX512_PATH
   m.def("scale_prepass", &scale_prepass);
   m.def("fused_forward", &fused_forward);
