@@ -571,6 +571,17 @@ WB_AVX512 inline void store_block(uint8_t* p, __mmask16 lm, __m128i v) {
 
 // The three columns x - 1, x, x + 1 a 3x3 stencil reads at pixel x, and their lane masks: an off-image column gets
 // mask 0 (its masked load reads nothing and gives zeros) and a valid address.
+// out[x] = scale * sum_c row[x, c], the channels in blocks of sixteen in order and then across the register (the order
+// of the per-block column sums it replaced: the same numbers). A pass over a row the sweep just wrote, so it reads
+// from L1, where accumulating column sums beside the sweep stored one more register per element.
+WB_AVX512 void channel_sums_avx512(const float* __restrict row, idx W, idx C, float scale, float* __restrict out) {
+  for (idx x = 0; x < W; ++x) {
+    __m512 acc = _mm512_setzero_ps();
+    for (idx cb = 0; cb < C; cb += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(lanes_of(C - cb), row + x * C + cb));
+    out[x] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+
 struct TapColumns {
   idx x[3];
   __mmask16 mask[3];
@@ -583,13 +594,11 @@ WB_AVX512 inline TapColumns tap_columns(idx x, idx W, __mmask16 lm) {
 
 // One output row of sweep 1: r1 = relu(E1(h)) (E1 = K_id stencil + pix[x], pix = the K_all stencil of the channel
 // mean), the mask bytes, mr[x] = mean_c r1 and, when training, fsum[j, c] = sum_x relu(K_j * h).
-// colsum: W * 16 floats of scratch.
 template <bool kTraining>
 WB_AVX512 void sweep1_row_avx512(const float* const hrows[3], const float* __restrict pix, const float* K1,
                                  const float* Ks, idx W, idx C, float* __restrict r1, uint8_t* __restrict mask,
-                                 float* __restrict mr, float* __restrict fsum, float* __restrict colsum) {
+                                 float* __restrict mr, float* __restrict fsum) {
   const __m512 zero = _mm512_setzero_ps();
-  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     __m512 f[kScaleKernels];
@@ -622,7 +631,6 @@ WB_AVX512 void sweep1_row_avx512(const float* const hrows[3], const float* __res
       const __mmask16 pos = _mm512_mask_cmp_ps_mask(lm, ev, zero, _CMP_GT_OQ);
       const __m512 rv = _mm512_maskz_mov_ps(pos, ev);
       store_block(r1 + x * C + cb, lm, rv);
-      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), rv));
       __m128i bits = _mm_maskz_mov_epi8(pos, _mm_set1_epi8(static_cast<char>(kReluBit)));
       if constexpr (kTraining) {
         for (int j = 0; j < kScaleKernels; ++j) {
@@ -636,8 +644,7 @@ WB_AVX512 void sweep1_row_avx512(const float* const hrows[3], const float* __res
     if constexpr (kTraining)
       for (int j = 0; j < kScaleKernels; ++j) _mm512_mask_storeu_ps(fsum + j * C + cb, lm, f[j]);
   }
-  const float inv_c = 1.0f / static_cast<float>(C);
-  for (idx x = 0; x < W; ++x) mr[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x)) * inv_c;
+  channel_sums_avx512(r1, W, C, 1.0f / static_cast<float>(C), mr);
 }
 
 // The 3x3 neighbourhood of one 16-channel block at pixel x of a row, in registers: columns x - 1, x, x + 1 of the
@@ -908,11 +915,9 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
                                               const float* __restrict a, const float* __restrict g_out,
                                               const float* __restrict scale, float* __restrict g_x,
                                               float* __restrict g_mu, float* __restrict g_mu_sum,
-                                              float* __restrict acc, float k, float cl, float lo, idx W, idx C,
-                                              float* __restrict colsum) {
+                                              float* __restrict acc, float k, float cl, float lo, idx W, idx C) {
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), kv = _mm512_set1_ps(k),
                clv = _mm512_set1_ps(cl), lov = _mm512_set1_ps(lo), sign = _mm512_set1_ps(-0.0f);
-  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     const __m512 s = _mm512_maskz_loadu_ps(lm, scale + cb);
@@ -937,11 +942,10 @@ WB_AVX512 void noise_tail_backward_row_avx512(const float* __restrict h, const f
       const __m512 gmu = _mm512_mul_ps(_mm512_mul_ps(gm, s), sig);
       store_block(g_x + o, lm, _mm512_mul_ps(go, m));
       store_block(g_mu + o, lm, gmu);
-      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), gmu));
     }
     _mm512_mask_storeu_ps(acc + cb, lm, _mm512_add_ps(_mm512_maskz_loadu_ps(lm, acc + cb), sacc));
   }
-  for (idx x = 0; x < W; ++x) g_mu_sum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
+  channel_sums_avx512(g_mu, W, C, 1.0f, g_mu_sum);
 }
 
 // ---- the fused site (frozen phi): a pre-pass over h, then E1 -> E2 -> noise tail in one sweep with r1 in a ring
@@ -978,33 +982,26 @@ WB_AVX512 inline void scale_stencils(const float* const hrows[3], const float* K
 // bytes' bits 0-3 (K_j * h > 0).
 template <bool kTraining>
 WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, idx W, idx C,
-                                  float* __restrict mh, uint8_t* __restrict mask, float* __restrict fsum,
-                                  float* __restrict colsum) {
-  const __m512 zero = _mm512_setzero_ps();
-  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
-  for (idx cb = 0; cb < C; cb += 16) {
-    const __mmask16 lm = lanes_of(C - cb);
-    __m512 f[kScaleKernels];
-    for (int j = 0; j < kScaleKernels; ++j) f[j] = zero;
-    // relu sums, mask bits and channel sums of the pixels x .. x + n - 1 whose stencils are in s
-    auto finish = [&](idx x, int n, __m512 (*s)[kScaleKernels]) {
-      for (int p = 0; p < n; ++p) {
-        const idx xp = x + p;
-        const __m512 centre = _mm512_maskz_loadu_ps(lm, hrows[1] + xp * C + cb);
-        _mm512_storeu_ps(colsum + 16 * xp, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * xp), centre));
-        if constexpr (kTraining) {
+                                  float* __restrict mh, uint8_t* __restrict mask, float* __restrict fsum) {
+  if constexpr (kTraining) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (idx cb = 0; cb < C; cb += 16) {
+      const __mmask16 lm = lanes_of(C - cb);
+      __m512 f[kScaleKernels];
+      for (int j = 0; j < kScaleKernels; ++j) f[j] = zero;
+      // relu sums and mask bits of the pixels x .. x + n - 1 whose stencils are in s
+      auto finish = [&](idx x, int n, __m512 (*s)[kScaleKernels]) {
+        for (int p = 0; p < n; ++p) {
           __m128i bits = _mm_setzero_si128();
           for (int j = 0; j < kScaleKernels; ++j) {
             const __mmask16 sp = _mm512_mask_cmp_ps_mask(lm, s[p][j], zero, _CMP_GT_OQ);
             f[j] = _mm512_mask_add_ps(f[j], sp, f[j], s[p][j]);
             bits = _mm_mask_add_epi8(bits, sp, bits, _mm_set1_epi8(static_cast<char>(1 << j)));  // distinct bits: + is |
           }
-          if (mask) store_block(mask + xp * C + cb, lm, bits);
+          if (mask) store_block(mask + (x + p) * C + cb, lm, bits);
         }
-      }
-    };
-    idx x = 0;
-    if constexpr (kTraining) {
+      };
+      idx x = 0;
       for (; x + 3 < W; x += 4) {
         __m512 s[4][kScaleKernels];
         scale_stencils<4>(hrows, Ks, x, W, C, cb, lm, s);
@@ -1020,23 +1017,17 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
         scale_stencils<1>(hrows, Ks, x, W, C, cb, lm, s);
         finish(x, 1, s);
       }
-    } else {
-      for (; x < W; ++x) finish(x, 1, nullptr);
-    }
-    if constexpr (kTraining)
       for (int j = 0; j < kScaleKernels; ++j) _mm512_mask_storeu_ps(fsum + j * C + cb, lm, f[j]);
+    }
   }
-  const float inv_c = 1.0f / static_cast<float>(C);
-  for (idx x = 0; x < W; ++x) mh[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x)) * inv_c;
+  channel_sums_avx512(hrows[1], W, C, 1.0f / static_cast<float>(C), mh);
 }
 
 // r1 = relu(E1(h)) for one row (E1 = K_id stencil + pix[x]) and mr[x] = mean_c r1; mask: nullptr, or the row's mask
 // bytes, which get bit 4 (E1 > 0), OR-ed into what is there when or_into (the pre-pass wrote bits 0-3), else written.
 WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restrict pix, const float* K1, idx W, idx C,
-                             float* __restrict r1, uint8_t* __restrict mask, bool or_into, float* __restrict mr,
-                             float* __restrict colsum) {
+                             float* __restrict r1, uint8_t* __restrict mask, bool or_into, float* __restrict mr) {
   const __m512 zero = _mm512_setzero_ps();
-  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
     Window3 win;
@@ -1047,7 +1038,6 @@ WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restric
       const __mmask16 pos = _mm512_mask_cmp_ps_mask(lm, ev, zero, _CMP_GT_OQ);
       const __m512 rv = _mm512_maskz_mov_ps(pos, ev);
       store_block(r1 + x * C + cb, lm, rv);
-      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), rv));
       if (mask) {
         const __m128i bit = _mm_set1_epi8(static_cast<char>(kReluBit));
         uint8_t* dst = mask + x * C + cb;
@@ -1057,29 +1047,28 @@ WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restric
       }
     }
   }
-  const float inv_c = 1.0f / static_cast<float>(C);
-  for (idx x = 0; x < W; ++x) mr[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x)) * inv_c;
+  channel_sums_avx512(r1, W, C, 1.0f / static_cast<float>(C), mr);
 }
 
 // g_E1 for one row: ge = [bit 4] (g_r1 + g_mr[x] / C) and its channel sums gsum[x]
 WB_AVX512 void relu_backward_row_avx512(const uint8_t* __restrict mask, const float* __restrict g_r1,
                                         const float* __restrict g_mr, float* __restrict ge, float* __restrict gsum,
-                                        idx W, idx C, float* __restrict colsum) {
-  const __m512 zero = _mm512_setzero_ps();
+                                        idx W, idx C) {
   const float inv_c = 1.0f / static_cast<float>(C);
-  for (idx x = 0; x < W; ++x) _mm512_storeu_ps(colsum + 16 * x, zero);
-  for (idx cb = 0; cb < C; cb += 16) {
-    const __mmask16 lm = lanes_of(C - cb);
-    for (idx x = 0; x < W; ++x) {
+  for (idx x = 0; x < W; ++x) {
+    const __m512 shift = _mm512_set1_ps(g_mr[x] * inv_c);
+    __m512 sum = _mm512_setzero_ps();
+    for (idx cb = 0; cb < C; cb += 16) {
+      const __mmask16 lm = lanes_of(C - cb);
       const idx o = x * C + cb;
       const __mmask16 on =
           _mm_mask_test_epi8_mask(lm, _mm_maskz_loadu_epi8(lm, mask + o), _mm_set1_epi8(static_cast<char>(kReluBit)));
-      const __m512 v = _mm512_maskz_add_ps(on, _mm512_maskz_loadu_ps(lm, g_r1 + o), _mm512_set1_ps(g_mr[x] * inv_c));
+      const __m512 v = _mm512_maskz_add_ps(on, _mm512_maskz_loadu_ps(lm, g_r1 + o), shift);
       store_block(ge + o, lm, v);
-      _mm512_storeu_ps(colsum + 16 * x, _mm512_add_ps(_mm512_loadu_ps(colsum + 16 * x), v));
+      sum = _mm512_add_ps(sum, v);
     }
+    gsum[x] = _mm512_reduce_add_ps(sum);
   }
-  for (idx x = 0; x < W; ++x) gsum[x] = _mm512_reduce_add_ps(_mm512_loadu_ps(colsum + 16 * x));
 }
 
 // ---- the layer's 2x2 max-pool (stride 2, floor) fused into the site
@@ -1298,7 +1287,7 @@ std::vector<torch::Tensor> sweep1_forward(torch::Tensor x, torch::Tensor kid, to
   });
   const bool avx512 = use_avx512();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> e(avx512 ? 0 : rw), s(avx512 ? 0 : rw), pix(g.W), colsum(avx512 ? 16 * g.W : 0);
+    std::vector<float> e(avx512 ? 0 : rw), s(avx512 ? 0 : rw), pix(g.W);
     std::vector<int32_t> bits(avx512 ? 0 : rw);
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
@@ -1311,10 +1300,10 @@ std::vector<torch::Tensor> sweep1_forward(torch::Tensor x, torch::Tensor kid, to
         float* fsum = training ? fp + r * kScaleKernels * g.C : nullptr;
         if (training)
           sweep1_row_avx512<true>(hrows, pix.data(), Kid.data(), Ks.data(), g.W, g.C, r1p + r * rw, mp + r * rw,
-                                  mrp + r * g.W, fsum, colsum.data());
+                                  mrp + r * g.W, fsum);
         else
           sweep1_row_avx512<false>(hrows, pix.data(), Kid.data(), nullptr, g.W, g.C, r1p + r * rw, mp + r * rw,
-                                   mrp + r * g.W, nullptr, colsum.data());
+                                   mrp + r * g.W, nullptr);
         continue;
       }
 #endif
@@ -1547,7 +1536,7 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     // g_mu rows and their channel sums live in a ring of three slots (slot = row index mod 3), each computed once
     // as the sweep moves down; g_x and the scale partials are written only for this chunk's own rows.
-    std::vector<float> acc(g.C), dummy(rw), gm(3 * rw), gs(3 * g.W), colsum(avx512 ? 16 * g.W : 0);
+    std::vector<float> acc(g.C), dummy(rw), gm(3 * rw), gs(3 * g.W);
     RowRing ring;
     auto produce = [&](idx row, int slot) {
       const bool own = row >= r0 && row < r1_;
@@ -1559,7 +1548,7 @@ std::vector<torch::Tensor> sweep2_backward(torch::Tensor x, torch::Tensor r1, to
         noise_tail_backward_row_avx512(xp + o, mp + o, ap + o, gp + o, sp, g_x, gm.data() + slot * rw,
                                        gs.data() + slot * g.W, acc.data(), k,
                                        has_clip ? cl : std::numeric_limits<float>::infinity(),
-                                       -std::numeric_limits<float>::infinity(), g.W, g.C, colsum.data());
+                                       -std::numeric_limits<float>::infinity(), g.W, g.C);
       else
 #endif
         noise_tail_backward_row(xp + o, mp + o, ap + o, gp + o, sp, g_x, gm.data() + slot * rw,
@@ -1660,15 +1649,14 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
   uint8_t* mp = keep ? mask.data_ptr<uint8_t>() : nullptr;
   float* fp = training ? fpart.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> colsum(16 * g.W);
     for (idx r = r0; r < r1_; ++r) {
       const float* hrows[3];
       neighbours(xp, g, r / g.H, r % g.H, rw, hrows);
       if (training)
         prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp ? mp + r * rw : nullptr,
-                                 fp + r * kScaleKernels * g.C, colsum.data());
+                                 fp + r * kScaleKernels * g.C);
       else
-        prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr, colsum.data());
+        prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr);
     }
   });
   torch::Tensor f = training ? features_from_row_sums(fpart, g.B, g.H, g.W, g.C) : torch::empty({0}, opts);
@@ -1718,8 +1706,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   auto first_row = [&](idx unit) { return pool ? unit / pairs * g.H + 2 * (unit % pairs) : unit; };
   at::parallel_for(0, units, 1, [&](idx u0, idx u1) {
     const idx r0 = first_row(u0), r1_ = first_row(u1);
-    std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
-        colsum(16 * g.W), a_rows(keep_a ? 0 : 2 * rw), v_rows(pool ? 2 * rw : 0);
+    std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch, a_rows(keep_a ? 0 : 2 * rw), v_rows(pool ? 2 * rw : 0);
     RowRing r1_rows;
     // r1 = relu(E1(h)) of a row into its ring slot, with the row's channel mean
     auto produce = [&](idx row, int slot) {
@@ -1731,7 +1718,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
       stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
       const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
       e1_row_avx512(hrows, pix.data(), K1.data(), g.W, g.C, ring.data() + slot * rw,
-                    own && keep ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W, colsum.data());
+                    own && keep ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W);
     };
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
@@ -1812,7 +1799,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
                                    const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu) {
   const idx rw = g.row();
   std::vector<float> gmu(3 * rw), gmus(3 * g.W), direct(3 * rw), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W),
-      pix(g.W), colsum(16 * g.W);
+      pix(g.W);
   RowRing mu_rows, e_rows;
   PatternRing patterns(Ksf ? rw : 0);
   auto make_mu = [&](idx row, int slot) {
@@ -1825,7 +1812,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
     stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
     stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
     relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
-                             ges.data() + slot * g.W, g.W, g.C, colsum.data());
+                             ges.data() + slot * g.W, g.W, g.C);
   };
   for (idx r = r0; r < r1_; ++r) {
     const idx b = r / g.H, y = r % g.H;
@@ -1867,7 +1854,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   const float cl = has_clip ? static_cast<float>(clip) : std::numeric_limits<float>::infinity();
   const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    std::vector<float> acc(g.C), colsum(16 * g.W);
+    std::vector<float> acc(g.C);
     auto no_scale = [](idx) -> const float* { return nullptr; };
     noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, nullptr, no_scale,
                         [&](idx row, float* gmu, float* gmu_sum, float* direct) {
@@ -1875,7 +1862,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
       noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, direct, gmu, gmu_sum, acc.data(), k, cl,
-                                     lo, g.W, g.C, colsum.data());
+                                     lo, g.W, g.C);
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
     });
