@@ -1643,23 +1643,42 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
   auto opts = x.options();
   auto mh = empty_map({g.B, g.H, g.W});
   auto mask = keep ? empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8) : torch::empty({0}, torch::kUInt8);
-  auto fpart = training ? torch::empty({rows_total, kScaleKernels, g.C}, opts) : torch::empty({0}, opts);
   const float* xp = x.data_ptr<float>();
   float* mhp = mh.data_ptr<float>();
   uint8_t* mp = keep ? mask.data_ptr<uint8_t>() : nullptr;
-  float* fp = training ? fpart.data_ptr<float>() : nullptr;
-  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
-    for (idx r = r0; r < r1_; ++r) {
-      const float* hrows[3];
-      neighbours(xp, g, r / g.H, r % g.H, rw, hrows);
-      if (training)
-        prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp ? mp + r * rw : nullptr,
-                                 fp + r * kScaleKernels * g.C);
-      else
+  if (!training) {
+    at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+      for (idx r = r0; r < r1_; ++r) {
+        const float* hrows[3];
+        neighbours(xp, g, r / g.H, r % g.H, rw, hrows);
         prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr);
+      }
+    });
+    return {mh, torch::empty({0}, opts), mask};
+  }
+  // whole images a thread: each sums its rows' relu sums as it goes (in double, rows in order, as
+  // features_from_row_sums does), with no (B H, 4, C) map of row sums and no second pass over one
+  auto f = torch::empty({g.B, g.C, kScaleKernels}, opts);
+  float* fp = f.data_ptr<float>();
+  const double inv = 1.0 / static_cast<double>(g.H * g.W);
+  at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
+    std::vector<float> fsum(static_cast<size_t>(kScaleKernels * g.C));
+    std::vector<double> acc(fsum.size());
+    for (idx b = b0; b < b1; ++b) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (idx y = 0; y < g.H; ++y) {
+        const idx r = b * g.H + y;
+        const float* hrows[3];
+        neighbours(xp, g, b, y, rw, hrows);
+        prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp ? mp + r * rw : nullptr,
+                                 fsum.data());
+        for (size_t i = 0; i < acc.size(); ++i) acc[i] += fsum[i];
+      }
+      for (int j = 0; j < kScaleKernels; ++j)
+        for (idx c = 0; c < g.C; ++c)
+          fp[(b * g.C + c) * kScaleKernels + j] = static_cast<float>(acc[j * g.C + c] * inv);
     }
   });
-  torch::Tensor f = training ? features_from_row_sums(fpart, g.B, g.H, g.W, g.C) : torch::empty({0}, opts);
   return {mh, f, mask};
 }
 
