@@ -236,21 +236,20 @@ class _FusedSite(torch.autograd.Function):
                 double_bessel: bool, keep: bool, relu: bool, pool: bool):
         kid1, kall1, kid2, kall2, kscale, fc_weight = phi_tensors  # frozen: no detach needed (the kernels read them)
         x = _nhwc(h.detach())
-        # keep: a backward will follow, so write what it reads (the mask, and a or with pool the winners' maps);
-        # evaluation passes skip them
+        # keep: a backward will follow, so write what it reads (the scale bits when training, the E1 ReLU bits, and a
+        # or with pool the winners' maps); evaluation passes skip them
         mh, features, mask = _module.scale_prepass(x, kscale, bool(training), bool(keep))
         scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
                                                  float(ratios[1]), float(momentum), bool(double_bessel))
         e = _NONE if eps is None else _nhwc(eps.detach().to(torch.float32))
-        out, a, stats, *pooled = _module.fused_forward(x, mh, mask, scale, kid1, kall1, kid2, kall2, e, int(seed),
-                                                       float(noise_coeff), clip is not None,
-                                                       0.0 if clip is None else float(clip), bool(training),
-                                                       bool(keep), bool(relu), bool(pool))
+        out, a, stats, relu_bits, *pooled = _module.fused_forward(
+            x, mh, scale, kid1, kall1, kid2, kall2, e, int(seed), float(noise_coeff), clip is not None,
+            0.0 if clip is None else float(clip), bool(training), bool(keep), bool(relu), bool(pool))
         ctx.noise_coeff, ctx.clip, ctx.training, ctx.relu = float(noise_coeff), clip, bool(training), bool(relu)
         ctx.pool, ctx.shape = bool(pool), x.shape
         ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
         # with pool the backward reads the windows' winners and what they keep (pooled maps) instead of h and a
-        ctx.save_for_backward(*(pooled if pool else (x, a)), mask, scale, features, mean)
+        ctx.save_for_backward(*(pooled if pool else (x, a)), mask, relu_bits, scale, features, mean)
         ctx.mark_non_differentiable(stats, *(() if training else (scale,)))
         return out, scale, stats
 
@@ -262,12 +261,12 @@ class _FusedSite(torch.autograd.Function):
             return (None,) + none
         if ctx.pool:
             return (_FusedSite._pooled_backward(ctx, g_out, g_scale_out),) + none
-        x, a, mask, scale, features, mean = ctx.saved_tensors
+        x, a, mask, relu_bits, scale, features, mean = ctx.saved_tensors
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
         b, height, width, c = x.shape
         if g_out is not None:
             clip = ctx.clip
-            gx, g_scale = _module.fused_backward(x, a, mask, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
+            gx, g_scale = _module.fused_backward(x, a, relu_bits, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
                                                  ctx.noise_coeff, clip is not None,
                                                  0.0 if clip is None else float(clip), ctx.training, ctx.relu)
         else:  # a loss on the scale alone
@@ -284,7 +283,7 @@ class _FusedSite(torch.autograd.Function):
     def _pooled_backward(ctx, g_out, g_scale_out):
         """The input gradient with pool: g_s from the winners' kept p first, so that the one backward sweep adds the
         scale path too."""
-        winners, win_m, win_d, win_p, mask, scale, features, mean = ctx.saved_tensors
+        winners, win_m, win_d, win_p, mask, relu_bits, scale, features, mean = ctx.saved_tensors
         kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
         b, height, width, c = ctx.shape
         g_pool = torch.zeros(b, height // 2, width // 2, c) if g_out is None else _nhwc(g_out)
@@ -294,8 +293,8 @@ class _FusedSite(torch.autograd.Function):
             if g_scale_out is not None:
                 g_scale = g_scale + g_scale_out
             g_features = _module.site_scale_backward(features, mean, scale, fc_weight, g_scale)
-        return _module.fused_backward_pooled(mask, g_pool, winners, win_m, win_d, g_features, kid1, kall1, kid2,
-                                             kall2, kscale)
+        return _module.fused_backward_pooled(mask, relu_bits, g_pool, winners, win_m, win_d, g_features, kid1, kall1,
+                                             kid2, kall2, kscale)
 
 
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,

@@ -1023,10 +1023,11 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
   channel_sums_avx512(hrows[1], W, C, 1.0f / static_cast<float>(C), mh);
 }
 
-// r1 = relu(E1(h)) for one row (E1 = K_id stencil + pix[x]) and mr[x] = mean_c r1; mask: nullptr, or the row's mask
-// bytes, which get bit 4 (E1 > 0), OR-ed into what is there when or_into (the pre-pass wrote bits 0-3), else written.
+// r1 = relu(E1(h)) for one row (E1 = K_id stencil + pix[x]) and mr[x] = mean_c r1; relu_bits: nullptr, or the row's
+// ReLU bits (E1 > 0), one 16-bit word a pixel and 16-channel block (the compare's own mask, stored as it is).
 WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restrict pix, const float* K1, idx W, idx C,
-                             float* __restrict r1, uint8_t* __restrict mask, bool or_into, float* __restrict mr) {
+                             float* __restrict r1, uint16_t* __restrict relu_bits, float* __restrict mr) {
+  const idx blocks = (C + 15) / 16;
   const __m512 zero = _mm512_setzero_ps();
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
@@ -1038,31 +1039,26 @@ WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restric
       const __mmask16 pos = _mm512_mask_cmp_ps_mask(lm, ev, zero, _CMP_GT_OQ);
       const __m512 rv = _mm512_maskz_mov_ps(pos, ev);
       store_block(r1 + x * C + cb, lm, rv);
-      if (mask) {
-        const __m128i bit = _mm_set1_epi8(static_cast<char>(kReluBit));
-        uint8_t* dst = mask + x * C + cb;
-        // or_into: the pre-pass's bits 0-3 are there, and bit 4 is not, so adding it is or-ing it
-        const __m128i there = or_into ? _mm_maskz_loadu_epi8(lm, dst) : _mm_setzero_si128();
-        store_block(dst, lm, _mm_mask_add_epi8(there, pos, there, bit));
-      }
+      if (relu_bits) relu_bits[x * blocks + cb / 16] = pos;
     }
   }
   channel_sums_avx512(r1, W, C, 1.0f / static_cast<float>(C), mr);
 }
 
-// g_E1 for one row: ge = [bit 4] (g_r1 + g_mr[x] / C) and its channel sums gsum[x]
-WB_AVX512 void relu_backward_row_avx512(const uint8_t* __restrict mask, const float* __restrict g_r1,
+// g_E1 for one row: ge = [E1 > 0] (g_r1 + g_mr[x] / C) and its channel sums gsum[x] (relu_bits: the row's words
+// from e1_row_avx512)
+WB_AVX512 void relu_backward_row_avx512(const uint16_t* __restrict relu_bits, const float* __restrict g_r1,
                                         const float* __restrict g_mr, float* __restrict ge, float* __restrict gsum,
                                         idx W, idx C) {
   const float inv_c = 1.0f / static_cast<float>(C);
+  const idx blocks = (C + 15) / 16;
   for (idx x = 0; x < W; ++x) {
     const __m512 shift = _mm512_set1_ps(g_mr[x] * inv_c);
     __m512 sum = _mm512_setzero_ps();
     for (idx cb = 0; cb < C; cb += 16) {
       const __mmask16 lm = lanes_of(C - cb);
       const idx o = x * C + cb;
-      const __mmask16 on =
-          _mm_mask_test_epi8_mask(lm, _mm_maskz_loadu_epi8(lm, mask + o), _mm_set1_epi8(static_cast<char>(kReluBit)));
+      const __mmask16 on = static_cast<__mmask16>(relu_bits[x * blocks + cb / 16]);
       const __m512 v = _mm512_maskz_add_ps(on, _mm512_maskz_loadu_ps(lm, g_r1 + o), shift);
       store_block(ge + o, lm, v);
       sum = _mm512_add_ps(sum, v);
@@ -1634,18 +1630,19 @@ torch::Tensor draw(int64_t n, int64_t seed) {
 // Built only where the AVX-512 rows are (x86-64); perturb() dispatches here only when isa() is "avx512".
 #if WB_HAS_AVX512_PATH
 
-// mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3. The mask map is allocated here when the
-// backward will need it (keep), empty otherwise.
+// mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3 (K_j * h > 0). The mask map is allocated
+// here when a training pass's backward will need it (keep), empty otherwise.
 std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training, bool keep) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto Ks = kernel9(kscale);
   auto opts = x.options();
   auto mh = empty_map({g.B, g.H, g.W});
-  auto mask = keep ? empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8) : torch::empty({0}, torch::kUInt8);
+  // the scale bits, for the backward of a training pass (evaluation has no scale path)
+  auto mask = keep && training ? empty_map({g.B, g.H, g.W, g.C}, torch::kUInt8) : torch::empty({0}, torch::kUInt8);
   const float* xp = x.data_ptr<float>();
   float* mhp = mh.data_ptr<float>();
-  uint8_t* mp = keep ? mask.data_ptr<uint8_t>() : nullptr;
+  uint8_t* mp = keep && training ? mask.data_ptr<uint8_t>() : nullptr;
   if (!training) {
     at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
       for (idx r = r0; r < r1_; ++r) {
@@ -1688,7 +1685,7 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
 // keep, those are empty and the mask untouched). Returns out ((B, C, H, W) or pooled (B, C, H / 2, W / 2),
 // channels_last), a (NHWC), the multiplier's [mean, std] (unbiased, like torch.std), and with pool the winners
 // (NHWC bytes of the pooled shape) and the winners' m, d and p (NHWC floats of the pooled shape).
-std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor mask, torch::Tensor scale,
+std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
                                          bool has_clip, double clip, bool training, bool keep, bool relu, bool pool) {
@@ -1703,7 +1700,10 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const float* epsp = drawn ? nullptr : eps.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   const float* mhp = mh.data_ptr<float>();
-  uint8_t* maskp = keep ? mask.data_ptr<uint8_t>() : nullptr;
+  // the E1 ReLU bits for the backward: a 16-bit word a pixel and 16-channel block
+  const idx blocks = (g.C + 15) / 16, bits_row = g.W * blocks;
+  auto relu_bits = keep ? empty_map({g.B, g.H, g.W, blocks}, torch::kInt16) : torch::empty({0}, torch::kInt16);
+  uint16_t* bitsp = keep ? reinterpret_cast<uint16_t*>(relu_bits.data_ptr<int16_t>()) : nullptr;
   auto out = pool ? empty_channels_last(g.B, g.C, Hp, Wp) : empty_channels_last(g.B, g.C, g.H, g.W);
   const bool keep_a = keep && !pool, keep_pooled = keep && pool;
   auto a = keep_a ? empty_map(x.sizes()) : torch::empty({0}, x.options());
@@ -1735,9 +1735,9 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
       if (row + 3 < rows_total) prefetch_span(xp + (row + 3) * rw, rw * 4);
       neighbours(mhp, g, b, yy, g.W, mhrows);
       stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
-      const bool own = row >= r0 && row < r1_;  // each row's mask bit is written once, by its own chunk
+      const bool own = row >= r0 && row < r1_;  // each row's ReLU bits are written once, by its own chunk
       e1_row_avx512(hrows, pix.data(), K1.data(), g.W, g.C, ring.data() + slot * rw,
-                    own && keep ? maskp + row * rw : nullptr, training, ring_mr.data() + slot * g.W);
+                    own && keep ? bitsp + row * bits_row : nullptr, ring_mr.data() + slot * g.W);
     };
     for (idx r = r0; r < r1_; ++r) {
       const idx b = r / g.H, y = r % g.H;
@@ -1776,7 +1776,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const double n = static_cast<double>(x.numel()), mean = sum / n;
   const double var = n > 1 ? std::max(0.0, (squares - n * mean * mean) / (n - 1)) : 0.0;
   auto stats = torch::tensor({static_cast<float>(mean), static_cast<float>(std::sqrt(var))});
-  return {out, a, stats, winners, win_m, win_d, win_p};
+  return {out, a, stats, relu_bits, winners, win_m, win_d, win_p};
 }
 
 // g_s (C) of a pooled site: sum over the pooled map of g_pool p (p from fused_forward); the scale path's gradient
@@ -1813,10 +1813,11 @@ torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
 // output row y needs g_E1 rows y-1..y+1 and g_E1 row y' needs g_mu rows y'-1..y'+1; made in increasing row order,
 // three slots each suffice.
 template <class ProduceMu, class ScaleGrad>
-WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uint8_t* maskp, float* gxp,
+WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uint8_t* maskp,
+                                   const uint16_t* relu_bits, float* gxp,
                                    const float* K1f, const float* Ka1f, const float* K2f, const float* Ka2f,
                                    const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu) {
-  const idx rw = g.row();
+  const idx rw = g.row(), bits_row = g.W * ((g.C + 15) / 16);
   std::vector<float> gmu(3 * rw), gmus(3 * g.W), direct(3 * rw), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W),
       pix(g.W);
   RowRing mu_rows, e_rows;
@@ -1830,7 +1831,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
     mu_rows.window(b, yy, g.H, make_mu, gmu.data(), rw, gmus.data(), g.W, mrows, srows);
     stencil_row_avx512(gr1.data(), mrows, K2f, g.W, g.C);
     stencil_row(gmr.data(), srows, Ka2f, g.W, 1);
-    relu_backward_row_avx512(maskp + row * rw, gr1.data(), gmr.data(), ge.data() + slot * rw,
+    relu_backward_row_avx512(relu_bits + row * bits_row, gr1.data(), gmr.data(), ge.data() + slot * rw,
                              ges.data() + slot * g.W, g.W, g.C);
   };
   for (idx r = r0; r < r1_; ++r) {
@@ -1849,7 +1850,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
 
 // The input gradient of fused_forward (without pool) except the scale path (scale_backward adds that), and g_scale
 // when asked; relu as in the forward.
-std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor mask, torch::Tensor scale,
+std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor relu_bits, torch::Tensor scale,
                                           torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
                                           torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
                                           double clip, bool need_scale, bool relu) {
@@ -1865,7 +1866,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   const float* xp = x.data_ptr<float>();
   const float* ap = a.data_ptr<float>();
   const float* gp = g_out.data_ptr<float>();
-  const uint8_t* maskp = mask.data_ptr<uint8_t>();
+  const uint16_t* bitsp = reinterpret_cast<const uint16_t*>(relu_bits.data_ptr<int16_t>());
   auto gx = empty_channels_last(g.B, g.C, g.H, g.W);  // a tensor of its own: see sweep1_backward
   float* gxp = gx.data_ptr<float>();
   std::vector<double> spart(need_scale ? static_cast<size_t>(rows_total * g.C) : 0, 0.0);
@@ -1875,7 +1876,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> acc(g.C);
     auto no_scale = [](idx) -> const float* { return nullptr; };
-    noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, nullptr, no_scale,
+    noise_path_backward(g, r0, r1_, nullptr, bitsp, gxp, K1f, Ka1f, K2f, Ka2f, nullptr, no_scale,
                         [&](idx row, float* gmu, float* gmu_sum, float* direct) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
@@ -1901,11 +1902,11 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
 // 4, from site_scale_backward) is given: one sweep with g_mu and g_E1 in three-row rings like fused_backward, but the
 // noise path's start comes from the winners' kept m and d (unpool_row_avx512) and each output row adds the scale
 // path's masked stencils in the same loop as the E1 terms.
-torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor g_pool, torch::Tensor winners,
-                                    torch::Tensor win_m, torch::Tensor win_d, torch::Tensor g_f, torch::Tensor kid1,
-                                    torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
+torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits, torch::Tensor g_pool,
+                                    torch::Tensor winners, torch::Tensor win_m, torch::Tensor win_d, torch::Tensor g_f,
+                                    torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
                                     torch::Tensor kscale) {
-  const Geometry g{mask.size(0), mask.size(1), mask.size(2), mask.size(3)};
+  const Geometry g{relu_bits.size(0), relu_bits.size(1), relu_bits.size(2), g_pool.size(3)};
   const idx rows_total = g.B * g.H, rw = g.row(), Hp = g.H / 2, Wp = g.W / 2;
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
   flip9(kernel9(kid1).data(), K1f);
@@ -1922,17 +1923,19 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor g_pool, to
   const uint8_t* wp = winners.data_ptr<uint8_t>();
   const float* mwp = win_m.data_ptr<float>();
   const float* dwp = win_d.data_ptr<float>();
-  const uint8_t* maskp = mask.data_ptr<uint8_t>();
+  const uint8_t* maskp = scale_path ? mask.data_ptr<uint8_t>() : nullptr;  // the scale bits (training only)
+  const uint16_t* bitsp = reinterpret_cast<const uint16_t*>(relu_bits.data_ptr<int16_t>());
   auto gx = empty_channels_last(g.B, g.C, g.H, g.W);
   float* gxp = gx.data_ptr<float>();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     auto scale_grad = [&](idx b) { return gfp + b * kScaleKernels * g.C; };
-    noise_path_backward(g, r0, r1_, maskp, gxp, K1f, Ka1f, K2f, Ka2f, scale_path ? Ksf.data() : nullptr, scale_grad,
+    noise_path_backward(g, r0, r1_, maskp, bitsp, gxp, K1f, Ka1f, K2f, Ka2f, scale_path ? Ksf.data() : nullptr,
+                        scale_grad,
                         [&](idx row, float* gmu, float* gmu_sum, float* direct) {
       const idx y = row % g.H, pooled = (row / g.H * Hp + y / 2) * Wp * g.C;
       if (row + 3 < rows_total) {
         prefetch_span(gxp + (row + 3) * rw, rw * 4, true);
-        prefetch_span(maskp + (row + 3) * rw, rw);
+        if (maskp) prefetch_span(maskp + (row + 3) * rw, rw);
       }
       unpool_row_avx512(gp + pooled, wp + pooled, mwp + pooled, dwp + pooled, y, Hp, Wp, g.W, g.C, direct, gmu,
                         gmu_sum);
