@@ -1667,6 +1667,8 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
         const idx r = b * g.H + y;
         const float* hrows[3];
         neighbours(xp, g, b, y, rw, hrows);
+        // h was written by the layer before and is read here first: ask for the rows a few ahead (as the forward does)
+        if (r + 6 < rows_total) prefetch_span(xp + (r + 6) * rw, rw * 4);
         prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp ? mp + r * rw : nullptr,
                                  fsum.data());
         for (size_t i = 0; i < acc.size(); ++i) acc[i] += fsum[i];
