@@ -369,6 +369,21 @@ def test_input_gradient_is_a_tensor_of_its_own_not_a_view():
 
 
 @needs_avx512
+def test_fused_site_refuses_a_second_derivative(isa_restored, fusing_restored):
+    """The fused site's backward is hand-written: asking it to build a graph (create_graph) is a clear error that
+    names the way out, not a silently wrong second derivative."""
+    _native.set_isa("avx512")
+    _native.fuse_frozen_sites = True
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    h = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    out, _, _ = _call(_native.perturb, h, phi, *_stats(16), True, None)
+    with pytest.raises(RuntimeError, match="differentiable once.*fused = False"):
+        torch.autograd.grad(out.square().sum(), h, create_graph=True)
+    (grad,) = torch.autograd.grad(out.square().sum(), h)  # a first derivative is fine
+    assert grad.shape == h.shape
+
+
+@needs_avx512
 @pytest.mark.parametrize("fused", [True, False])
 def test_avx512_softplus_over_the_whole_range(isa_restored, fusing_restored, fused):
     """With phi's noise kernels zero, mu = 0 and the multiplier is 1 + k (s softplus(eps) - 1): the table-driven

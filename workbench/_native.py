@@ -30,9 +30,11 @@ Large maps the kernel returns come from a pool of recycled buffers (a fresh 25 M
 and page zeroing as the sweep that fills it); :func:`release_pool` frees what the pool holds.
 
 Each sweep is a ``torch.autograd.Function`` whose backward is the transposed stencils in the same fused style,
-including the gradients of phi's kernels when phi requires grad. The kernel builds on first use with
-``torch.utils.cpp_extension.load`` (cached in torch's extension directory); when it cannot be built, one warning is
-logged and :func:`available` returns False, so callers keep the eager path. ``WORKBENCH_NATIVE=0`` disables it.
+including the gradients of phi's kernels when phi requires grad; the fused site is one C++ autograd node
+(``FusedSiteFunction``: no Python between its kernels, either way), differentiable once. The kernel builds on first
+use with ``torch.utils.cpp_extension.load`` (cached in torch's extension directory); when it cannot be built, one
+warning is logged and :func:`available` returns False, so callers keep the eager path. ``WORKBENCH_NATIVE=0``
+disables it.
 
 Dispatch from ``perturb.perturb``::
 
@@ -217,99 +219,22 @@ class _Sweep2(torch.autograd.Function):
                 gkid if need_kid else None, gkall if need_kall else None, None, None, None, None, None)
 
 
-class _FusedSite(torch.autograd.Function):
-    """The whole site for a frozen phi, one autograd node: h -> (out, scale, [mean, std] of the multiplier), with
-    the layer's ReLU applied to ``out`` in-kernel when ``relu`` and then its 2x2 max-pool (stride 2) when ``pool``.
-
-    Forward: a pre-pass over h (channel mean; when training the scale features and their relu bits), the scale from
-    their batch statistics (running statistics updated in place) or from the running ones, then E1, E2 and the
-    noise tail in one sweep. Backward: one sweep for the noise path (it also sums g_scale), the scale statistics'
-    backward, and a pass that adds the scale path into the same gradient map. With ``pool`` only each window's
-    winner gets a gradient, so the forward keeps what the backward needs at the winners (pooled maps: the multiplier
-    and the two noise-path derivatives); the backward sums g_scale from them first and then runs one sweep, the
-    scale path included, with no transcendental functions and without reading h.
-    """
-
-    @staticmethod
-    def forward(ctx, h, phi_tensors, running_mean, running_var, eps: Optional[torch.Tensor], seed: int,
-                noise_coeff: float, clip: Optional[float], training: bool, ratios: tuple, momentum: float,
-                double_bessel: bool, keep: bool, relu: bool, pool: bool):
-        kid1, kall1, kid2, kall2, kscale, fc_weight = phi_tensors  # frozen: no detach needed (the kernels read them)
-        x = _nhwc(h.detach())
-        # keep: a backward will follow, so write what it reads (the scale bits when training, the E1 ReLU bits, and a
-        # or with pool the winners' maps); evaluation passes skip them
-        mh, features, mask = _module.scale_prepass(x, kscale, bool(training), bool(keep))
-        scale, mean = _module.site_scale_forward(features, running_mean, running_var, fc_weight, float(ratios[0]),
-                                                 float(ratios[1]), float(momentum), bool(double_bessel))
-        e = _NONE if eps is None else _nhwc(eps.detach().to(torch.float32))
-        out, a, stats, relu_bits, *pooled = _module.fused_forward(
-            x, mh, scale, kid1, kall1, kid2, kall2, e, int(seed), float(noise_coeff), clip is not None,
-            0.0 if clip is None else float(clip), bool(training), bool(keep), bool(relu), bool(pool))
-        ctx.noise_coeff, ctx.clip, ctx.training, ctx.relu = float(noise_coeff), clip, bool(training), bool(relu)
-        ctx.pool, ctx.shape = bool(pool), x.shape
-        ctx.kernels = (kid1, kall1, kid2, kall2, kscale, fc_weight)
-        # with pool the backward reads the windows' winners and what they keep (pooled maps) instead of h and a
-        ctx.save_for_backward(*(pooled if pool else (x, a)), mask, relu_bits, scale, features, mean)
-        ctx.mark_non_differentiable(stats, *(() if training else (scale,)))
-        return out, scale, stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_out, g_scale_out, _g_stats):
-        none = (None,) * 14
-        if not ctx.needs_input_grad[0]:
-            return (None,) + none
-        if ctx.pool:
-            return (_FusedSite._pooled_backward(ctx, g_out, g_scale_out),) + none
-        x, a, mask, relu_bits, scale, features, mean = ctx.saved_tensors
-        kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
-        b, height, width, c = x.shape
-        if g_out is not None:
-            clip = ctx.clip
-            gx, g_scale = _module.fused_backward(x, a, relu_bits, scale, _nhwc(g_out), kid1, kall1, kid2, kall2,
-                                                 ctx.noise_coeff, clip is not None,
-                                                 0.0 if clip is None else float(clip), ctx.training, ctx.relu)
-        else:  # a loss on the scale alone
-            gx = torch.empty(b, c, height, width, memory_format=torch.channels_last).zero_()
-            g_scale = torch.zeros(c)
-        if ctx.training:
-            if g_scale_out is not None:
-                g_scale = g_scale + g_scale_out
-            g_features = _module.site_scale_backward(features, mean, scale, fc_weight, g_scale)
-            _module.scale_backward(mask, g_features, kscale, gx)  # adds the scale path in place
-        return (gx,) + none
-
-    @staticmethod
-    def _pooled_backward(ctx, g_out, g_scale_out):
-        """The input gradient with pool: g_s from the winners' kept p first, so that the one backward sweep adds the
-        scale path too."""
-        winners, win_m, win_d, win_p, mask, relu_bits, scale, features, mean = ctx.saved_tensors
-        kid1, kall1, kid2, kall2, kscale, fc_weight = ctx.kernels
-        b, height, width, c = ctx.shape
-        g_pool = torch.zeros(b, height // 2, width // 2, c) if g_out is None else _nhwc(g_out)
-        g_features = _NONE
-        if ctx.training:
-            g_scale = _module.pooled_scale_grad(g_pool, win_p)
-            if g_scale_out is not None:
-                g_scale = g_scale + g_scale_out
-            g_features = _module.site_scale_backward(features, mean, scale, fc_weight, g_scale)
-        return _module.fused_backward_pooled(mask, relu_bits, g_pool, winners, win_m, win_d, g_features, kid1, kall1,
-                                             kid2, kall2, kscale)
-
-
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,
                 clip, eps, double_bessel, relu, pool):
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         raise WorkbenchError(f"the fused site needs float32 running statistics, got {running_mean.dtype}; "
                              "keep the perturbation sites in float32 (or set _native.fuse_frozen_sites = False)")
     b, c, height, width = h.shape
-    phi_tensors = phi.function_tensors()
     seed = draw_seed() if eps is None else 0
+    # keep: a backward will follow, so the forward writes what it reads (the scale bits when training, the E1 ReLU
+    # bits, and a or with pool the winners' maps); evaluation passes skip them
     keep = torch.is_grad_enabled() and h.requires_grad
-    return _FusedSite.apply(h, phi_tensors, running_mean, running_var, eps, seed, float(noise_coeff),
-                            None if clip is None else float(clip), bool(training),
-                            (c / channel_norm, height / spatial_norm), float(momentum), bool(double_bessel), keep,
-                            bool(relu), bool(pool))
+    # one C++ autograd node (FusedSiteFunction in the kernel source): differentiable once
+    out, scale, multiplier_stats = _module.fused_site(
+        h, *phi.function_tensors(), running_mean, running_var, _NONE if eps is None else eps, seed,
+        float(noise_coeff), clip is not None, 0.0 if clip is None else float(clip), bool(training), c / channel_norm,
+        height / spatial_norm, float(momentum), bool(double_bessel), keep, bool(relu), bool(pool))
+    return out, scale, multiplier_stats
 
 
 def pooled_bytes() -> int:

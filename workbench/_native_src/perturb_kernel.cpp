@@ -2090,6 +2090,106 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
   });
   return gx;
 }
+
+// The whole fused site for a frozen phi as one C++ autograd node: h -> (out, scale, [mean, std] of the multiplier).
+// The forward is scale_prepass, site_scale_forward and fused_forward; the backward fused_backward(_pooled) with the
+// scale statistics' backward (and scale_backward without pool). A Python autograd.Function around the same kernels
+// cost about a millisecond of every Conv-4 training step in Python glue and the engine's calls into Python.
+// Differentiable once: a backward asked to build a graph stops with an error (the eager path is twice-differentiable).
+struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, torch::Tensor h, torch::Tensor kid1, torch::Tensor kall1,
+      torch::Tensor kid2, torch::Tensor kall2, torch::Tensor kscale, torch::Tensor fc_weight,
+      torch::Tensor running_mean, torch::Tensor running_var, torch::Tensor eps, int64_t seed, double noise_coeff,
+      bool has_clip, double clip, bool training, double channel_ratio, double size_ratio, double momentum,
+      bool double_bessel, bool keep, bool relu, bool pool) {
+    const auto x = h.detach().permute({0, 2, 3, 1}).contiguous();  // NHWC: no copy for a channels_last map
+    auto pre = scale_prepass(x, kscale, training, keep);            // mh, features, mask
+    auto sc = site_scale_forward(pre[1], running_mean, running_var, fc_weight, channel_ratio, size_ratio, momentum,
+                                 double_bessel);                    // scale, mean
+    const auto e = eps.numel() == 0 ? eps : eps.detach().to(torch::kFloat).permute({0, 2, 3, 1}).contiguous();
+    auto fw = fused_forward(x, pre[0], sc[0], kid1, kall1, kid2, kall2, e, seed, noise_coeff, has_clip, clip,
+                            training, keep, relu, pool);            // out, a, stats, relu_bits, winners, m, d, p
+    ctx->saved_data["noise_coeff"] = noise_coeff;
+    ctx->saved_data["has_clip"] = has_clip;
+    ctx->saved_data["clip"] = clip;
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["pool"] = pool;
+    ctx->saved_data["shape"] = std::vector<int64_t>(x.sizes().begin(), x.sizes().end());
+    // with pool the backward reads the windows' winners and what they keep (pooled maps) instead of h and a
+    std::vector<torch::Tensor> saved = pool ? std::vector<torch::Tensor>{fw[4], fw[5], fw[6], fw[7]}
+                                            : std::vector<torch::Tensor>{x, fw[1], torch::Tensor(), torch::Tensor()};
+    for (const auto& t : {pre[2], fw[3], sc[0], pre[1], sc[1], kid1, kall1, kid2, kall2, kscale, fc_weight})
+      saved.push_back(t);
+    ctx->save_for_backward(saved);
+    if (training)
+      ctx->mark_non_differentiable({fw[2]});
+    else
+      ctx->mark_non_differentiable({fw[2], sc[0]});
+    return {fw[0], sc[0], fw[2]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!torch::GradMode::is_enabled(),
+                "the fused perturbation site is differentiable once; for higher-order gradients set the site's "
+                "fused = False (the eager path)");
+    torch::autograd::variable_list out(22);
+    if (!ctx->needs_input_grad(0)) return out;
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &mask = saved[4], &relu_bits = saved[5], &scale = saved[6], &features = saved[7],
+                        &mean = saved[8], &kid1 = saved[9], &kall1 = saved[10], &kid2 = saved[11],
+                        &kall2 = saved[12], &kscale = saved[13], &fc_weight = saved[14];
+    const bool training = ctx->saved_data["training"].toBool();
+    const auto shape = ctx->saved_data["shape"].toIntVector();  // B, H, W, C
+    const torch::Tensor& g_out = grads[0];
+    const torch::Tensor& g_scale_out = grads[1];
+    if (ctx->saved_data["pool"].toBool()) {
+      const auto g_pool = g_out.defined() ? g_out.permute({0, 2, 3, 1}).contiguous()
+                                          : torch::zeros({shape[0], shape[1] / 2, shape[2] / 2, shape[3]});
+      torch::Tensor g_features = torch::empty({0});
+      if (training) {
+        auto g_scale = pooled_scale_grad(g_pool, saved[3]);
+        if (g_scale_out.defined()) g_scale = g_scale + g_scale_out;
+        g_features = site_scale_backward(features, mean, scale, fc_weight, g_scale);
+      }
+      out[0] = fused_backward_pooled(mask, relu_bits, g_pool, saved[0], saved[1], saved[2], g_features, kid1, kall1,
+                                     kid2, kall2, kscale);
+      return out;
+    }
+    const torch::Tensor &x = saved[0], &a = saved[1];
+    torch::Tensor gx, g_scale;
+    if (g_out.defined()) {
+      auto r = fused_backward(x, a, relu_bits, scale, g_out.permute({0, 2, 3, 1}).contiguous(), kid1, kall1, kid2,
+                              kall2, ctx->saved_data["noise_coeff"].toDouble(), ctx->saved_data["has_clip"].toBool(),
+                              ctx->saved_data["clip"].toDouble(), training, ctx->saved_data["relu"].toBool());
+      gx = r[0];
+      g_scale = r[1];
+    } else {  // a loss on the scale alone
+      gx = empty_channels_last(shape[0], shape[3], shape[1], shape[2]).zero_();
+      g_scale = torch::zeros({shape[3]});
+    }
+    if (training) {
+      if (g_scale_out.defined()) g_scale = g_scale + g_scale_out;
+      auto g_features = site_scale_backward(features, mean, scale, fc_weight, g_scale);
+      scale_backward(mask, g_features, kscale, gx);  // adds the scale path in place
+    }
+    out[0] = gx;
+    return out;
+  }
+};
+
+std::vector<torch::Tensor> fused_site(torch::Tensor h, torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
+                                      torch::Tensor kall2, torch::Tensor kscale, torch::Tensor fc_weight,
+                                      torch::Tensor running_mean, torch::Tensor running_var, torch::Tensor eps,
+                                      int64_t seed, double noise_coeff, bool has_clip, double clip, bool training,
+                                      double channel_ratio, double size_ratio, double momentum, bool double_bessel,
+                                      bool keep, bool relu, bool pool) {
+  return FusedSiteFunction::apply(h, kid1, kall1, kid2, kall2, kscale, fc_weight, running_mean, running_var, eps, seed,
+                                  noise_coeff, has_clip, clip, training, channel_ratio, size_ratio, momentum,
+                                  double_bessel, keep, relu, pool);
+}
 #endif  // WB_HAS_AVX512_PATH
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2109,6 +2209,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_backward", &scale_backward);
   m.def("site_scale_forward", &site_scale_forward);
   m.def("site_scale_backward", &site_scale_backward);
+  m.def("fused_site", &fused_site, "the whole fused site as one autograd node: (out, scale, multiplier [mean, std])");
 #endif
   m.def("isa", [] { return std::string(use_avx512() ? "avx512" : "generic"); }, "the row kernels in use");
   m.def("cpu_has_avx512", [] { return static_cast<bool>(WB_HAS_AVX512_PATH && cpu_has_avx512()); });
