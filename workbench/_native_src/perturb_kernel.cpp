@@ -400,6 +400,10 @@ std::vector<float> kernel9(const torch::Tensor& k) {
 constexpr int kScaleKernels = 4;
 constexpr int32_t kReluBit = 1 << kScaleKernels;
 
+// The fused site keeps E1's ReLU bits as one 16-bit word a pixel and 16-channel block (a compare's mask as it is):
+// the words a pixel of C channels takes
+constexpr idx relu_bit_blocks(idx C) { return (C + 15) / 16; }
+
 // g_f (B, C, 4) over H W, laid out (B, 4, C) for the channel loops
 std::vector<float> scale_grad_rows(const torch::Tensor& g_f, idx hw) {
   const auto t = float_contiguous(g_f);
@@ -1060,7 +1064,7 @@ WB_AVX512 void prepass_row_avx512(const float* const hrows[3], const float* Ks, 
 // ReLU bits (E1 > 0), one 16-bit word a pixel and 16-channel block (the compare's own mask, stored as it is).
 WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restrict pix, const float* K1, idx W, idx C,
                              float* __restrict r1, uint16_t* __restrict relu_bits, float* __restrict mr) {
-  const idx blocks = (C + 15) / 16;
+  const idx blocks = relu_bit_blocks(C);
   const __m512 zero = _mm512_setzero_ps();
   for (idx cb = 0; cb < C; cb += 16) {
     const __mmask16 lm = lanes_of(C - cb);
@@ -1084,7 +1088,7 @@ WB_AVX512 void relu_backward_row_avx512(const uint16_t* __restrict relu_bits, co
                                         const float* __restrict g_mr, float* __restrict ge, float* __restrict gsum,
                                         idx W, idx C) {
   const float inv_c = 1.0f / static_cast<float>(C);
-  const idx blocks = (C + 15) / 16;
+  const idx blocks = relu_bit_blocks(C);
   for (idx x = 0; x < W; ++x) {
     const __m512 shift = _mm512_set1_ps(g_mr[x] * inv_c);
     __m512 sum = _mm512_setzero_ps();
@@ -1267,6 +1271,12 @@ std::atomic<bool>& use_avx512() {
 }
 
 // (B, H, 4, C) per-row relu sums -> (B, C, 4) spatial means, summed over rows in double (size independent)
+// Image b's scale features f[b, c, j] = acc[j C + c] * inv (acc: its relu sums over the map, in double)
+inline void store_image_features(const std::vector<double>& acc, idx b, idx C, double inv, float* __restrict f) {
+  for (int j = 0; j < kScaleKernels; ++j)
+    for (idx c = 0; c < C; ++c) f[(b * C + c) * kScaleKernels + j] = static_cast<float>(acc[j * C + c] * inv);
+}
+
 torch::Tensor features_from_row_sums(const torch::Tensor& fpart, idx B, idx H, idx W, idx C) {
   auto f = torch::empty({B, C, kScaleKernels});
   const float* src = fpart.data_ptr<float>();
@@ -1280,8 +1290,7 @@ torch::Tensor features_from_row_sums(const torch::Tensor& fpart, idx B, idx H, i
         const float* row = src + (b * H + y) * kScaleKernels * C;
         for (idx i = 0; i < kScaleKernels * C; ++i) acc[i] += row[i];
       }
-      for (int j = 0; j < kScaleKernels; ++j)
-        for (idx c = 0; c < C; ++c) dst[(b * C + c) * kScaleKernels + j] = static_cast<float>(acc[j * C + c] * inv);
+      store_image_features(acc, b, C, inv, dst);
     }
   });
   return f;
@@ -1706,9 +1715,7 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
                                  fsum.data());
         for (size_t i = 0; i < acc.size(); ++i) acc[i] += fsum[i];
       }
-      for (int j = 0; j < kScaleKernels; ++j)
-        for (idx c = 0; c < g.C; ++c)
-          fp[(b * g.C + c) * kScaleKernels + j] = static_cast<float>(acc[j * g.C + c] * inv);
+      store_image_features(acc, b, g.C, inv, fp);
     }
   });
   return {mh, f, mask};
@@ -1736,7 +1743,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   const float* xp = x.data_ptr<float>();
   const float* mhp = mh.data_ptr<float>();
   // the E1 ReLU bits for the backward: a 16-bit word a pixel and 16-channel block
-  const idx blocks = (g.C + 15) / 16, bits_row = g.W * blocks;
+  const idx blocks = relu_bit_blocks(g.C), bits_row = g.W * blocks;
   auto relu_bits = keep ? empty_map({g.B, g.H, g.W, blocks}, torch::kInt16) : torch::empty({0}, torch::kInt16);
   uint16_t* bitsp = keep ? reinterpret_cast<uint16_t*>(relu_bits.data_ptr<int16_t>()) : nullptr;
   auto out = pool ? empty_channels_last(g.B, g.C, Hp, Wp) : empty_channels_last(g.B, g.C, g.H, g.W);
@@ -1853,7 +1860,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
                                    const uint16_t* relu_bits, float* gxp,
                                    const float* K1f, const float* Ka1f, const float* K2f, const float* Ka2f,
                                    const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu) {
-  const idx rw = g.row(), bits_row = g.W * ((g.C + 15) / 16);
+  const idx rw = g.row(), bits_row = g.W * relu_bit_blocks(g.C);
   std::vector<float> gmu(3 * rw), gmus(3 * g.W), direct(3 * rw), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W),
       pix(g.W);
   RowRing mu_rows, e_rows;
@@ -1886,9 +1893,10 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
 
 // The input gradient of fused_forward (without pool) except the scale path (scale_backward adds that), and g_scale
 // when asked; relu as in the forward.
-std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor relu_bits, torch::Tensor scale,
-                                          torch::Tensor g_out, torch::Tensor kid1, torch::Tensor kall1,
-                                          torch::Tensor kid2, torch::Tensor kall2, double noise_coeff, bool has_clip,
+std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor relu_bits,
+                                          torch::Tensor scale, torch::Tensor g_out, torch::Tensor kid1,
+                                          torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
+                                          double noise_coeff, bool has_clip,
                                           double clip, bool need_scale, bool relu) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
