@@ -155,12 +155,13 @@ def test_errors_are_one_line():
 
 @pytest.mark.parametrize("name", ["resnet20", "conv4", "vgg9", "tv:resnet18"])
 def test_sites_take_over_the_relu_and_pool_they_feed_and_compute_the_same(name):
-    """The ReLU after a site (and a 2x2 max-pool right after it) is applied by the site itself: model output and
-    every gradient equal those of the site followed by the ReLU and pool modules, and remove() gives them back."""
+    """The ReLU after a site (and a 2x2 max-pool right after it, and then the BatchNorm right before it) is applied by
+    the site itself: model output, every gradient and the BatchNorm statistics equal those of the BatchNorm, the site,
+    the ReLU and the pool modules one after the other, and remove() gives them back."""
     channels, size = (1, 28) if name == "conv4" else (3, 32)
     torch.manual_seed(0)
     model = build(name, 5, in_channels=channels, image_size=size).to(memory_format=torch.channels_last)
-    forwards = {m: m.forward for m in model.modules() if type(m) in (nn.ReLU, nn.MaxPool2d)}
+    forwards = {m: m.forward for m in model.modules() if type(m) in (nn.ReLU, nn.MaxPool2d, nn.BatchNorm2d)}
     handle = attach(model, MetaPerturb(init_std=0.3).requires_grad_(False), image_size=size)
     handle.set_clip(3.0)
     taken = [m for m in forwards if type(m) is nn.ReLU and "forward" in vars(m)]
@@ -168,8 +169,10 @@ def test_sites_take_over_the_relu_and_pool_they_feed_and_compute_the_same(name):
     hosts = [m for m in model.modules() if isinstance(getattr(m, "perturb_site", None), PerturbSite)]
     if name != "tv:resnet18":  # torchvision blocks fuse through their replaced block forward instead
         assert taken and set(taken) == {m for m in hosts if type(m) is nn.ReLU}
-    # every pool of Conv-4 follows a site; VGG-9 at 32x32 has five, after its sites 1, 2, 4, 6 and 8
-    assert len(pools) == {"conv4": 4, "vgg9": 5}.get(name, 0)
+    norms = [m for m in forwards if type(m) is nn.BatchNorm2d and "forward" in vars(m)]
+    # every pool of Conv-4 follows a site; VGG-9 at 32x32 has five, after its sites 1, 2, 4, 6 and 8; each of those
+    # sites takes the BatchNorm in front of it too
+    assert len(pools) == len(norms) == {"conv4": 4, "vgg9": 5}.get(name, 0)
     x = torch.randn(4, channels, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([0, 1, 2, 3])
 
@@ -178,15 +181,24 @@ def test_sites_take_over_the_relu_and_pool_they_feed_and_compute_the_same(name):
         loss = F.cross_entropy(model(x), y)
         return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
+    def statistics():
+        return [b.clone() for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked)]
+
+    before = statistics()
     fused = loss_and_grads()
-    for host in taken:  # the unfused wiring: site, then the module's own ReLU and pool
+    fused_statistics = statistics()
+    for m, value in zip([b for m in norms for b in (m.running_mean, m.running_var, m.num_batches_tracked)], before):
+        m.copy_(value)
+    for host in taken:  # the unfused wiring: BatchNorm, site, then the module's own ReLU and pool
         host.forward = types.MethodType(lambda self, t: F.relu(self.perturb_site(t)), host)
-    for pool in pools:
-        del pool.forward
+    for module in pools + norms:
+        del module.forward
     if name == "tv:resnet18":
         for host in hosts:
             host.forward = types.MethodType(lambda self, t: self.relu(self.perturb_site(_tv_residual(self, t))), host)
     unfused = loss_and_grads()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(fused_statistics, statistics()))
+    assert all(not torch.equal(a, b) for a, b in zip(before, fused_statistics))  # they did update
     assert torch.allclose(fused[0], unfused[0], atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused[1], unfused[1]))
     handle.remove()
@@ -230,12 +242,12 @@ def test_only_a_plain_2x2_max_pool_is_taken_over_and_the_output_is_the_same(pool
     x = torch.randn(4, 3, 9, 9)
     handle = attach(model, MetaPerturb(init_std=0.3).requires_grad_(False), image_size=9)
     block = model[0]
-    assert ("forward" in vars(block.pool)) == fused
+    assert ("forward" in vars(block.pool)) == fused == ("forward" in vars(block.bn))  # the BatchNorm goes with it
     torch.manual_seed(4)
     out = model(x)
     block.act.forward = types.MethodType(lambda self, t: F.relu(self.perturb_site(t)), block.act)
     if fused:
-        del block.pool.forward
+        del block.pool.forward, block.bn.forward
     torch.manual_seed(4)
     expected = model(x)
     assert out.shape == expected.shape and torch.allclose(out, expected, atol=1e-6)
@@ -252,3 +264,24 @@ def test_a_pool_registered_twice_is_not_taken_over():
     assert "forward" not in vars(shared) and "forward" in vars(model[0].act)
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 8, 2, 2)
     handle.remove()
+
+
+def test_a_batch_norm_registered_twice_is_not_taken_over_and_a_copy_takes_its_own():
+    """The site takes the BatchNorm in front of its ReLU only when the model calls that BatchNorm there alone; a
+    deep copy of an attached model applies the copy's own BatchNorm (its statistics move, the original's do not)."""
+    torch.manual_seed(6)
+    block = _PoolBlock(nn.MaxPool2d(2))
+    shared = nn.Sequential(_PoolBlock(nn.MaxPool2d(2)), nn.Flatten())
+    shared.alias = shared[0].bn  # registered twice (called once: the registration is what counts), not run here
+    shared.forward = lambda x: shared[1](shared[0](x))
+    handle = attach(shared, MetaPerturb(), image_size=8)
+    assert "forward" not in vars(shared[0].bn) and "forward" in vars(shared[0].pool)
+    handle.remove()
+    model = nn.Sequential(block, nn.Flatten()).train()
+    attach(model, MetaPerturb(), image_size=8)
+    assert "forward" in vars(block.bn)
+    twin = copy.deepcopy(model)
+    before = block.bn.running_mean.clone()
+    twin(torch.randn(4, 3, 8, 8) + 2)
+    assert torch.equal(block.bn.running_mean, before)
+    assert not torch.equal(twin[0].bn.running_mean, before) and int(twin[0].bn.num_batches_tracked) == 1

@@ -553,3 +553,75 @@ def test_pool_fused_into_the_site_is_the_max_pool_of_its_output(isa_restored, fu
     assert out1.shape == pooled_shape and (out1 == 1.5).any()
     assert torch.allclose(out1, out0, atol=1e-6) and torch.allclose(rv1, rv0)
     assert torch.allclose(grad1, grad0, atol=1e-5)  # without the ReLU, the zero windows test the first-wins rule
+
+
+def _batch_norm(c, momentum, affine, track, seed):
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(c, momentum=momentum, affine=affine, track_running_stats=track)
+    with torch.no_grad():
+        if affine:
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+        if track:
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.num_batches_tracked.fill_(3)
+    return bn
+
+
+@pytest.mark.parametrize("path", ["fused", "two_sweeps", "eager"])
+@pytest.mark.parametrize("momentum, affine, track", [(0.1, True, True), (None, True, True), (0.3, False, True),
+                                                     (0.1, True, False)])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 7), (4, 40, 8, 8)])
+def test_batch_norm_fused_into_the_site_is_the_batch_norm_then_the_site(isa_restored, fusing_restored, monkeypatch,
+                                                                        shape, momentum, affine, track, path):
+    """site(x, relu, pool, batch_norm=bn) = site(bn(x), relu, pool) for a training BatchNorm2d: output, the gradients
+    of x and of bn's weight and bias, bn's running statistics and batch count, and the site's own statistics, on
+    every CPU path. The fused site computes the BatchNorm itself (bn's own forward is never called there), from
+    statistics of a map whose mean is far from zero against its spread."""
+    fn = _site_function(path)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    torch.manual_seed(21)
+    x = (40 + 3 * torch.randn(shape)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    pooled_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    weight = torch.randn(pooled_shape)
+    results = []
+    for fused_bn in (False, True):
+        bn = _batch_norm(shape[1], momentum, affine, track, seed=22)
+        if fused_bn and path == "fused":
+            monkeypatch.setattr(_native, "apply_batch_norm", lambda *a: pytest.fail("the fused site called bn"))
+        inputs = x if fused_bn else _native.apply_batch_norm(bn, x)
+        out, rv = _with_the_same_noise(fn, path, inputs, phi, True, 23, relu=True, pool=True,
+                                       batch_norm=bn if fused_bn else None)
+        wrt = [x] + ([bn.weight, bn.bias] if affine else [])
+        grads = torch.autograd.grad((out * weight).sum(), wrt)
+        buffers = [bn.running_mean, bn.running_var, bn.num_batches_tracked] if track else []
+        results.append((out.detach(), grads, rv, buffers))
+        monkeypatch.undo()
+    (out0, grads0, rv0, buffers0), (out1, grads1, rv1, buffers1) = results
+    assert out1.shape == pooled_shape and torch.allclose(out1, out0, atol=1e-5)
+    assert torch.allclose(rv1, rv0, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads1, grads0))
+    assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5) for a, b in zip(buffers1, buffers0))
+    if track:
+        assert int(buffers1[2]) == 4 and not torch.allclose(buffers1[0], torch.zeros(shape[1]))
+
+
+@pytest.mark.parametrize("training, bn_training", [(True, False), (False, True), (False, False)])
+def test_batch_norm_the_fused_site_cannot_take_is_applied_first(isa_restored, fusing_restored, training, bn_training):
+    """A BatchNorm in evaluation mode (running statistics) or in front of an evaluation-mode site is applied by its
+    own forward before the site: the same numbers as bn then the site, its statistics updated only when training."""
+    fn = _site_function("fused")
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    torch.manual_seed(24)
+    x = (2 + torch.randn(4, 16, 6, 6)).contiguous(memory_format=torch.channels_last)
+    outs, stats = [], []
+    for fused_bn in (False, True):
+        bn = _batch_norm(16, 0.1, True, True, seed=25).train(bn_training)
+        inputs = x if fused_bn else _native.apply_batch_norm(bn, x)
+        out, _ = _with_the_same_noise(fn, "fused", inputs, phi, training, 26, relu=True, pool=True,
+                                      batch_norm=bn if fused_bn else None)
+        outs.append(out)
+        stats.append((bn.running_mean.clone(), int(bn.num_batches_tracked)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.equal(stats[0][0], stats[1][0]) and stats[0][1] == stats[1][1] == 3 + bn_training

@@ -22,6 +22,12 @@ import torch
 _PARALLEL_MIN_NUMEL = 1 << 18
 
 
+def batch_norm(module: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s own BatchNorm2d forward, also while attach has it pass its input through (the site in front of
+    which it stands then applies it: fused, or by calling this)."""
+    return torch.nn.BatchNorm2d.forward(module, x)
+
+
 def relu_and_pool(x: torch.Tensor, relu: bool, pool: bool) -> torch.Tensor:
     """The layers a site can stand in for, in their order: the ReLU, then the 2x2 max-pool of stride 2."""
     x = torch.relu(x) if relu else x

@@ -54,7 +54,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._fused import relu_and_pool
+from ._fused import batch_norm as apply_batch_norm, relu_and_pool
 from .errors import WorkbenchError
 
 _log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ _build_failed = False
 # traffic). False keeps the two sweeps everywhere (tests compare the two).
 fuse_frozen_sites = True
 _NONE = torch.empty(0)  # the kernels' "no tensor" argument (never written)
+_NO_BATCH_NORM = (False, _NONE, _NONE, _NONE, _NONE, 0.0, 0.0)
 
 
 def _cpu_tag() -> str:
@@ -219,8 +220,32 @@ class _Sweep2(torch.autograd.Function):
                 gkid if need_kid else None, gkall if need_kall else None, None, None, None, None, None)
 
 
+def _batch_norm_arguments(bn) -> tuple:
+    """The fused site's BatchNorm arguments for ``bn`` in training mode, counting the batch as BatchNorm2d.forward
+    does (``num_batches_tracked``, and with ``momentum=None`` the cumulative average's factor)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    tracked = bn.track_running_stats and bn.running_mean is not None
+    return (True, _NONE if bn.weight is None else bn.weight, _NONE if bn.bias is None else bn.bias,
+            bn.running_mean if tracked else _NONE, bn.running_var if tracked else _NONE, float(bn.eps), float(factor))
+
+
+def _fusable_batch_norm(bn, h, training: bool, pool: bool) -> bool:
+    """Whether the fused site can take ``bn`` in: batch statistics (training, both), a pooled site, float32 tensors."""
+    if not (pool and training and bn.training) or (bn.running_mean is None and bn.track_running_stats):
+        return False
+    if bn.num_features != h.shape[1]:
+        return False
+    tensors = (bn.weight, bn.bias, bn.running_mean if bn.track_running_stats else None,
+               bn.running_var if bn.track_running_stats else None)
+    return all(t is None or (t.is_cpu and t.dtype is torch.float32) for t in tensors)
+
+
 def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm, training, momentum, noise_coeff,
-                clip, eps, double_bessel, relu, pool):
+                clip, eps, double_bessel, relu, pool, batch_norm=None):
     if running_mean.dtype != torch.float32 or running_var.dtype != torch.float32:
         raise WorkbenchError(f"the fused site needs float32 running statistics, got {running_mean.dtype}; "
                              "keep the perturbation sites in float32 (or set _native.fuse_frozen_sites = False)")
@@ -233,7 +258,8 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
     out, scale, multiplier_stats = _module.fused_site(
         h, *phi.function_tensors(), running_mean, running_var, _NONE if eps is None else eps, seed,
         float(noise_coeff), clip is not None, 0.0 if clip is None else float(clip), bool(training), c / channel_norm,
-        height / spatial_norm, float(momentum), bool(double_bessel), keep, bool(relu), bool(pool))
+        height / spatial_norm, float(momentum), bool(double_bessel), keep, bool(relu), bool(pool),
+        *(_NO_BATCH_NORM if batch_norm is None else _batch_norm_arguments(batch_norm)))
     return out, scale, multiplier_stats
 
 
@@ -287,10 +313,12 @@ def standard_normal(like: torch.Tensor, seed: Optional[int] = None) -> torch.Ten
 def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch.Tensor, *, channel_norm: float,
             spatial_norm: float, training: bool, momentum: float = 0.1, noise_coeff: float = 1.0,
             clip: Optional[float] = None, eps: Optional[torch.Tensor] = None, double_bessel: bool = True,
-            fused: bool = True, relu: bool = False, pool: bool = False):
+            fused: bool = True, relu: bool = False, pool: bool = False, batch_norm=None):
     """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``; ``relu`` applies
     the layer's ReLU to ``out`` and ``pool`` then its 2x2 max-pool (in-kernel on the fused site, saving those
-    layers' own passes).
+    layers' own passes). With ``batch_norm`` (a BatchNorm2d), ``h`` is its input: the fused site of a training pass
+    with pool folds it into its own passes (its batch statistics in one more pass over h, the normalised map never
+    written); elsewhere it is applied first.
 
     The kernel's backward is hand-written (differentiable once): ``fused=False`` (twice-differentiable plain ops,
     for second-order meta-training) is handed to the eager ``perturb`` unchanged.
@@ -305,7 +333,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
 
         return eager_perturb(h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
                              training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-                             double_bessel=double_bessel, fused=False, relu=relu, pool=pool)
+                             double_bessel=double_bessel, fused=False, relu=relu, pool=pool, batch_norm=batch_norm)
     if load() is None:
         raise WorkbenchError("the native perturbation kernel is not built; check available() before calling it")
     b, c, height, width = h.shape
@@ -317,12 +345,16 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     channels_last_in = h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
     if fuse_frozen_sites and _module.isa() == "avx512" and not any(t.requires_grad for t in phi.function_tensors()):
         pool_here = pool and height >= 2 and width >= 2  # smaller maps: max_pool2d's own error below
+        if batch_norm is not None and not _fusable_batch_norm(batch_norm, h, training, pool_here):
+            h, batch_norm = apply_batch_norm(batch_norm, h), None
         out, scale, multiplier_stats = _fused_site(
             h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
             training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-            double_bessel=double_bessel, relu=relu, pool=pool_here)
+            double_bessel=double_bessel, relu=relu, pool=pool_here, batch_norm=batch_norm)
         out = relu_and_pool(out, False, pool and not pool_here)
         return (out if channels_last_in else out.contiguous()), scale, multiplier_stats
+    if batch_norm is not None:
+        h = apply_batch_norm(batch_norm, h)
     handoff = _Handoff()
     r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
                                      handoff)

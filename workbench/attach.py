@@ -29,8 +29,12 @@ Where the activation after a site is a plain ``nn.ReLU`` module (a ``site_activa
 is replaced while attached: the same function, one pass fewer over the map each way. When that ReLU is followed, in
 the same ``nn.Sequential``, by a ``MaxPool2d(2)`` (kernel 2, stride 2, no padding: Conv-4/6 and VGG-9 blocks), the
 site takes over the pool as well (``site(h, relu=True, pool=True)``: on the CPU kernel the full-size output is never
-written and the pool's own passes go) and the pool module passes its input through while attached.
-``remove()`` restores both.
+written and the pool's own passes go) and the pool module passes its input through while attached. When, in that
+``nn.Sequential``, a ``BatchNorm2d`` comes right before the ReLU (conv -> BN -> ReLU -> pool), the site takes the
+BatchNorm's input and applies it too (``site(x, relu=True, pool=True, batch_norm=bn)``; the BatchNorm module passes
+its input through while attached, its parameters and buffers stay where they are and train as before): the CPU
+kernel of a training pass then computes the batch statistics in one pass and never writes the normalised map.
+``remove()`` restores all of them.
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from .errors import WorkbenchError
 from .perturb import MetaPerturb, PerturbSite
 
 SITE_ATTR = "perturb_site"
+_BATCH_NORM_ATTR = "_perturb_site_batch_norm"  # on a fused ReLU host: the BatchNorm the site applies (not a child)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU, nn.ELU, nn.Mish)
 
 
@@ -101,12 +106,18 @@ def _site_then_relu(self, x):
 
 
 def _site_then_relu_and_pool(self, x):
-    """Replaces the forward of a site's ``nn.ReLU`` host that a ``MaxPool2d(2)`` follows: the site applies both."""
-    return getattr(self, SITE_ATTR)(x, relu=True, pool=True)
+    """Replaces the forward of a site's ``nn.ReLU`` host that a ``MaxPool2d(2)`` follows: the site applies both, and
+    the BatchNorm before the ReLU when attach fused that too (then ``x`` is the BatchNorm's input)."""
+    return getattr(self, SITE_ATTR)(x, relu=True, pool=True, batch_norm=self.__dict__.get(_BATCH_NORM_ATTR))
 
 
 def _pooled_by_the_site(self, x):
     """Replaces the forward of that ``MaxPool2d(2)``: its input is already pooled."""
+    return x
+
+
+def _normalized_by_the_site(self, x):
+    """Replaces the forward of a BatchNorm2d that the site after it applies: its input goes on unchanged."""
     return x
 
 
@@ -117,8 +128,10 @@ def _output_hook(module, args, output):
 class _Place:
     """Where one site goes: the module that hosts it, how it is wired in, and the 2x2 max-pool it may take over."""
 
-    def __init__(self, name: str, host: nn.Module, how: str, forward=None, pool: Optional[nn.Module] = None):
+    def __init__(self, name: str, host: nn.Module, how: str, forward=None, pool: Optional[nn.Module] = None,
+                 batch_norm: Optional[nn.Module] = None):
         self.name, self.host, self.how, self.forward, self.pool = name, host, how, forward, pool
+        self.batch_norm = batch_norm
 
 
 def _fusable_pool_after(block: nn.Module, attribute: str, uses: Counter) -> Optional[nn.Module]:
@@ -138,6 +151,17 @@ def _fusable_pool_after(block: nn.Module, attribute: str, uses: Counter) -> Opti
     if _pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2) or _pair(pool.padding) != (0, 0):
         return None
     return pool if _pair(pool.dilation) == (1, 1) else None
+
+
+def _fusable_batch_norm_before(block: nn.Module, attribute: str, uses: Counter) -> Optional[nn.Module]:
+    """The ``nn.BatchNorm2d`` right before child ``attribute`` of the ``nn.Sequential`` ``block`` (so its output goes
+    to that child only), registered nowhere else in the model (it will pass its input through wherever called)."""
+    names = list(block._modules)
+    position = names.index(attribute) if attribute in names else 0
+    if not isinstance(block, nn.Sequential) or position == 0:
+        return None
+    bn = block._modules[names[position - 1]]
+    return bn if type(bn) is nn.BatchNorm2d and uses[id(bn)] == 1 else None
 
 
 def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
@@ -162,7 +186,8 @@ def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
                     f"block {name} ({type(module).__name__}) names activation '{rule[1]}' but has no such module"
                 )
             pool = _fusable_pool_after(module, rule[1], uses) if type(host) is nn.ReLU else None
-            places.append(_Place(f"{name}.{rule[1]}" if name else rule[1], host, "pre", pool=pool))
+            bn = _fusable_batch_norm_before(module, rule[1], uses) if pool is not None else None
+            places.append(_Place(f"{name}.{rule[1]}" if name else rule[1], host, "pre", pool=pool, batch_norm=bn))
         elif rule[0] == "output":
             places.append(_Place(name, module, "output"))
         else:
@@ -281,6 +306,9 @@ class PerturbHandle:
                 del place.host.forward
             if place.pool is not None and "forward" in vars(place.pool):
                 del place.pool.forward
+            if place.batch_norm is not None and "forward" in vars(place.batch_norm):
+                del place.batch_norm.forward
+            place.host.__dict__.pop(_BATCH_NORM_ATTR, None)
             if hasattr(place.host, SITE_ATTR):
                 delattr(place.host, SITE_ATTR)
         self._attached = False
@@ -355,6 +383,9 @@ def attach(
         if place.how == "pre" and type(place.host) is nn.ReLU and place.pool is not None:
             place.host.forward = types.MethodType(_site_then_relu_and_pool, place.host)
             place.pool.forward = types.MethodType(_pooled_by_the_site, place.pool)
+            if place.batch_norm is not None:
+                place.host.__dict__[_BATCH_NORM_ATTR] = place.batch_norm  # a plain attribute: not a second child
+                place.batch_norm.forward = types.MethodType(_normalized_by_the_site, place.batch_norm)
         elif place.how == "pre" and type(place.host) is nn.ReLU:
             place.host.forward = types.MethodType(_site_then_relu, place.host)
         elif place.how == "pre":

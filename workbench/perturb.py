@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native
-from ._fused import NoiseTail, ReluMean, relu_and_pool, standard_normal
+from ._fused import NoiseTail, ReluMean, batch_norm as apply_batch_norm, relu_and_pool, standard_normal
 from .errors import WorkbenchError
 
 FORMAT_NAME = "workbench.metaperturb"
@@ -261,11 +261,14 @@ def perturb(
     fused: bool = True,
     relu: bool = False,
     pool: bool = False,
+    batch_norm: Optional[nn.BatchNorm2d] = None,
 ):
     """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)`` (the multiplier map, or its
     ``[mean, std]`` where the fused CPU kernel serves a frozen phi: see ``workbench._native``). ``relu`` applies the
     layer's ReLU to ``out`` as well, and ``pool`` then the layer's 2x2 max-pool of stride 2 (attach fuses a site
-    with the ReLU module it feeds, and with a ``MaxPool2d(2)`` right after that).
+    with the ReLU module it feeds, and with a ``MaxPool2d(2)`` right after that). With ``batch_norm``, ``h`` is
+    that BatchNorm2d's input and the site perturbs its output (attach passes the BatchNorm in front of a pooled site;
+    the fused CPU kernel then folds it into its own passes).
 
     In training mode the batch statistics are used and ``running_mean``/``running_var`` (C, 4) are updated in place;
     otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
@@ -276,7 +279,9 @@ def perturb(
         return _native.perturb(h, phi, running_mean, running_var, channel_norm=channel_norm,
                                spatial_norm=spatial_norm, training=training, momentum=momentum,
                                noise_coeff=noise_coeff, clip=clip, eps=eps, double_bessel=double_bessel,
-                               relu=relu, pool=pool)
+                               relu=relu, pool=pool, batch_norm=batch_norm)
+    if batch_norm is not None:
+        h = apply_batch_norm(batch_norm, h)
     b, c, height, width = h.shape
     layout_in = torch.channels_last if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous() else None
     x = h.contiguous(memory_format=torch.channels_last)
@@ -359,10 +364,12 @@ class PerturbSite(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, eps: Optional[torch.Tensor] = None, relu: bool = False,
-                pool: bool = False) -> torch.Tensor:
+                pool: bool = False, batch_norm: Optional[nn.BatchNorm2d] = None) -> torch.Tensor:
         """The perturbed map; with ``relu``, the ReLU of it (the site then stands in for the layer's ReLU), and with
-        ``pool`` also its 2x2 max-pool of stride 2 (the site stands in for the layer's ``MaxPool2d(2)`` too)."""
+        ``pool`` also its 2x2 max-pool of stride 2 (the site stands in for the layer's ``MaxPool2d(2)`` too). With
+        ``batch_norm``, ``h`` is the input of that BatchNorm2d and the site perturbs its output (attach: see there)."""
         if not self.active:
+            h = h if batch_norm is None else apply_batch_norm(batch_norm, h)
             return relu_and_pool(h, relu, pool)
         if h.dim() != 4:
             raise WorkbenchError(
@@ -391,6 +398,7 @@ class PerturbSite(nn.Module):
             fused=self.fused,
             relu=relu,
             pool=pool,
+            batch_norm=batch_norm,
         )
         if self.record_stats:  # plain attributes: set past nn.Module.__setattr__'s checks, on every call
             self.__dict__["last_scale"] = scale.detach()

@@ -273,6 +273,46 @@ inline void neighbours(const float* base, const Geometry& g, idx b, idx y, idx w
   }
 }
 
+// The rows of h = A x + B (per channel: a BatchNorm fused in front of the site, in its affine form) made from the rows of
+// x when a sweep first asks for them and held in four slots (row i in slot i % 4; the fused forward at row r reads
+// rows r - 1 .. r + 2, the pre-pass r - 1 .. r + 1), so h itself is never written. Without A it hands out x's rows.
+class AffineRows {
+ public:
+  AffineRows(const float* x, const Geometry& g, const float* A, const float* B)
+      : x_(x), A_(A), B_(B), W_(g.W), C_(g.C), H_(g.H), ring_(A ? 4 * g.row() : 0) {}
+
+  const float* row(idx r) {
+    const idx rw = W_ * C_;
+    if (!A_) return x_ + r * rw;
+    const int slot = static_cast<int>(r & 3);
+    float* __restrict out = ring_.data() + slot * rw;
+    if (held_[slot] != r) {
+      const float* __restrict in = x_ + r * rw;
+      for (idx p = 0; p < rw; p += C_)
+#pragma omp simd
+        for (idx c = 0; c < C_; ++c) out[p + c] = in[p + c] * A_[c] + B_[c];
+      held_[slot] = r;
+    }
+    return out;
+  }
+
+  // rows y-1, y, y+1 of image b (nullptr outside the image), as neighbours() gives them for a map in memory
+  void neighbours(idx b, idx y, const float* rows[3]) {
+    for (int dy = 0; dy < 3; ++dy) {
+      const idx yy = y + dy - 1;
+      rows[dy] = (yy < 0 || yy >= H_) ? nullptr : row(b * H_ + yy);
+    }
+  }
+
+ private:
+  const float* x_;
+  const float* A_;
+  const float* B_;
+  idx W_, C_, H_;
+  std::vector<float> ring_;
+  idx held_[4] = {-1, -1, -1, -1};
+};
+
 // sum of p[0..C) in 16 lanes and a tree: an `omp simd reduction` over one pixel's channels compiles (gcc) to a
 // serial sum of the vector lanes through the stack, which cost more than the stencils it closes
 __attribute__((always_inline)) inline float channel_total(const float* __restrict p, idx C) {
@@ -1674,7 +1714,9 @@ torch::Tensor draw(int64_t n, int64_t seed) {
 
 // mh = mean_c h (B, H, W); training: f (B, C, 4) and the mask's bits 0-3 (K_j * h > 0). The mask map is allocated
 // here when a training pass's backward will need it (keep), empty otherwise.
-std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training, bool keep) {
+// A, B: the affine form of a BatchNorm in front of the site (h = A x + B per channel), or nullptr (h = x).
+std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, bool training, bool keep,
+                                         const float* A = nullptr, const float* B = nullptr) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const auto Ks = kernel9(kscale);
@@ -1687,9 +1729,10 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
   uint8_t* mp = keep && training ? mask.data_ptr<uint8_t>() : nullptr;
   if (!training) {
     at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+      AffineRows h(xp, g, A, B);
       for (idx r = r0; r < r1_; ++r) {
         const float* hrows[3];
-        neighbours(xp, g, r / g.H, r % g.H, rw, hrows);
+        h.neighbours(r / g.H, r % g.H, hrows);
         prepass_row_avx512<false>(hrows, nullptr, g.W, g.C, mhp + r * g.W, nullptr, nullptr);
       }
     });
@@ -1703,12 +1746,13 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
   at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
     std::vector<float> fsum(static_cast<size_t>(kScaleKernels * g.C));
     std::vector<double> acc(fsum.size());
+    AffineRows h(xp, g, A, B);
     for (idx b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), 0.0);
       for (idx y = 0; y < g.H; ++y) {
         const idx r = b * g.H + y;
         const float* hrows[3];
-        neighbours(xp, g, b, y, rw, hrows);
+        h.neighbours(b, y, hrows);
         // h was written by the layer before and is read here first: ask for the rows a few ahead (as the forward does)
         if (r + 6 < rows_total) prefetch_span(xp + (r + 6) * rw, rw * 4);
         prepass_row_avx512<true>(hrows, Ks.data(), g.W, g.C, mhp + r * g.W, mp ? mp + r * rw : nullptr,
@@ -1730,7 +1774,8 @@ std::vector<torch::Tensor> scale_prepass(torch::Tensor x, torch::Tensor kscale, 
 std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torch::Tensor scale,
                                          torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2,
                                          torch::Tensor kall2, torch::Tensor eps, int64_t seed, double noise_coeff,
-                                         bool has_clip, double clip, bool training, bool keep, bool relu, bool pool) {
+                                         bool has_clip, double clip, bool training, bool keep, bool relu, bool pool,
+                                         const float* A = nullptr, const float* B = nullptr) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   const idx Hp = g.H / 2, Wp = g.W / 2;
@@ -1770,11 +1815,12 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
     std::vector<float> ring(3 * rw), ring_mr(3 * g.W), mu(rw), pix(g.W), noise(drawn ? rw : 0), scratch,
         a_rows(keep_a ? 0 : 2 * rw), v_rows(pool ? 2 * rw : 0);
     RowRing r1_rows;
+    AffineRows h(xp, g, A, B);
     // r1 = relu(E1(h)) of a row into its ring slot, with the row's channel mean
     auto produce = [&](idx row, int slot) {
       const idx b = row / g.H, yy = row % g.H;
       const float *hrows[3], *mhrows[3];
-      neighbours(xp, g, b, yy, rw, hrows);
+      h.neighbours(b, yy, hrows);
       if (row + 3 < rows_total) prefetch_span(xp + (row + 3) * rw, rw * 4);
       neighbours(mhp, g, b, yy, g.W, mhrows);
       stencil_row(pix.data(), mhrows, Ka1.data(), g.W, 1);
@@ -1795,7 +1841,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
       }
       const idx o = r * rw;
       // with pool the row's h m and a go to two-row buffers, bounded and pooled when the window's second row is done
-      noise_tail_row_avx512(xp + o, mu.data(), pix.data(), e, sp, pool ? v_rows.data() + (y & 1) * rw : op + o,
+      noise_tail_row_avx512(h.row(r), mu.data(), pix.data(), e, sp, pool ? v_rows.data() + (y & 1) * rw : op + o,
                             nullptr, keep_a ? ap + o : a_rows.data() + (y & 1) * rw, k, pool ? inf : cl,
                             pool ? -inf : lo, g.W, g.C, rowstats.data() + 2 * r);
       if (pool && (y & 1)) {
@@ -1806,7 +1852,7 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
                   win_d.data_ptr<float>() + pooled, win_p.data_ptr<float>() + pooled};
         const float* vr[2] = {v_rows.data(), v_rows.data() + rw};
         const float* ar[2] = {a_rows.data(), a_rows.data() + rw};
-        const float* hr[2] = {xp + o - rw, xp + o};
+        const float* hr[2] = {h.row(r - 1), h.row(r)};
         pool_rows_avx512(vr, ar, hr, sp, k, Wp, g.C, cl, lo, op + pooled, kept);
       }
     }
@@ -1854,12 +1900,12 @@ torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
 // gx = the direct term + E1^T (g_E1) + the scale path's masked stencils when Ksf is given (gf(b): image b's (4, C)
 // gradient over H W), each gx row written once. g_mu (with the direct term) and g_E1 rows live in three-row rings:
 // output row y needs g_E1 rows y-1..y+1 and g_E1 row y' needs g_mu rows y'-1..y'+1; made in increasing row order,
-// three slots each suffice.
-template <class ProduceMu, class ScaleGrad>
+// three slots each suffice. row_done(r) runs after gx row r is written (while it is in cache).
+template <class ProduceMu, class ScaleGrad, class RowDone>
 WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uint8_t* maskp,
                                    const uint16_t* relu_bits, float* gxp,
                                    const float* K1f, const float* Ka1f, const float* K2f, const float* Ka2f,
-                                   const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu) {
+                                   const float* Ksf, ScaleGrad&& gf, ProduceMu&& produce_mu, RowDone&& row_done) {
   const idx rw = g.row(), bits_row = g.W * relu_bit_blocks(g.C);
   std::vector<float> gmu(3 * rw), gmus(3 * g.W), direct(3 * rw), ge(3 * rw), ges(3 * g.W), gr1(rw), gmr(g.W),
       pix(g.W);
@@ -1888,6 +1934,7 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
     stencil_row(pix.data(), srows, Ka1f, g.W, 1);
     sweep1_backward_row_avx512(gxp + r * rw, direct.data() + slot * rw, grows, prows, pix.data(), K1f, Ksf,
                                Ksf ? gf(b) : nullptr, g.W, g.C);
+    row_done(r);
   }
 }
 
@@ -1929,7 +1976,7 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
                                      lo, g.W, g.C);
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
-    });
+    }, [](idx) {});
   });
   torch::Tensor gscale = torch::empty({0}, x.options());
   if (need_scale) {
@@ -1946,10 +1993,13 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
 // 4, from site_scale_backward) is given: one sweep with g_mu and g_E1 in three-row rings like fused_backward, but the
 // noise path's start comes from the winners' kept m and d (unpool_row_avx512) and each output row adds the scale
 // path's masked stencils in the same loop as the E1 terms.
+// With a fused BatchNorm (bn_input: its NHWC input, bn_mean: its batch mean), also BatchNorm's two sums over each
+// channel of gx, sum gx and sum gx (x - mean), into bn_sums (2 C doubles), taken from each gx row as it is written.
 torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits, torch::Tensor g_pool,
                                     torch::Tensor winners, torch::Tensor win_m, torch::Tensor win_d, torch::Tensor g_f,
                                     torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
-                                    torch::Tensor kscale) {
+                                    torch::Tensor kscale, const float* bn_input = nullptr,
+                                    const float* bn_mean = nullptr, double* bn_sums = nullptr) {
   const Geometry g{relu_bits.size(0), relu_bits.size(1), relu_bits.size(2), g_pool.size(3)};
   const idx rows_total = g.B * g.H, rw = g.row(), Hp = g.H / 2, Wp = g.W / 2;
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
@@ -1971,8 +2021,11 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
   const uint16_t* bitsp = reinterpret_cast<const uint16_t*>(relu_bits.data_ptr<int16_t>());
   auto gx = empty_channels_last(g.B, g.C, g.H, g.W);
   float* gxp = gx.data_ptr<float>();
+  std::mutex lock;
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     auto scale_grad = [&](idx b) { return gfp + b * kScaleKernels * g.C; };
+    std::vector<float> row_g(bn_input ? g.C : 0), row_gx(bn_input ? g.C : 0);
+    std::vector<double> sum_g(bn_input ? g.C : 0, 0.0), sum_gx(bn_input ? g.C : 0, 0.0);
     noise_path_backward(g, r0, r1_, maskp, bitsp, gxp, K1f, Ka1f, K2f, Ka2f, scale_path ? Ksf.data() : nullptr,
                         scale_grad,
                         [&](idx row, float* gmu, float* gmu_sum, float* direct) {
@@ -1983,7 +2036,33 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
       }
       unpool_row_avx512(gp + pooled, wp + pooled, mwp + pooled, dwp + pooled, y, Hp, Wp, g.W, g.C, direct, gmu,
                         gmu_sum);
+    }, [&](idx r) {
+      if (!bn_input) return;
+      if (r + 2 < r1_) prefetch_span(bn_input + (r + 2) * rw, rw * 4);
+      const float* __restrict grow = gxp + r * rw;
+      const float* __restrict xrow = bn_input + r * rw;
+      float* __restrict a1 = row_g.data();
+      float* __restrict a2 = row_gx.data();
+      std::fill(row_g.begin(), row_g.end(), 0.f);
+      std::fill(row_gx.begin(), row_gx.end(), 0.f);
+      for (idx p = 0; p < rw; p += g.C)
+#pragma omp simd
+        for (idx c = 0; c < g.C; ++c) {
+          a1[c] += grow[p + c];
+          a2[c] += grow[p + c] * (xrow[p + c] - bn_mean[c]);
+        }
+      for (idx c = 0; c < g.C; ++c) {
+        sum_g[c] += a1[c];
+        sum_gx[c] += a2[c];
+      }
     });
+    if (bn_input) {
+      std::lock_guard<std::mutex> guard(lock);
+      for (idx c = 0; c < g.C; ++c) {
+        bn_sums[c] += sum_g[c];
+        bn_sums[g.C + c] += sum_gx[c];
+      }
+    }
   });
   return gx;
 }
@@ -2099,37 +2178,170 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
   return gx;
 }
 
+// A training BatchNorm's batch statistics of an NHWC map: each channel's mean and biased variance, in one pass. Sums
+// of x - x[0, c] (the shift keeps the variance exact when the mean is large against the spread), a row in float and
+// rows in double, per thread.
+std::pair<std::vector<double>, std::vector<double>> batch_moments(const torch::Tensor& x) {
+  const Geometry g = geometry(x);
+  const idx rows_total = g.B * g.H, rw = g.row(), C = g.C;
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> shift(xp, xp + C);
+  std::vector<double> sum(C, 0.0), squares(C, 0.0);
+  std::mutex lock;
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    std::vector<float> s1(C), s2(C);
+    std::vector<double> d1(C, 0.0), d2(C, 0.0);
+    const float* __restrict k = shift.data();
+    for (idx r = r0; r < r1_; ++r) {
+      float* __restrict a1 = s1.data();
+      float* __restrict a2 = s2.data();
+      std::fill(s1.begin(), s1.end(), 0.f);
+      std::fill(s2.begin(), s2.end(), 0.f);
+      const float* __restrict row = xp + r * rw;
+      for (idx p = 0; p < rw; p += C)
+#pragma omp simd
+        for (idx c = 0; c < C; ++c) {
+          const float d = row[p + c] - k[c];
+          a1[c] += d;
+          a2[c] += d * d;
+        }
+      for (idx c = 0; c < C; ++c) {
+        d1[c] += a1[c];
+        d2[c] += a2[c];
+      }
+    }
+    std::lock_guard<std::mutex> guard(lock);
+    for (idx c = 0; c < C; ++c) {
+      sum[c] += d1[c];
+      squares[c] += d2[c];
+    }
+  });
+  const double n = static_cast<double>(g.B * g.H * g.W);
+  std::vector<double> mean(C), var(C);
+  for (idx c = 0; c < C; ++c) {
+    const double m = sum[c] / n;
+    mean[c] = shift[c] + m;
+    var[c] = std::max(0.0, squares[c] / n - m * m);
+  }
+  return {mean, var};
+}
+
+// BatchNorm's backward (training) from the gradient of its output g, in place: g = A g + P x + Q per channel with
+// A = weight invstd, P = -A invstd S / n, Q = -A sum_g / n - P mean, where sums holds sum_g = sum g and sum g (x -
+// mean) (S = that times invstd: the weight's gradient; sum_g is the bias's). x: the NHWC input. Returns the weight's
+// and the bias's gradients.
+std::pair<torch::Tensor, torch::Tensor> batch_norm_backward_in_place(torch::Tensor& g, const torch::Tensor& x,
+                                                                     const torch::Tensor& mean,
+                                                                     const torch::Tensor& invstd,
+                                                                     const torch::Tensor& weight,
+                                                                     const std::vector<double>& sums) {
+  const idx C = x.size(3), rw = x.size(2) * C, rows_total = x.size(0) * x.size(1);
+  const double n = static_cast<double>(x.numel() / C);
+  auto g_weight = torch::empty({C}), g_bias = torch::empty({C});
+  std::vector<float> A(C), P(C), Q(C);
+  for (idx c = 0; c < C; ++c) {
+    const double is = invstd.data_ptr<float>()[c], m = mean.data_ptr<float>()[c];
+    const double a = is * (weight.numel() ? weight.data_ptr<float>()[c] : 1.0f);
+    const double s = sums[C + c] * is, p = -a * is * s / n;
+    A[c] = static_cast<float>(a);
+    P[c] = static_cast<float>(p);
+    Q[c] = static_cast<float>(-a * sums[c] / n - p * m);
+    g_weight.data_ptr<float>()[c] = static_cast<float>(s);
+    g_bias.data_ptr<float>()[c] = static_cast<float>(sums[c]);
+  }
+  float* gp = g.data_ptr<float>();  // channels_last memory: NHWC
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+    const float* __restrict a = A.data();
+    const float* __restrict pp = P.data();
+    const float* __restrict q = Q.data();
+    for (idx r = r0; r < r1_; ++r) {
+      float* __restrict grow = gp + r * rw;
+      const float* __restrict xrow = xp + r * rw;
+      for (idx o = 0; o < rw; o += C)
+#pragma omp simd
+        for (idx c = 0; c < C; ++c) grow[o + c] = a[c] * grow[o + c] + pp[c] * xrow[o + c] + q[c];
+    }
+  });
+  return {g_weight, g_bias};
+}
+
 // The whole fused site for a frozen phi as one C++ autograd node: h -> (out, scale, [mean, std] of the multiplier).
 // The forward is scale_prepass, site_scale_forward and fused_forward; the backward fused_backward(_pooled) with the
 // scale statistics' backward (and scale_backward without pool). A Python autograd.Function around the same kernels
 // cost about a millisecond of every Conv-4 training step in Python glue and the engine's calls into Python.
 // Differentiable once: a backward asked to build a graph stops with an error (the eager path is twice-differentiable).
+// batch_norm: h is a training BatchNorm2d's output and the node takes its input instead (bn_weight and bn_bias may be
+// empty, bn_running_* empty when it keeps none): its batch statistics come from one pass over that input, h's rows
+// are made from it as the sweeps read them (never written), its running statistics are updated with factor
+// bn_momentum, and the backward takes BatchNorm's two sums from the gradient of h as the sweep writes it and then
+// applies BatchNorm's backward in place (one pass). With pool only.
 struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, torch::Tensor h, torch::Tensor kid1, torch::Tensor kall1,
       torch::Tensor kid2, torch::Tensor kall2, torch::Tensor kscale, torch::Tensor fc_weight,
       torch::Tensor running_mean, torch::Tensor running_var, torch::Tensor eps, int64_t seed, double noise_coeff,
       bool has_clip, double clip, bool training, double channel_ratio, double size_ratio, double momentum,
-      bool double_bessel, bool keep, bool relu, bool pool) {
+      bool double_bessel, bool keep, bool relu, bool pool, bool batch_norm, torch::Tensor bn_weight,
+      torch::Tensor bn_bias, torch::Tensor bn_running_mean, torch::Tensor bn_running_var, double bn_eps,
+      double bn_momentum) {
     const auto x = h.detach().permute({0, 2, 3, 1}).contiguous();  // NHWC: no copy for a channels_last map
-    auto pre = scale_prepass(x, kscale, training, keep);            // mh, features, mask
+    TORCH_CHECK(!batch_norm || pool, "a BatchNorm is fused into a site only together with its 2x2 pool");
+    std::vector<float> affine;  // A (C) then B (C): h = A x + B
+    torch::Tensor bn_mean, bn_invstd;
+    if (batch_norm) {
+      const idx C = x.size(3);
+      const idx n = x.numel() / C;
+      TORCH_CHECK(n > 1, "BatchNorm in training mode needs more than 1 value per channel, got input of shape ",
+                  h.sizes());
+      const auto [mean, var] = batch_moments(x);
+      bn_mean = torch::empty({C});
+      bn_invstd = torch::empty({C});
+      affine.resize(2 * C);
+      const auto w = bn_weight.numel() ? float_contiguous(bn_weight) : bn_weight;
+      const auto bias = bn_bias.numel() ? float_contiguous(bn_bias) : bn_bias;
+      for (idx c = 0; c < C; ++c) {
+        const double invstd = 1.0 / std::sqrt(var[c] + bn_eps);
+        const double a = invstd * (w.numel() ? w.data_ptr<float>()[c] : 1.0f);
+        affine[c] = static_cast<float>(a);
+        affine[C + c] = static_cast<float>((bias.numel() ? bias.data_ptr<float>()[c] : 0.0f) - mean[c] * a);
+        bn_mean.data_ptr<float>()[c] = static_cast<float>(mean[c]);
+        bn_invstd.data_ptr<float>()[c] = static_cast<float>(invstd);
+      }
+      if (bn_running_mean.numel()) {
+        auto rm = bn_running_mean.accessor<float, 1>();
+        auto rv = bn_running_var.accessor<float, 1>();
+        const double unbiased = static_cast<double>(n) / static_cast<double>(n - 1);
+        for (idx c = 0; c < C; ++c) {
+          rm[c] = static_cast<float>((1.0 - bn_momentum) * rm[c] + bn_momentum * mean[c]);
+          rv[c] = static_cast<float>((1.0 - bn_momentum) * rv[c] + bn_momentum * var[c] * unbiased);
+        }
+      }
+    }
+    const float* A = batch_norm ? affine.data() : nullptr;
+    const float* B = batch_norm ? affine.data() + x.size(3) : nullptr;
+    auto pre = scale_prepass(x, kscale, training, keep, A, B);      // mh, features, mask
     auto sc = site_scale_forward(pre[1], running_mean, running_var, fc_weight, channel_ratio, size_ratio, momentum,
                                  double_bessel);                    // scale, mean
     const auto e = eps.numel() == 0 ? eps : eps.detach().to(torch::kFloat).permute({0, 2, 3, 1}).contiguous();
     auto fw = fused_forward(x, pre[0], sc[0], kid1, kall1, kid2, kall2, e, seed, noise_coeff, has_clip, clip,
-                            training, keep, relu, pool);            // out, a, stats, relu_bits, winners, m, d, p
+                            training, keep, relu, pool, A, B);      // out, a, stats, relu_bits, winners, m, d, p
     ctx->saved_data["noise_coeff"] = noise_coeff;
     ctx->saved_data["has_clip"] = has_clip;
     ctx->saved_data["clip"] = clip;
     ctx->saved_data["training"] = training;
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["pool"] = pool;
+    ctx->saved_data["batch_norm"] = batch_norm;
+    ctx->saved_data["bn_eps"] = bn_eps;
     ctx->saved_data["shape"] = std::vector<int64_t>(x.sizes().begin(), x.sizes().end());
     // with pool the backward reads the windows' winners and what they keep (pooled maps) instead of h and a
     std::vector<torch::Tensor> saved = pool ? std::vector<torch::Tensor>{fw[4], fw[5], fw[6], fw[7]}
                                             : std::vector<torch::Tensor>{x, fw[1], torch::Tensor(), torch::Tensor()};
     for (const auto& t : {pre[2], fw[3], sc[0], pre[1], sc[1], kid1, kall1, kid2, kall2, kscale, fc_weight})
       saved.push_back(t);
+    if (batch_norm)  // BatchNorm's backward reads its input and statistics
+      for (const auto& t : {h, bn_mean, bn_invstd, bn_weight}) saved.push_back(t);
     ctx->save_for_backward(saved);
     if (training)
       ctx->mark_non_differentiable({fw[2]});
@@ -2143,8 +2355,11 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
     TORCH_CHECK(!torch::GradMode::is_enabled(),
                 "the fused perturbation site is differentiable once; for higher-order gradients set the site's "
                 "fused = False (the eager path)");
-    torch::autograd::variable_list out(22);
-    if (!ctx->needs_input_grad(0)) return out;
+    torch::autograd::variable_list out(29);
+    const bool batch_norm = ctx->saved_data["batch_norm"].toBool();
+    // needs_input_grad counts the tensor inputs only (bn_weight is the 11th); `out` has a slot for every input
+    const bool need_bn_weight = batch_norm && ctx->needs_input_grad(10), need_bn_bias = batch_norm && ctx->needs_input_grad(11);
+    if (!ctx->needs_input_grad(0) && !need_bn_weight && !need_bn_bias) return out;
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &mask = saved[4], &relu_bits = saved[5], &scale = saved[6], &features = saved[7],
                         &mean = saved[8], &kid1 = saved[9], &kall1 = saved[10], &kid2 = saved[11],
@@ -2162,8 +2377,22 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
         if (g_scale_out.defined()) g_scale = g_scale + g_scale_out;
         g_features = site_scale_backward(features, mean, scale, fc_weight, g_scale);
       }
-      out[0] = fused_backward_pooled(mask, relu_bits, g_pool, saved[0], saved[1], saved[2], g_features, kid1, kall1,
-                                     kid2, kall2, kscale);
+      if (!batch_norm) {
+        out[0] = fused_backward_pooled(mask, relu_bits, g_pool, saved[0], saved[1], saved[2], g_features, kid1,
+                                       kall1, kid2, kall2, kscale);
+        return out;
+      }
+      // the gradient of h, with BatchNorm's two sums taken as it is written; then through BatchNorm in place
+      const auto x = saved[15].permute({0, 2, 3, 1});  // NHWC view of the channels_last input
+      const idx C = shape[3];
+      std::vector<double> sums(2 * C, 0.0);
+      auto gx = fused_backward_pooled(mask, relu_bits, g_pool, saved[0], saved[1], saved[2], g_features, kid1, kall1,
+                                      kid2, kall2, kscale, x.data_ptr<float>(), saved[16].data_ptr<float>(),
+                                      sums.data());
+      auto g_bn = batch_norm_backward_in_place(gx, x, saved[16], saved[17], saved[18], sums);
+      out[0] = gx;
+      if (need_bn_weight) out[23] = g_bn.first;
+      if (need_bn_bias) out[24] = g_bn.second;
       return out;
     }
     const torch::Tensor &x = saved[0], &a = saved[1];
@@ -2193,10 +2422,13 @@ std::vector<torch::Tensor> fused_site(torch::Tensor h, torch::Tensor kid1, torch
                                       torch::Tensor running_mean, torch::Tensor running_var, torch::Tensor eps,
                                       int64_t seed, double noise_coeff, bool has_clip, double clip, bool training,
                                       double channel_ratio, double size_ratio, double momentum, bool double_bessel,
-                                      bool keep, bool relu, bool pool) {
+                                      bool keep, bool relu, bool pool, bool batch_norm, torch::Tensor bn_weight,
+                                      torch::Tensor bn_bias, torch::Tensor bn_running_mean,
+                                      torch::Tensor bn_running_var, double bn_eps, double bn_momentum) {
   return FusedSiteFunction::apply(h, kid1, kall1, kid2, kall2, kscale, fc_weight, running_mean, running_var, eps, seed,
                                   noise_coeff, has_clip, clip, training, channel_ratio, size_ratio, momentum,
-                                  double_bessel, keep, relu, pool);
+                                  double_bessel, keep, relu, pool, batch_norm, bn_weight, bn_bias, bn_running_mean,
+                                  bn_running_var, bn_eps, bn_momentum);
 }
 #endif  // WB_HAS_AVX512_PATH
 
@@ -2209,14 +2441,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("draw", &draw);
   m.def("draw_seed", &draw_seed, "a 63-bit seed from the default CPU generator");
 #if WB_HAS_AVX512_PATH
-  m.def("scale_prepass", &scale_prepass);
-  m.def("fused_forward", &fused_forward);
-  m.def("fused_backward", &fused_backward);
-  m.def("pooled_scale_grad", &pooled_scale_grad);
-  m.def("fused_backward_pooled", &fused_backward_pooled);
-  m.def("scale_backward", &scale_backward);
-  m.def("site_scale_forward", &site_scale_forward);
-  m.def("site_scale_backward", &site_scale_backward);
   m.def("fused_site", &fused_site, "the whole fused site as one autograd node: (out, scale, multiplier [mean, std])");
 #endif
   m.def("isa", [] { return std::string(use_avx512() ? "avx512" : "generic"); }, "the row kernels in use");
