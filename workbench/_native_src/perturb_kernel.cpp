@@ -1122,6 +1122,44 @@ WB_AVX512 void e1_row_avx512(const float* const hrows[3], const float* __restric
   channel_sums_avx512(r1, W, C, 1.0f / static_cast<float>(C), mr);
 }
 
+// BatchNorm's per-channel sums over one NHWC row, 64 channels at a time in registers, pixels in order (the row is
+// read once, front to back): the batch moments' s1 = sum (a - k), s2 = sum (a - k)^2 (kGradient false, b unused), or
+// the backward's s1 = sum a, s2 = sum a (b - k) (a: the gradient row, b: the input row, k: the batch mean).
+template <bool kGradient>
+WB_AVX512 void batch_norm_row_sums_avx512(const float* __restrict a, const float* __restrict b,
+                                          const float* __restrict k, idx W, idx C, float* __restrict s1,
+                                          float* __restrict s2) {
+  for (idx c0 = 0; c0 < C; c0 += 64) {
+    __mmask16 lm[4];
+    __m512 centre[4], first[4], second[4];
+    for (int j = 0; j < 4; ++j) {
+      const idx cb = c0 + 16 * j;
+      lm[j] = cb < C ? lanes_of(C - cb) : static_cast<__mmask16>(0);
+      centre[j] = _mm512_maskz_loadu_ps(lm[j], k + cb);
+      first[j] = second[j] = _mm512_setzero_ps();
+    }
+    for (idx x = 0; x < W; ++x) {
+      for (int j = 0; j < 4; ++j) {
+        const idx o = x * C + c0 + 16 * j;
+        const __m512 v = _mm512_maskz_loadu_ps(lm[j], a + o);
+        if constexpr (kGradient) {
+          const __m512 d = _mm512_sub_ps(_mm512_maskz_loadu_ps(lm[j], b + o), centre[j]);
+          first[j] = _mm512_add_ps(first[j], v);
+          second[j] = _mm512_fmadd_ps(v, d, second[j]);
+        } else {
+          const __m512 d = _mm512_sub_ps(v, centre[j]);
+          first[j] = _mm512_add_ps(first[j], d);
+          second[j] = _mm512_fmadd_ps(d, d, second[j]);
+        }
+      }
+    }
+    for (int j = 0; j < 4; ++j) {
+      _mm512_mask_storeu_ps(s1 + c0 + 16 * j, lm[j], first[j]);
+      _mm512_mask_storeu_ps(s2 + c0 + 16 * j, lm[j], second[j]);
+    }
+  }
+}
+
 // g_E1 for one row: ge = [E1 > 0] (g_r1 + g_mr[x] / C) and its channel sums gsum[x] (relu_bits: the row's words
 // from e1_row_avx512)
 WB_AVX512 void relu_backward_row_avx512(const uint16_t* __restrict relu_bits, const float* __restrict g_r1,
@@ -2038,19 +2076,11 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
                         gmu_sum);
     }, [&](idx r) {
       if (!bn_input) return;
-      if (r + 2 < r1_) prefetch_span(bn_input + (r + 2) * rw, rw * 4);
-      const float* __restrict grow = gxp + r * rw;
-      const float* __restrict xrow = bn_input + r * rw;
-      float* __restrict a1 = row_g.data();
-      float* __restrict a2 = row_gx.data();
-      std::fill(row_g.begin(), row_g.end(), 0.f);
-      std::fill(row_gx.begin(), row_gx.end(), 0.f);
-      for (idx p = 0; p < rw; p += g.C)
-#pragma omp simd
-        for (idx c = 0; c < g.C; ++c) {
-          a1[c] += grow[p + c];
-          a2[c] += grow[p + c] * (xrow[p + c] - bn_mean[c]);
-        }
+      if (r + 3 < r1_) prefetch_span(bn_input + (r + 3) * rw, rw * 4);
+      batch_norm_row_sums_avx512<true>(gxp + r * rw, bn_input + r * rw, bn_mean, g.W, g.C, row_g.data(),
+                                       row_gx.data());
+      const float* a1 = row_g.data();
+      const float* a2 = row_gx.data();
       for (idx c = 0; c < g.C; ++c) {
         sum_g[c] += a1[c];
         sum_gx[c] += a2[c];
@@ -2191,23 +2221,11 @@ std::pair<std::vector<double>, std::vector<double>> batch_moments(const torch::T
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> s1(C), s2(C);
     std::vector<double> d1(C, 0.0), d2(C, 0.0);
-    const float* __restrict k = shift.data();
     for (idx r = r0; r < r1_; ++r) {
-      float* __restrict a1 = s1.data();
-      float* __restrict a2 = s2.data();
-      std::fill(s1.begin(), s1.end(), 0.f);
-      std::fill(s2.begin(), s2.end(), 0.f);
-      const float* __restrict row = xp + r * rw;
-      for (idx p = 0; p < rw; p += C)
-#pragma omp simd
-        for (idx c = 0; c < C; ++c) {
-          const float d = row[p + c] - k[c];
-          a1[c] += d;
-          a2[c] += d * d;
-        }
+      batch_norm_row_sums_avx512<false>(xp + r * rw, nullptr, shift.data(), g.W, C, s1.data(), s2.data());
       for (idx c = 0; c < C; ++c) {
-        d1[c] += a1[c];
-        d2[c] += a2[c];
+        d1[c] += s1[c];
+        d2[c] += s2[c];
       }
     }
     std::lock_guard<std::mutex> guard(lock);
