@@ -260,9 +260,9 @@ def _multiplier_stats(mult):
 
 @pytest.fixture
 def fusing_restored():
-    before = _native.fuse_frozen_sites
+    before = _native.fuse_frozen_sites, _native.fuse_batch_norm
     yield
-    _native.fuse_frozen_sites = before
+    _native.fuse_frozen_sites, _native.fuse_batch_norm = before
 
 
 @needs_avx512
@@ -607,11 +607,18 @@ def test_batch_norm_fused_into_the_site_is_the_batch_norm_then_the_site(isa_rest
         assert int(buffers1[2]) == 4 and not torch.allclose(buffers1[0], torch.zeros(shape[1]))
 
 
-@pytest.mark.parametrize("training, bn_training", [(True, False), (False, True), (False, False)])
-def test_batch_norm_the_fused_site_cannot_take_is_applied_first(isa_restored, fusing_restored, training, bn_training):
-    """A BatchNorm in evaluation mode (running statistics) or in front of an evaluation-mode site is applied by its
-    own forward before the site: the same numbers as bn then the site, its statistics updated only when training."""
+@pytest.mark.parametrize("training, bn_training, fuse", [(True, False, True), (False, True, True),
+                                                         (False, False, True), (True, True, False)])
+def test_batch_norm_the_fused_site_cannot_take_is_applied_first(isa_restored, fusing_restored, monkeypatch, training,
+                                                                bn_training, fuse):
+    """A BatchNorm in evaluation mode (running statistics), in front of an evaluation-mode site, or with
+    ``fuse_batch_norm`` off is applied by its own forward before the site: the same numbers as bn then the site, its
+    statistics updated only when training."""
     fn = _site_function("fused")
+    _native.fuse_batch_norm = fuse
+    calls = []
+    apply_batch_norm = _native.apply_batch_norm
+    monkeypatch.setattr(_native, "apply_batch_norm", lambda *a: calls.append(1) or apply_batch_norm(*a))
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     torch.manual_seed(24)
     x = (2 + torch.randn(4, 16, 6, 6)).contiguous(memory_format=torch.channels_last)
@@ -623,5 +630,6 @@ def test_batch_norm_the_fused_site_cannot_take_is_applied_first(isa_restored, fu
                                       batch_norm=bn if fused_bn else None)
         outs.append(out)
         stats.append((bn.running_mean.clone(), int(bn.num_batches_tracked)))
+    assert calls == [1, 1]  # once for the reference, once by the site
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     assert torch.equal(stats[0][0], stats[1][0]) and stats[0][1] == stats[1][1] == 3 + bn_training

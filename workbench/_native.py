@@ -64,6 +64,9 @@ _build_failed = False
 # Frozen phi on an AVX-512 CPU (transfer, evaluation): the fused site (two passes over h each way, ~40% less memory
 # traffic). False keeps the two sweeps everywhere (tests compare the two).
 fuse_frozen_sites = True
+# A training BatchNorm in front of a pooled fused site (attach wires it so) is folded into the site's passes. False
+# applies it first with its own forward (the benchmark compares the two; tests too).
+fuse_batch_norm = True
 _NONE = torch.empty(0)  # the kernels' "no tensor" argument (never written)
 _NO_BATCH_NORM = (False, _NONE, _NONE, _NONE, _NONE, 0.0, 0.0)
 
@@ -235,7 +238,9 @@ def _batch_norm_arguments(bn) -> tuple:
 
 def _fusable_batch_norm(bn, h, training: bool, pool: bool) -> bool:
     """Whether the fused site can take ``bn`` in: batch statistics (training, both), a pooled site, float32 tensors."""
-    if not (pool and training and bn.training) or (bn.running_mean is None and bn.track_running_stats):
+    if not (fuse_batch_norm and pool and training and bn.training):
+        return False
+    if bn.running_mean is None and bn.track_running_stats:
         return False
     if bn.num_features != h.shape[1]:
         return False
