@@ -24,7 +24,13 @@ scale path. r1 and the multiplier map are never written (the multiplier's mean a
 40% less memory traffic, which is what bounds these sweeps on maps of a few MB and more. A site can also apply the
 layer's ReLU and then its 2x2 max-pool (``relu``, ``pool``; attach does where the model has them): pooled, only
 each window's winner gets a gradient, so the forward keeps the winners' multiplier and noise-path derivatives at
-pooled size and the backward is a single sweep, the scale path included, with no transcendental functions.
+pooled size and the backward is a single sweep, the scale path included, with no transcendental functions. A pooled
+site of a training pass also takes the BatchNorm in front of it (``batch_norm``; attach passes it for conv -> BN ->
+ReLU -> pool): one pass over the BatchNorm's input gives its batch statistics, the sweeps make h's rows from that
+input as they read them (h is never written), and the backward takes BatchNorm's two sums from each gradient row as
+it writes it, then applies BatchNorm's backward in place. Against ATen's BatchNorm beside the site, the normalising
+pass goes (a read and a write of the map) and the backward's sums read no map of their own
+(``fuse_batch_norm = False`` leaves the BatchNorm to ATen).
 
 Large maps the kernel returns come from a pool of recycled buffers (a fresh 25 MB map cost as much in page faults
 and page zeroing as the sweep that fills it); :func:`release_pool` frees what the pool holds.
