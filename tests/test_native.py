@@ -572,17 +572,18 @@ def _batch_norm(c, momentum, affine, track, seed):
 @pytest.mark.parametrize("path", ["fused", "two_sweeps", "eager"])
 @pytest.mark.parametrize("momentum, affine, track", [(0.1, True, True), (None, True, True), (0.3, False, True),
                                                      (0.1, True, False)])
-@pytest.mark.parametrize("shape", [(3, 5, 9, 7), (4, 40, 8, 8)])
+@pytest.mark.parametrize("shape, layout", [((3, 5, 9, 7), torch.channels_last), ((4, 40, 8, 8), torch.channels_last),
+                                           ((2, 17, 6, 4), torch.contiguous_format)])
 def test_batch_norm_fused_into_the_site_is_the_batch_norm_then_the_site(isa_restored, fusing_restored, monkeypatch,
-                                                                        shape, momentum, affine, track, path):
+                                                                        shape, layout, momentum, affine, track, path):
     """site(x, relu, pool, batch_norm=bn) = site(bn(x), relu, pool) for a training BatchNorm2d: output, the gradients
     of x and of bn's weight and bias, bn's running statistics and batch count, and the site's own statistics, on
     every CPU path. The fused site computes the BatchNorm itself (bn's own forward is never called there), from
-    statistics of a map whose mean is far from zero against its spread."""
+    statistics of a map whose mean is far from zero against its spread, in either memory layout."""
     fn = _site_function(path)
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     torch.manual_seed(21)
-    x = (40 + 3 * torch.randn(shape)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = (40 + 3 * torch.randn(shape)).contiguous(memory_format=layout).requires_grad_(True)
     pooled_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
     weight = torch.randn(pooled_shape)
     results = []

@@ -2358,8 +2358,8 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
                                             : std::vector<torch::Tensor>{x, fw[1], torch::Tensor(), torch::Tensor()};
     for (const auto& t : {pre[2], fw[3], sc[0], pre[1], sc[1], kid1, kall1, kid2, kall2, kscale, fc_weight})
       saved.push_back(t);
-    if (batch_norm)  // BatchNorm's backward reads its input and statistics
-      for (const auto& t : {h, bn_mean, bn_invstd, bn_weight}) saved.push_back(t);
+    if (batch_norm)  // BatchNorm's backward reads its input (NHWC: a copy when h was not channels_last) and statistics
+      for (const auto& t : {x, bn_mean, bn_invstd, bn_weight}) saved.push_back(t);
     ctx->save_for_backward(saved);
     if (training)
       ctx->mark_non_differentiable({fw[2]});
@@ -2401,7 +2401,7 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
         return out;
       }
       // the gradient of h, with BatchNorm's two sums taken as it is written; then through BatchNorm in place
-      const auto x = saved[15].permute({0, 2, 3, 1});  // NHWC view of the channels_last input
+      const auto& x = saved[15];  // NHWC
       const idx C = shape[3];
       std::vector<double> sums(2 * C, 0.0);
       auto gx = fused_backward_pooled(mask, relu_bits, g_pool, saved[0], saved[1], saved[2], g_features, kid1, kall1,
