@@ -634,3 +634,22 @@ def test_batch_norm_the_fused_site_cannot_take_is_applied_first(isa_restored, fu
     assert calls == [1, 1]  # once for the reference, once by the site
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
     assert torch.equal(stats[0][0], stats[1][0]) and stats[0][1] == stats[1][1] == 3 + bn_training
+
+
+def test_fused_batch_norm_trains_in_front_of_an_input_without_gradient(isa_restored, fusing_restored):
+    """A fused BatchNorm whose input needs no gradient (the layers before it frozen) still gives its weight and bias
+    the gradients of BatchNorm then the site."""
+    fn = _site_function("fused")
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    torch.manual_seed(27)
+    x = (1 + torch.randn(4, 24, 8, 6)).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(4, 24, 4, 3)
+    grads = []
+    for fused_bn in (False, True):
+        bn = _batch_norm(24, 0.1, True, True, seed=28)
+        inputs = x if fused_bn else _native.apply_batch_norm(bn, x)
+        out, _ = _with_the_same_noise(fn, "fused", inputs, phi, True, 29, relu=True, pool=True,
+                                      batch_norm=bn if fused_bn else None)
+        grads.append(torch.autograd.grad((out * weight).sum(), [bn.weight, bn.bias]))
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*grads))
+    assert grads[1][0].abs().sum() > 0

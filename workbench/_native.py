@@ -263,8 +263,10 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
     b, c, height, width = h.shape
     seed = draw_seed() if eps is None else 0
     # keep: a backward will follow, so the forward writes what it reads (the scale bits when training, the E1 ReLU
-    # bits, and a or with pool the winners' maps); evaluation passes skip them
-    keep = torch.is_grad_enabled() and h.requires_grad
+    # bits, and a or with pool the winners' maps); evaluation passes skip them. A fused BatchNorm's weight or bias
+    # may want a gradient when h does not (a frozen layer before it)
+    keep = torch.is_grad_enabled() and (h.requires_grad or (batch_norm is not None and any(
+        t is not None and t.requires_grad for t in (batch_norm.weight, batch_norm.bias))))
     # one C++ autograd node (FusedSiteFunction in the kernel source): differentiable once
     out, scale, multiplier_stats = _module.fused_site(
         h, *phi.function_tensors(), running_mean, running_var, _NONE if eps is None else eps, seed,

@@ -2382,6 +2382,8 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
     const torch::Tensor &mask = saved[4], &relu_bits = saved[5], &scale = saved[6], &features = saved[7],
                         &mean = saved[8], &kid1 = saved[9], &kall1 = saved[10], &kid2 = saved[11],
                         &kall2 = saved[12], &kscale = saved[13], &fc_weight = saved[14];
+    TORCH_CHECK(relu_bits.numel() > 0, "the fused perturbation site's forward kept nothing for a backward (it ran "
+                "without keep: no input needed a gradient when it ran)");
     const bool training = ctx->saved_data["training"].toBool();
     const auto shape = ctx->saved_data["shape"].toIntVector();  // B, H, W, C
     const torch::Tensor& g_out = grads[0];
