@@ -653,3 +653,31 @@ def test_fused_batch_norm_trains_in_front_of_an_input_without_gradient(isa_resto
         grads.append(torch.autograd.grad((out * weight).sum(), [bn.weight, bn.bias]))
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(*grads))
     assert grads[1][0].abs().sum() > 0
+
+
+@needs_avx512
+def test_fused_batch_norm_does_not_depend_on_the_thread_count(isa_restored, fusing_restored):
+    """The fused BatchNorm's sums (forward moments, backward sums) are taken in an order fixed by the map, not by the
+    threads: output, gradients and running statistics are bit-identical for 1, 2 and 3 threads."""
+    _native.set_isa("avx512")
+    _native.fuse_frozen_sites = True
+    torch.manual_seed(30)
+    phi = MetaPerturb(init_std=0.3).requires_grad_(False)
+    x = (5 + torch.randn(3, 21, 11, 9)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weight = torch.randn(3, 21, 5, 4)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            bn = _batch_norm(21, 0.1, True, True, seed=31)
+            torch.manual_seed(32)
+            out, _, _ = _call(_native.perturb, x, phi, *_stats(21), True, None, relu=True, pool=True,
+                              batch_norm=bn)
+            grads = torch.autograd.grad((out * weight).sum(), [x, bn.weight, bn.bias])
+            results.append((out.detach(), *grads, bn.running_mean, bn.running_var))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)

@@ -126,7 +126,8 @@ def _output_hook(module, args, output):
 
 
 class _Place:
-    """Where one site goes: the module that hosts it, how it is wired in, and the 2x2 max-pool it may take over."""
+    """Where one site goes: the module that hosts it, how it is wired in, and the 2x2 max-pool (and then the
+    BatchNorm before it) it may take over."""
 
     def __init__(self, name: str, host: nn.Module, how: str, forward=None, pool: Optional[nn.Module] = None,
                  batch_norm: Optional[nn.Module] = None):

@@ -2032,7 +2032,8 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
 // noise path's start comes from the winners' kept m and d (unpool_row_avx512) and each output row adds the scale
 // path's masked stencils in the same loop as the E1 terms.
 // With a fused BatchNorm (bn_input: its NHWC input, bn_mean: its batch mean), also BatchNorm's two sums over each
-// channel of gx, sum gx and sum gx (x - mean), into bn_sums (2 C doubles), taken from each gx row as it is written.
+// channel of gx, sum gx and sum gx (x - mean), into bn_sums (2 C doubles): each gx row's as it is written (in float,
+// kept per row), then in double over rows and images in order, so they do not depend on the thread count.
 torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits, torch::Tensor g_pool,
                                     torch::Tensor winners, torch::Tensor win_m, torch::Tensor win_d, torch::Tensor g_f,
                                     torch::Tensor kid1, torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
@@ -2059,11 +2060,9 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
   const uint16_t* bitsp = reinterpret_cast<const uint16_t*>(relu_bits.data_ptr<int16_t>());
   auto gx = empty_channels_last(g.B, g.C, g.H, g.W);
   float* gxp = gx.data_ptr<float>();
-  std::mutex lock;
+  std::vector<float> row_sums(bn_input ? static_cast<size_t>(rows_total * 2 * g.C) : 0);  // row r: 2C at r 2C
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     auto scale_grad = [&](idx b) { return gfp + b * kScaleKernels * g.C; };
-    std::vector<float> row_g(bn_input ? g.C : 0), row_gx(bn_input ? g.C : 0);
-    std::vector<double> sum_g(bn_input ? g.C : 0, 0.0), sum_gx(bn_input ? g.C : 0, 0.0);
     noise_path_backward(g, r0, r1_, maskp, bitsp, gxp, K1f, Ka1f, K2f, Ka2f, scale_path ? Ksf.data() : nullptr,
                         scale_grad,
                         [&](idx row, float* gmu, float* gmu_sum, float* direct) {
@@ -2077,23 +2076,20 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
     }, [&](idx r) {
       if (!bn_input) return;
       if (r + 3 < r1_) prefetch_span(bn_input + (r + 3) * rw, rw * 4);
-      batch_norm_row_sums_avx512<true>(gxp + r * rw, bn_input + r * rw, bn_mean, g.W, g.C, row_g.data(),
-                                       row_gx.data());
-      const float* a1 = row_g.data();
-      const float* a2 = row_gx.data();
-      for (idx c = 0; c < g.C; ++c) {
-        sum_g[c] += a1[c];
-        sum_gx[c] += a2[c];
-      }
+      float* sums = row_sums.data() + r * 2 * g.C;
+      batch_norm_row_sums_avx512<true>(gxp + r * rw, bn_input + r * rw, bn_mean, g.W, g.C, sums, sums + g.C);
     });
-    if (bn_input) {
-      std::lock_guard<std::mutex> guard(lock);
-      for (idx c = 0; c < g.C; ++c) {
-        bn_sums[c] += sum_g[c];
-        bn_sums[g.C + c] += sum_gx[c];
-      }
-    }
   });
+  if (bn_input) {
+    std::vector<double> per_image(static_cast<size_t>(g.B * 2 * g.C), 0.0);
+    at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
+      for (idx b = b0; b < b1; ++b)
+        for (idx r = b * g.H; r < (b + 1) * g.H; ++r)
+          for (idx i = 0; i < 2 * g.C; ++i) per_image[b * 2 * g.C + i] += row_sums[r * 2 * g.C + i];
+    });
+    for (idx b = 0; b < g.B; ++b)
+      for (idx i = 0; i < 2 * g.C; ++i) bn_sums[i] += per_image[b * 2 * g.C + i];
+  }
   return gx;
 }
 
@@ -2209,31 +2205,33 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
 }
 
 // A training BatchNorm's batch statistics of an NHWC map: each channel's mean and biased variance, in one pass. Sums
-// of x - x[0, c] (the shift keeps the variance exact when the mean is large against the spread), a row in float and
-// rows in double, per thread.
+// of x - x[0, c] (the shift keeps the variance exact when the mean is large against the spread): a row in float, an
+// image's rows in order in double, then the images in order, so the numbers do not depend on the thread count.
 std::pair<std::vector<double>, std::vector<double>> batch_moments(const torch::Tensor& x) {
   const Geometry g = geometry(x);
-  const idx rows_total = g.B * g.H, rw = g.row(), C = g.C;
+  const idx rw = g.row(), C = g.C;
   const float* xp = x.data_ptr<float>();
   std::vector<float> shift(xp, xp + C);
-  std::vector<double> sum(C, 0.0), squares(C, 0.0);
-  std::mutex lock;
-  at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
+  std::vector<double> per_image(static_cast<size_t>(g.B * 2 * C), 0.0);  // image b: sums at b 2C, squares after
+  at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
     std::vector<float> s1(C), s2(C);
-    std::vector<double> d1(C, 0.0), d2(C, 0.0);
-    for (idx r = r0; r < r1_; ++r) {
-      batch_norm_row_sums_avx512<false>(xp + r * rw, nullptr, shift.data(), g.W, C, s1.data(), s2.data());
-      for (idx c = 0; c < C; ++c) {
-        d1[c] += s1[c];
-        d2[c] += s2[c];
+    for (idx b = b0; b < b1; ++b) {
+      double* acc = per_image.data() + b * 2 * C;
+      for (idx r = b * g.H; r < (b + 1) * g.H; ++r) {
+        batch_norm_row_sums_avx512<false>(xp + r * rw, nullptr, shift.data(), g.W, C, s1.data(), s2.data());
+        for (idx c = 0; c < C; ++c) {
+          acc[c] += s1[c];
+          acc[C + c] += s2[c];
+        }
       }
     }
-    std::lock_guard<std::mutex> guard(lock);
-    for (idx c = 0; c < C; ++c) {
-      sum[c] += d1[c];
-      squares[c] += d2[c];
-    }
   });
+  std::vector<double> sum(C, 0.0), squares(C, 0.0);
+  for (idx b = 0; b < g.B; ++b)
+    for (idx c = 0; c < C; ++c) {
+      sum[c] += per_image[b * 2 * C + c];
+      squares[c] += per_image[b * 2 * C + C + c];
+    }
   const double n = static_cast<double>(g.B * g.H * g.W);
   std::vector<double> mean(C), var(C);
   for (idx c = 0; c < C; ++c) {
