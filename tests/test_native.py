@@ -574,8 +574,10 @@ def _batch_norm(c, momentum, affine, track, seed):
                                                      (0.1, True, False)])
 @pytest.mark.parametrize("shape, layout", [((3, 5, 9, 7), torch.channels_last), ((4, 40, 8, 8), torch.channels_last),
                                            ((2, 17, 6, 4), torch.contiguous_format)])
+@pytest.mark.parametrize("pool", [True, False])
 def test_batch_norm_fused_into_the_site_is_the_batch_norm_then_the_site(isa_restored, fusing_restored, monkeypatch,
-                                                                        shape, layout, momentum, affine, track, path):
+                                                                        shape, layout, pool, momentum, affine, track,
+                                                                        path):
     """site(x, relu, pool, batch_norm=bn) = site(bn(x), relu, pool) for a training BatchNorm2d: output, the gradients
     of x and of bn's weight and bias, bn's running statistics and batch count, and the site's own statistics, on
     every CPU path. The fused site computes the BatchNorm itself (bn's own forward is never called there), from
@@ -584,15 +586,15 @@ def test_batch_norm_fused_into_the_site_is_the_batch_norm_then_the_site(isa_rest
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     torch.manual_seed(21)
     x = (40 + 3 * torch.randn(shape)).contiguous(memory_format=layout).requires_grad_(True)
-    pooled_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2)
-    weight = torch.randn(pooled_shape)
+    out_shape = (shape[0], shape[1], shape[2] // 2, shape[3] // 2) if pool else shape
+    weight = torch.randn(out_shape)
     results = []
     for fused_bn in (False, True):
         bn = _batch_norm(shape[1], momentum, affine, track, seed=22)
         if fused_bn and path == "fused":
             monkeypatch.setattr(_native, "apply_batch_norm", lambda *a: pytest.fail("the fused site called bn"))
         inputs = x if fused_bn else _native.apply_batch_norm(bn, x)
-        out, rv = _with_the_same_noise(fn, path, inputs, phi, True, 23, relu=True, pool=True,
+        out, rv = _with_the_same_noise(fn, path, inputs, phi, True, 23, relu=True, pool=pool,
                                        batch_norm=bn if fused_bn else None)
         wrt = [x] + ([bn.weight, bn.bias] if affine else [])
         grads = torch.autograd.grad((out * weight).sum(), wrt)
@@ -600,7 +602,7 @@ def test_batch_norm_fused_into_the_site_is_the_batch_norm_then_the_site(isa_rest
         results.append((out.detach(), grads, rv, buffers))
         monkeypatch.undo()
     (out0, grads0, rv0, buffers0), (out1, grads1, rv1, buffers1) = results
-    assert out1.shape == pooled_shape and torch.allclose(out1, out0, atol=1e-5)
+    assert out1.shape == out_shape and torch.allclose(out1, out0, atol=1e-5)
     assert torch.allclose(rv1, rv0, rtol=1e-5)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads1, grads0))
     assert all(torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5) for a, b in zip(buffers1, buffers0))
@@ -656,7 +658,8 @@ def test_fused_batch_norm_trains_in_front_of_an_input_without_gradient(isa_resto
 
 
 @needs_avx512
-def test_fused_batch_norm_does_not_depend_on_the_thread_count(isa_restored, fusing_restored):
+@pytest.mark.parametrize("pool", [True, False])
+def test_fused_batch_norm_does_not_depend_on_the_thread_count(isa_restored, fusing_restored, pool):
     """The fused BatchNorm's sums (forward moments, backward sums) are taken in an order fixed by the map, not by the
     threads: output, gradients and running statistics are bit-identical for 1, 2 and 3 threads."""
     _native.set_isa("avx512")
@@ -664,7 +667,7 @@ def test_fused_batch_norm_does_not_depend_on_the_thread_count(isa_restored, fusi
     torch.manual_seed(30)
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     x = (5 + torch.randn(3, 21, 11, 9)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    weight = torch.randn(3, 21, 5, 4)
+    weight = torch.randn((3, 21, 5, 4) if pool else x.shape)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -672,7 +675,7 @@ def test_fused_batch_norm_does_not_depend_on_the_thread_count(isa_restored, fusi
             torch.set_num_threads(n)
             bn = _batch_norm(21, 0.1, True, True, seed=31)
             torch.manual_seed(32)
-            out, _, _ = _call(_native.perturb, x, phi, *_stats(21), True, None, relu=True, pool=True,
+            out, _, _ = _call(_native.perturb, x, phi, *_stats(21), True, None, relu=True, pool=pool,
                               batch_norm=bn)
             grads = torch.autograd.grad((out * weight).sum(), [x, bn.weight, bn.bias])
             results.append((out.detach(), *grads, bn.running_mean, bn.running_var))

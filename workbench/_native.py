@@ -24,11 +24,11 @@ scale path. r1 and the multiplier map are never written (the multiplier's mean a
 40% less memory traffic, which is what bounds these sweeps on maps of a few MB and more. A site can also apply the
 layer's ReLU and then its 2x2 max-pool (``relu``, ``pool``; attach does where the model has them): pooled, only
 each window's winner gets a gradient, so the forward keeps the winners' multiplier and noise-path derivatives at
-pooled size and the backward is a single sweep, the scale path included, with no transcendental functions. A pooled
-site of a training pass also takes the BatchNorm in front of it (``batch_norm``; attach passes it for conv -> BN ->
-ReLU -> pool): one pass over the BatchNorm's input gives its batch statistics, the sweeps make h's rows from that
-input as they read them (h is never written), and the backward takes BatchNorm's two sums from each gradient row as
-it writes it, then applies BatchNorm's backward in place. Against ATen's BatchNorm beside the site, the normalising
+pooled size and the backward is a single sweep, the scale path included, with no transcendental functions. The site
+of a training pass also takes the BatchNorm in front of it (``batch_norm``; attach passes it for conv -> BN -> ReLU):
+one pass over the BatchNorm's input gives its batch statistics, the sweeps make h's rows from that input as they read
+them (h is never written), and the backward's last sweep takes BatchNorm's two sums from each gradient row as it
+writes it, then BatchNorm's backward runs in place. Against ATen's BatchNorm beside the site, the normalising
 pass goes (a read and a write of the map) and the backward's sums read no map of their own
 (``fuse_batch_norm = False`` leaves the BatchNorm to ATen).
 
@@ -70,7 +70,7 @@ _build_failed = False
 # Frozen phi on an AVX-512 CPU (transfer, evaluation): the fused site (two passes over h each way, ~40% less memory
 # traffic). False keeps the two sweeps everywhere (tests compare the two).
 fuse_frozen_sites = True
-# A training BatchNorm in front of a pooled fused site (attach wires it so) is folded into the site's passes. False
+# A training BatchNorm in front of a fused site (attach wires it so) is folded into the site's passes. False
 # applies it first with its own forward (the benchmark compares the two; tests too).
 fuse_batch_norm = True
 _NONE = torch.empty(0)  # the kernels' "no tensor" argument (never written)
@@ -242,9 +242,9 @@ def _batch_norm_arguments(bn) -> tuple:
             bn.running_mean if tracked else _NONE, bn.running_var if tracked else _NONE, float(bn.eps), float(factor))
 
 
-def _fusable_batch_norm(bn, h, training: bool, pool: bool) -> bool:
-    """Whether the fused site can take ``bn`` in: batch statistics (training, both), a pooled site, float32 tensors."""
-    if not (fuse_batch_norm and pool and training and bn.training):
+def _fusable_batch_norm(bn, h, training: bool) -> bool:
+    """Whether the fused site can take ``bn`` in: batch statistics (training, both) and float32 tensors."""
+    if not (fuse_batch_norm and training and bn.training):
         return False
     if bn.running_mean is None and bn.track_running_stats:
         return False
@@ -330,8 +330,8 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``; ``relu`` applies
     the layer's ReLU to ``out`` and ``pool`` then its 2x2 max-pool (in-kernel on the fused site, saving those
     layers' own passes). With ``batch_norm`` (a BatchNorm2d), ``h`` is its input: the fused site of a training pass
-    with pool folds it into its own passes (its batch statistics in one more pass over h, the normalised map never
-    written); elsewhere it is applied first.
+    folds it into its own passes (its batch statistics in one more pass over h, the normalised map never written);
+    elsewhere it is applied first.
 
     The kernel's backward is hand-written (differentiable once): ``fused=False`` (twice-differentiable plain ops,
     for second-order meta-training) is handed to the eager ``perturb`` unchanged.
@@ -358,7 +358,7 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     channels_last_in = h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous()
     if fuse_frozen_sites and _module.isa() == "avx512" and not any(t.requires_grad for t in phi.function_tensors()):
         pool_here = pool and height >= 2 and width >= 2  # smaller maps: max_pool2d's own error below
-        if batch_norm is not None and not _fusable_batch_norm(batch_norm, h, training, pool_here):
+        if batch_norm is not None and not _fusable_batch_norm(batch_norm, h, training):
             h, batch_norm = apply_batch_norm(batch_norm, h), None
         out, scale, multiplier_stats = _fused_site(
             h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,

@@ -29,11 +29,11 @@ Where the activation after a site is a plain ``nn.ReLU`` module (a ``site_activa
 is replaced while attached: the same function, one pass fewer over the map each way. When that ReLU is followed, in
 the same ``nn.Sequential``, by a ``MaxPool2d(2)`` (kernel 2, stride 2, no padding: Conv-4/6 and VGG-9 blocks), the
 site takes over the pool as well (``site(h, relu=True, pool=True)``: on the CPU kernel the full-size output is never
-written and the pool's own passes go) and the pool module passes its input through while attached. When, in that
-``nn.Sequential``, a ``BatchNorm2d`` comes right before the ReLU (conv -> BN -> ReLU -> pool), the site takes the
-BatchNorm's input and applies it too (``site(x, relu=True, pool=True, batch_norm=bn)``; the BatchNorm module passes
-its input through while attached, its parameters and buffers stay where they are and train as before): the CPU
-kernel of a training pass then computes the batch statistics in one pass and never writes the normalised map.
+written and the pool's own passes go) and the pool module passes its input through while attached. When a
+``BatchNorm2d`` comes right before that ReLU in an ``nn.Sequential`` (conv -> BN -> ReLU [-> pool]), the site takes
+the BatchNorm's input and applies it too (``site(x, relu=True, batch_norm=bn)``; the BatchNorm module passes its
+input through while attached, its parameters and buffers stay where they are and train as before): the CPU kernel of
+a training pass then computes the batch statistics in one pass and never writes the normalised map.
 ``remove()`` restores all of them.
 """
 from __future__ import annotations
@@ -101,8 +101,9 @@ def _pre_hook(module, args):
 
 def _site_then_relu(self, x):
     """Replaces the forward of a site's ``nn.ReLU`` host: the site applies the ReLU itself (on the CPU kernel at no
-    extra pass, sparing the activation's own forward and backward passes over the map)."""
-    return getattr(self, SITE_ATTR)(x, relu=True)
+    extra pass, sparing the activation's own forward and backward passes over the map), and the BatchNorm before it
+    when attach fused that too (then ``x`` is the BatchNorm's input)."""
+    return getattr(self, SITE_ATTR)(x, relu=True, batch_norm=self.__dict__.get(_BATCH_NORM_ATTR))
 
 
 def _site_then_relu_and_pool(self, x):
@@ -187,7 +188,7 @@ def find_places(model: nn.Module, probe_input: torch.Tensor) -> list[_Place]:
                     f"block {name} ({type(module).__name__}) names activation '{rule[1]}' but has no such module"
                 )
             pool = _fusable_pool_after(module, rule[1], uses) if type(host) is nn.ReLU else None
-            bn = _fusable_batch_norm_before(module, rule[1], uses) if pool is not None else None
+            bn = _fusable_batch_norm_before(module, rule[1], uses) if type(host) is nn.ReLU else None
             places.append(_Place(f"{name}.{rule[1]}" if name else rule[1], host, "pre", pool=pool, batch_norm=bn))
         elif rule[0] == "output":
             places.append(_Place(name, module, "output"))
@@ -381,14 +382,15 @@ def attach(
         site = PerturbSite(phi, c, channel_norm, spatial_norm).to(device)
         site.train(place.host.training)
         place.host.add_module(SITE_ATTR, site)
-        if place.how == "pre" and type(place.host) is nn.ReLU and place.pool is not None:
-            place.host.forward = types.MethodType(_site_then_relu_and_pool, place.host)
-            place.pool.forward = types.MethodType(_pooled_by_the_site, place.pool)
+        if place.how == "pre" and type(place.host) is nn.ReLU:
+            if place.pool is not None:
+                place.host.forward = types.MethodType(_site_then_relu_and_pool, place.host)
+                place.pool.forward = types.MethodType(_pooled_by_the_site, place.pool)
+            else:
+                place.host.forward = types.MethodType(_site_then_relu, place.host)
             if place.batch_norm is not None:
                 place.host.__dict__[_BATCH_NORM_ATTR] = place.batch_norm  # a plain attribute: not a second child
                 place.batch_norm.forward = types.MethodType(_normalized_by_the_site, place.batch_norm)
-        elif place.how == "pre" and type(place.host) is nn.ReLU:
-            place.host.forward = types.MethodType(_site_then_relu, place.host)
         elif place.how == "pre":
             hooks.append(place.host.register_forward_pre_hook(_pre_hook))
         elif place.how == "output":

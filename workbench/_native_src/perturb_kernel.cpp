@@ -1976,13 +1976,28 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
   }
 }
 
+// BatchNorm's backward sums from per-row sums (row r's 2 C floats at r 2 C: sum g, then sum g (x - mean)): in double,
+// an image's rows in order, then the images in order, into sums (2 C), the same for any thread count.
+void add_row_sums(const std::vector<float>& row_sums, const Geometry& g, double* sums) {
+  const idx n = 2 * g.C;
+  std::vector<double> per_image(static_cast<size_t>(g.B * n), 0.0);
+  at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
+    for (idx b = b0; b < b1; ++b)
+      for (idx r = b * g.H; r < (b + 1) * g.H; ++r)
+        for (idx i = 0; i < n; ++i) per_image[b * n + i] += row_sums[r * n + i];
+  });
+  for (idx b = 0; b < g.B; ++b)
+    for (idx i = 0; i < n; ++i) sums[i] += per_image[b * n + i];
+}
+
 // The input gradient of fused_forward (without pool) except the scale path (scale_backward adds that), and g_scale
 // when asked; relu as in the forward.
 std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torch::Tensor relu_bits,
                                           torch::Tensor scale, torch::Tensor g_out, torch::Tensor kid1,
                                           torch::Tensor kall1, torch::Tensor kid2, torch::Tensor kall2,
                                           double noise_coeff, bool has_clip,
-                                          double clip, bool need_scale, bool relu) {
+                                          double clip, bool need_scale, bool relu, const float* A = nullptr,
+                                          const float* B = nullptr) {
   const Geometry g = geometry(x);
   const idx rows_total = g.B * g.H, rw = g.row();
   float K1f[9], Ka1f[9], K2f[9], Ka2f[9];
@@ -2004,14 +2019,15 @@ std::vector<torch::Tensor> fused_backward(torch::Tensor x, torch::Tensor a, torc
   const float lo = relu ? 0.0f : -std::numeric_limits<float>::infinity();
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     std::vector<float> acc(g.C);
+    AffineRows h(xp, g, A, B);  // h = x, or the rows of a fused BatchNorm's output
     auto no_scale = [](idx) -> const float* { return nullptr; };
     noise_path_backward(g, r0, r1_, nullptr, bitsp, gxp, K1f, Ka1f, K2f, Ka2f, nullptr, no_scale,
                         [&](idx row, float* gmu, float* gmu_sum, float* direct) {
       const bool own = row >= r0 && row < r1_;
       const idx o = row * rw;
       std::fill(acc.begin(), acc.end(), 0.f);
-      noise_tail_backward_row_avx512(xp + o, nullptr, ap + o, gp + o, sp, direct, gmu, gmu_sum, acc.data(), k, cl,
-                                     lo, g.W, g.C);
+      noise_tail_backward_row_avx512(h.row(row), nullptr, ap + o, gp + o, sp, direct, gmu, gmu_sum, acc.data(), k,
+                                     cl, lo, g.W, g.C);
       if (need_scale && own)
         for (idx c = 0; c < g.C; ++c) spart[row * g.C + c] = acc[c];
     }, [](idx) {});
@@ -2080,16 +2096,7 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
       batch_norm_row_sums_avx512<true>(gxp + r * rw, bn_input + r * rw, bn_mean, g.W, g.C, sums, sums + g.C);
     });
   });
-  if (bn_input) {
-    std::vector<double> per_image(static_cast<size_t>(g.B * 2 * g.C), 0.0);
-    at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
-      for (idx b = b0; b < b1; ++b)
-        for (idx r = b * g.H; r < (b + 1) * g.H; ++r)
-          for (idx i = 0; i < 2 * g.C; ++i) per_image[b * 2 * g.C + i] += row_sums[r * 2 * g.C + i];
-    });
-    for (idx b = 0; b < g.B; ++b)
-      for (idx i = 0; i < 2 * g.C; ++i) bn_sums[i] += per_image[b * 2 * g.C + i];
-  }
+  if (bn_input) add_row_sums(row_sums, g, bn_sums);
   return gx;
 }
 
@@ -2180,7 +2187,10 @@ torch::Tensor site_scale_backward(torch::Tensor f, torch::Tensor m, torch::Tenso
 }
 
 // gx += sum_j g_f[b, c, j] / (H W) * (K_j^T * [mask bit j]): the scale path's share of the input gradient, in place.
-torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tensor kscale, torch::Tensor gx) {
+// With a fused BatchNorm, also its backward sums into bn_sums, from each finished gx row (as fused_backward_pooled).
+torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tensor kscale, torch::Tensor gx,
+                             const float* bn_input = nullptr, const float* bn_mean = nullptr,
+                             double* bn_sums = nullptr) {
   const idx B = mask.size(0), H = mask.size(1), W = mask.size(2), C = mask.size(3);
   const idx rows_total = B * H, rw = W * C;
   std::vector<float> Ksf(9 * kScaleKernels);
@@ -2191,6 +2201,7 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
   const uint8_t* maskp = mask.data_ptr<uint8_t>();
   float* gxp = gx.data_ptr<float>();  // channels_last memory: NHWC
   const Geometry g{B, H, W, C};
+  std::vector<float> row_sums(bn_input ? static_cast<size_t>(rows_total * 2 * C) : 0);
   at::parallel_for(0, rows_total, 1, [&](idx r0, idx r1_) {
     PatternRing patterns(rw);
     for (idx r = r0; r < r1_; ++r) {
@@ -2199,8 +2210,14 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
       patterns.window(maskp, g, b, y, prows);
       sweep1_backward_row_avx512(gxp + r * rw, gxp + r * rw, nullptr, prows, nullptr, nullptr, Ksf.data(),
                                  gfp + b * kScaleKernels * C, W, C);
+      if (bn_input) {
+        if (r + 3 < r1_) prefetch_span(bn_input + (r + 3) * rw, rw * 4);
+        float* sums = row_sums.data() + r * 2 * C;
+        batch_norm_row_sums_avx512<true>(gxp + r * rw, bn_input + r * rw, bn_mean, W, C, sums, sums + C);
+      }
     }
   });
+  if (bn_input) add_row_sums(row_sums, g, bn_sums);
   return gx;
 }
 
@@ -2290,8 +2307,8 @@ std::pair<torch::Tensor, torch::Tensor> batch_norm_backward_in_place(torch::Tens
 // batch_norm: h is a training BatchNorm2d's output and the node takes its input instead (bn_weight and bn_bias may be
 // empty, bn_running_* empty when it keeps none): its batch statistics come from one pass over that input, h's rows
 // are made from it as the sweeps read them (never written), its running statistics are updated with factor
-// bn_momentum, and the backward takes BatchNorm's two sums from the gradient of h as the sweep writes it and then
-// applies BatchNorm's backward in place (one pass). With pool only.
+// bn_momentum, and the backward takes BatchNorm's two sums from the gradient of h as its last sweep writes it and
+// then applies BatchNorm's backward in place (one pass).
 struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, torch::Tensor h, torch::Tensor kid1, torch::Tensor kall1,
@@ -2302,7 +2319,7 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
       torch::Tensor bn_bias, torch::Tensor bn_running_mean, torch::Tensor bn_running_var, double bn_eps,
       double bn_momentum) {
     const auto x = h.detach().permute({0, 2, 3, 1}).contiguous();  // NHWC: no copy for a channels_last map
-    TORCH_CHECK(!batch_norm || pool, "a BatchNorm is fused into a site only together with its 2x2 pool");
+    TORCH_CHECK(!batch_norm || training, "a BatchNorm is fused into a site of a training pass only");
     std::vector<float> affine;  // A (C) then B (C): h = A x + B
     torch::Tensor bn_mean, bn_invstd;
     if (batch_norm) {
@@ -2356,8 +2373,9 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
                                             : std::vector<torch::Tensor>{x, fw[1], torch::Tensor(), torch::Tensor()};
     for (const auto& t : {pre[2], fw[3], sc[0], pre[1], sc[1], kid1, kall1, kid2, kall2, kscale, fc_weight})
       saved.push_back(t);
-    if (batch_norm)  // BatchNorm's backward reads its input (NHWC: a copy when h was not channels_last) and statistics
-      for (const auto& t : {x, bn_mean, bn_invstd, bn_weight}) saved.push_back(t);
+    if (batch_norm)  // BatchNorm's backward reads its input (NHWC: a copy when h was not channels_last), statistics
+      // and, without pool (the backward reads h there), its affine form
+      for (const auto& t : {x, bn_mean, bn_invstd, bn_weight, torch::tensor(affine)}) saved.push_back(t);
     ctx->save_for_backward(saved);
     if (training)
       ctx->mark_non_differentiable({fw[2]});
@@ -2413,22 +2431,32 @@ struct FusedSiteFunction : public torch::autograd::Function<FusedSiteFunction> {
       if (need_bn_bias) out[24] = g_bn.second;
       return out;
     }
-    const torch::Tensor &x = saved[0], &a = saved[1];
+    const torch::Tensor &x = saved[0], &a = saved[1];  // x: h, or a fused BatchNorm's input
+    const float* A = batch_norm ? saved[19].data_ptr<float>() : nullptr;  // h = A x + B
+    const float* B = batch_norm ? A + shape[3] : nullptr;
     torch::Tensor gx, g_scale;
     if (g_out.defined()) {
       auto r = fused_backward(x, a, relu_bits, scale, g_out.permute({0, 2, 3, 1}).contiguous(), kid1, kall1, kid2,
                               kall2, ctx->saved_data["noise_coeff"].toDouble(), ctx->saved_data["has_clip"].toBool(),
-                              ctx->saved_data["clip"].toDouble(), training, ctx->saved_data["relu"].toBool());
+                              ctx->saved_data["clip"].toDouble(), training, ctx->saved_data["relu"].toBool(), A, B);
       gx = r[0];
       g_scale = r[1];
     } else {  // a loss on the scale alone
       gx = empty_channels_last(shape[0], shape[3], shape[1], shape[2]).zero_();
       g_scale = torch::zeros({shape[3]});
     }
+    std::vector<double> sums(batch_norm ? 2 * shape[3] : 0, 0.0);
     if (training) {
       if (g_scale_out.defined()) g_scale = g_scale + g_scale_out;
       auto g_features = site_scale_backward(features, mean, scale, fc_weight, g_scale);
-      scale_backward(mask, g_features, kscale, gx);  // adds the scale path in place
+      // adds the scale path in place (the last sweep: with BatchNorm, it takes BatchNorm's sums too)
+      scale_backward(mask, g_features, kscale, gx, batch_norm ? x.data_ptr<float>() : nullptr,
+                     batch_norm ? saved[16].data_ptr<float>() : nullptr, batch_norm ? sums.data() : nullptr);
+    }
+    if (batch_norm) {
+      auto g_bn = batch_norm_backward_in_place(gx, x, saved[16], saved[17], saved[18], sums);
+      if (need_bn_weight) out[23] = g_bn.first;
+      if (need_bn_bias) out[24] = g_bn.second;
     }
     out[0] = gx;
     return out;
