@@ -1906,28 +1906,36 @@ std::vector<torch::Tensor> fused_forward(torch::Tensor x, torch::Tensor mh, torc
   return {out, a, stats, relu_bits, winners, win_m, win_d, win_p};
 }
 
+// sums[i] += the sum over rows of rows[r n + i], in double, each image's rows_per_image rows in order and then the
+// images in order: sums that do not depend on how the rows were split between threads.
+void sum_rows_in_order(const std::vector<float>& rows, idx images, idx rows_per_image, idx n, double* sums) {
+  std::vector<double> per_image(static_cast<size_t>(images * n), 0.0);
+  at::parallel_for(0, images, 1, [&](idx b0, idx b1) {
+    for (idx b = b0; b < b1; ++b)
+      for (idx r = b * rows_per_image; r < (b + 1) * rows_per_image; ++r)
+        for (idx i = 0; i < n; ++i) per_image[b * n + i] += rows[r * n + i];
+  });
+  for (idx b = 0; b < images; ++b)
+    for (idx i = 0; i < n; ++i) sums[i] += per_image[b * n + i];
+}
+
 // g_s (C) of a pooled site: sum over the pooled map of g_pool p (p from fused_forward); the scale path's gradient
 // needs it before the backward sweep, which can then add that path in the same pass.
 torch::Tensor pooled_scale_grad(torch::Tensor g_pool, torch::Tensor win_p) {
   const idx C = g_pool.size(3), rows = g_pool.size(0) * g_pool.size(1), rw = g_pool.size(2) * C;
   const float* gp = g_pool.data_ptr<float>();
   const float* pp = win_p.data_ptr<float>();
-  std::vector<double> total(C, 0.0);
-  std::mutex lock;
+  std::vector<float> row_sums(static_cast<size_t>(rows * C), 0.f);
   at::parallel_for(0, rows, 1, [&](idx r0, idx r1_) {
-    std::vector<float> acc_row(C, 0.f);
-    std::vector<double> part(C, 0.0);
-    float* __restrict acc = acc_row.data();
     for (idx r = r0; r < r1_; ++r) {
-      std::fill(acc, acc + C, 0.f);
+      float* __restrict acc = row_sums.data() + r * C;
       for (idx o = r * rw; o < (r + 1) * rw; o += C)
 #pragma omp simd
         for (idx c = 0; c < C; ++c) acc[c] += gp[o + c] * pp[o + c];
-      for (idx c = 0; c < C; ++c) part[c] += acc[c];
     }
-    std::lock_guard<std::mutex> guard(lock);
-    for (idx c = 0; c < C; ++c) total[c] += part[c];
   });
+  std::vector<double> total(C, 0.0);
+  sum_rows_in_order(row_sums, g_pool.size(0), g_pool.size(1), C, total.data());
   auto out = torch::empty({C});
   for (idx c = 0; c < C; ++c) out.data_ptr<float>()[c] = static_cast<float>(total[c]);
   return out;
@@ -1974,20 +1982,6 @@ WB_AVX512 void noise_path_backward(const Geometry& g, idx r0, idx r1_, const uin
                                Ksf ? gf(b) : nullptr, g.W, g.C);
     row_done(r);
   }
-}
-
-// BatchNorm's backward sums from per-row sums (row r's 2 C floats at r 2 C: sum g, then sum g (x - mean)): in double,
-// an image's rows in order, then the images in order, into sums (2 C), the same for any thread count.
-void add_row_sums(const std::vector<float>& row_sums, const Geometry& g, double* sums) {
-  const idx n = 2 * g.C;
-  std::vector<double> per_image(static_cast<size_t>(g.B * n), 0.0);
-  at::parallel_for(0, g.B, 1, [&](idx b0, idx b1) {
-    for (idx b = b0; b < b1; ++b)
-      for (idx r = b * g.H; r < (b + 1) * g.H; ++r)
-        for (idx i = 0; i < n; ++i) per_image[b * n + i] += row_sums[r * n + i];
-  });
-  for (idx b = 0; b < g.B; ++b)
-    for (idx i = 0; i < n; ++i) sums[i] += per_image[b * n + i];
 }
 
 // The input gradient of fused_forward (without pool) except the scale path (scale_backward adds that), and g_scale
@@ -2096,7 +2090,7 @@ torch::Tensor fused_backward_pooled(torch::Tensor mask, torch::Tensor relu_bits,
       batch_norm_row_sums_avx512<true>(gxp + r * rw, bn_input + r * rw, bn_mean, g.W, g.C, sums, sums + g.C);
     });
   });
-  if (bn_input) add_row_sums(row_sums, g, bn_sums);
+  if (bn_input) sum_rows_in_order(row_sums, g.B, g.H, 2 * g.C, bn_sums);
   return gx;
 }
 
@@ -2217,7 +2211,7 @@ torch::Tensor scale_backward(torch::Tensor mask, torch::Tensor g_f, torch::Tenso
       }
     }
   });
-  if (bn_input) add_row_sums(row_sums, g, bn_sums);
+  if (bn_input) sum_rows_in_order(row_sums, g.B, g.H, 2 * g.C, bn_sums);
   return gx;
 }
 
