@@ -110,14 +110,13 @@ def test_results_do_not_depend_on_the_thread_count():
     torch.manual_seed(4)
     phi = MetaPerturb(init_std=0.3)
     h = torch.randn(3, 5, 12, 9, requires_grad=True)
-    results = []
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
+
+    def run():
         torch.manual_seed(9)
         out, _, _ = _call(_native.perturb, h, phi, *_stats(5), True, None)
-        results.append((out, *torch.autograd.grad(out.sum(), [h, *phi.parameters()])))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        return (out.detach(), *torch.autograd.grad(out.sum(), [h, *phi.parameters()]))
+
+    _same_at_every_thread_count(run, counts=(1, 2))
 
 
 def test_drawn_noise_is_standard_normal_and_reproducible():
@@ -415,6 +414,21 @@ def test_avx512_noise_is_the_generic_draw(isa_restored):
     assert draws["avx512"].std().item() > 0.9
 
 
+def _same_at_every_thread_count(run, counts=(1, 2, 3)) -> None:
+    """Asserts that run() (a tuple of tensors) gives bit-identical results at each torch thread count."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(run())
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 @needs_avx512
 @pytest.mark.parametrize("pool", [False, True])
 def test_fused_site_does_not_depend_on_the_thread_count(isa_restored, fusing_restored, pool):
@@ -426,19 +440,13 @@ def test_fused_site_does_not_depend_on_the_thread_count(isa_restored, fusing_res
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     h = torch.randn(3, 21, 11, 9).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     weight = torch.randn((3, 21, 5, 4) if pool else h.shape)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            torch.manual_seed(13)
-            out, _, stats = _call(_native.perturb, h, phi, *_stats(21), True, None, relu=pool, pool=pool)
-            results.append((out.detach(), stats, torch.autograd.grad((out * weight).sum(), [h])[0]))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        torch.manual_seed(13)
+        out, _, stats = _call(_native.perturb, h, phi, *_stats(21), True, None, relu=pool, pool=pool)
+        return out.detach(), stats, torch.autograd.grad((out * weight).sum(), [h])[0]
+
+    _same_at_every_thread_count(run)
 
 
 @needs_avx512
@@ -668,19 +676,12 @@ def test_fused_batch_norm_does_not_depend_on_the_thread_count(isa_restored, fusi
     phi = MetaPerturb(init_std=0.3).requires_grad_(False)
     x = (5 + torch.randn(3, 21, 11, 9)).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     weight = torch.randn((3, 21, 5, 4) if pool else x.shape)
-    results = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            bn = _batch_norm(21, 0.1, True, True, seed=31)
-            torch.manual_seed(32)
-            out, _, _ = _call(_native.perturb, x, phi, *_stats(21), True, None, relu=True, pool=pool,
-                              batch_norm=bn)
-            grads = torch.autograd.grad((out * weight).sum(), [x, bn.weight, bn.bias])
-            results.append((out.detach(), *grads, bn.running_mean, bn.running_var))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+
+    def run():
+        bn = _batch_norm(21, 0.1, True, True, seed=31)
+        torch.manual_seed(32)
+        out, _, _ = _call(_native.perturb, x, phi, *_stats(21), True, None, relu=True, pool=pool, batch_norm=bn)
+        grads = torch.autograd.grad((out * weight).sum(), [x, bn.weight, bn.bias])
+        return (out.detach(), *grads, bn.running_mean, bn.running_var)
+
+    _same_at_every_thread_count(run)
