@@ -86,6 +86,20 @@ meta-training run).
         new_markdown_cell("## Curves\n\nMeans over the tasks of the task networks' train loss/accuracy (perturbed "
                           "training batches) and held-out loss/accuracy (the batches phi's gradient comes from)."),
         new_code_cell("history = study.meta_history(session.store, result)\nplots.meta_curves(history.curves)"),
+        new_markdown_cell("## Did phi learn?\n\nA phi whose weights moved can still compute what it computed at its "
+                          "initialisation (a scale of about 0.5 everywhere, noise independent of the features): such "
+                          "a phi is an untrained phi, not ours. The run probes phi's *function* at the end: a fresh "
+                          "network of the source architecture, a fixed batch of held-out source images, the same noise "
+                          "for the final phi, its initialisation and the authors' phi; *learned* means some site's mean "
+                          "scale or multiplier statistic moved by at least `phi_diagnostics.LEARNED_THRESHOLD`. The "
+                          "curves: the task networks against chance, phi's distance from its start and from the "
+                          "authors' phi, the meta-gradient's norm and the tasks' agreement on its direction (mean "
+                          "pairwise cosine: 0 for unrelated directions), and the spread of the scale over sites and "
+                          "channels."),
+        new_code_cell("print(f\"phi of run {history.run_id}: {history.verdict}\")\n"
+                      "plots.meta_diagnostics(history.curves, history.chance, f\"({history.status})\")"),
+        new_code_cell("plots.probe_scales(history.probe_sites())"),
+        new_code_cell("history.probe_sites()"),
         new_markdown_cell("## The learned scale function over layers\n\nFor every perturbation site (in forward "
                           "order) the mean of the per-channel scale `s` that phi computes from the site's "
                           "features, averaged over the tasks at the last logged step; error bars are the spread "
@@ -128,6 +142,11 @@ this study's runs.
         new_markdown_cell("## Accuracy: mean ± std over seeds\n\n`delta_base` is the difference to Base of the "
                           "same architecture and target; `delta_base_se` its standard error "
                           "(`sqrt(sd²/n + sd_base²/n_base)`)."),
+        new_markdown_cell("## Does Base overfit here?\n\nA regularizer can only help where Base overfits. Base's "
+                          "accuracy on a fixed set of its training images (the final network, as on the test split), "
+                          "on the test split, and the gap, means over seeds; a cell whose gap is below "
+                          "`study.OVERFIT_GAP` is marked underfit."),
+        new_code_cell("study.regime_table(grid)"),
         new_code_cell("accuracy = study.summarize(grid, \"test_accuracy\")\nstudy.wide(accuracy)"),
         new_code_cell("accuracy"),
         new_code_cell("plots.metric_bars(accuracy, \"test accuracy\")"),
@@ -135,8 +154,18 @@ this study's runs.
         new_markdown_cell("## Calibration at a glance\n\nExpected calibration error (15 bins) of the final "
                           "Monte-Carlo prediction; `03_calibration_robustness` shows the reliability diagrams."),
         new_code_cell("ece = study.summarize(grid, \"test_ece\")\nstudy.wide(ece)"),
+        new_markdown_cell("## Paired differences\n\nEach method minus Base of the same seed (same initialisation and "
+                          "batches), mean over seeds ± its standard error; `beyond_2se` marks differences of more than "
+                          "two standard errors. With the untrained control in the grid, the second table compares our "
+                          "phi with it: what meta-learning added beyond the noise."),
+        new_code_cell("paired = {metric: study.paired_differences(grid, metric) for metric in (\"test_accuracy\", "
+                      "\"test_nll\", \"test_ece\")}\npaired[\"test_nll\"]"),
+        new_code_cell("controls = [m for m in config.methods if m == \"metaperturb_untrained\"]\n"
+                      "(study.paired_differences(grid, \"test_nll\", reference=controls[0]) if controls else\n"
+                      " \"no untrained control in this grid (add metaperturb_untrained to methods)\")"),
         new_code_cell("report = study.save_report(session, \"02_transfer_study\", {\"runs\": grid, \"accuracy\": "
-                      "accuracy, \"ece\": ece},\n                          info={\"our_phi\": "
+                      "accuracy, \"ece\": ece, \"regime\": study.regime_table(grid),\n"
+                      "                          **{f\"paired_{k}\": v for k, v in paired.items()}},\n                          info={\"our_phi\": "
                       "grid.attrs.get(\"our_phi\")})\nsession.finish()"),
     ]
     return name, TransferStudyConfig, cells

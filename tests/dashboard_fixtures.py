@@ -127,7 +127,10 @@ def write_meta_train_run(store: RunStore, seed: int = 0, *, tasks: int = 3, step
         for task in range(tasks):
             run.log_metrics(step, "meta_train", task=task, train_loss=3.0 - frac, train_acc=0.2 + 0.4 * frac,
                             heldout_loss=3.2 - frac + rng.normal(0, 0.02), heldout_acc=0.15 + 0.35 * frac)
-        run.log_metrics(step, "phi", grad_norm=0.1 / frac, norm=1.0 + frac, scale_mean=0.5 - 0.1 * frac)
+        run.log_metrics(step, "phi", grad_norm=0.1 / frac, norm=1.0 + frac, scale_mean=0.5 - 0.1 * frac,
+                        dist_init=frac, dist_official=2.0 - frac, grad_cosine=0.1, task_grad_norm=0.3,
+                        scale_site_range=0.1 * frac, scale_channel_std=0.01 * frac,
+                        train_acc_mean=0.2 + 0.4 * frac, heldout_acc_mean=0.15 + 0.35 * frac)
     depth = np.linspace(0, 1, len(channels))
     scale = np.stack([np.stack([0.5 - 0.2 * depth * (s / steps) + rng.normal(0, 0.01, len(channels))
                                 for _ in range(tasks)]) for s in logged])
@@ -135,7 +138,15 @@ def write_meta_train_run(store: RunStore, seed: int = 0, *, tasks: int = 3, step
                     multiplier_std=scale * 0.5, site_names=np.asarray([f"layer{i}" for i in range(len(channels))]),
                     task_names=np.asarray([f"task{i}" for i in range(tasks)]))
     run.save_json("task_split", {"tasks": [{"classes": list(range(i * 10, i * 10 + 10))} for i in range(tasks)]})
-    run.mark_finished({"steps": steps, "heldout_acc_mean": 0.5, "seed": seed, "final_means": {"heldout_acc": 0.5}})
+    run.save_json("phi_diagnostics", {
+        "learned": True, "verdict": "learned", "function_change": 0.2, "threshold": 0.02,
+        "message": "learned: phi's function moved by 0.200 from its initialisation (threshold 0.02)",
+        "sites": [{"site": f"layer{i}", "channels": c, "scale": 0.7 - 0.01 * i, "scale_init": 0.5,
+                   "scale_official": 0.71 - 0.01 * i, "scale_channel_std": 0.01, "multiplier_mean": 0.5,
+                   "multiplier_mean_init": 0.4, "multiplier_std": 0.3, "multiplier_std_init": 0.26}
+                  for i, c in enumerate(channels)]})
+    run.mark_finished({"steps": steps, "heldout_acc_mean": 0.5, "seed": seed, "final_means": {"heldout_acc": 0.5},
+                       "chance": 0.1})
     return run
 
 

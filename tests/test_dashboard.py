@@ -275,6 +275,16 @@ def test_every_page_renders_synthetic_artifacts(synthetic, page, monkeypatch):
     assert SECRET not in texts(app)
 
 
+def test_curves_page_says_whether_phi_learned(synthetic, monkeypatch):
+    root, _ = synthetic
+    app = render(root, "curves", monkeypatch)
+    assert "Did phi learn?" in texts(app)
+    assert [m.value for m in app.success] == ["phi learned: phi's function moved by 0.200 from its initialisation "
+                                              "(threshold 0.02)"]
+    specs = " ".join(chart.proto.spec for chart in app.get("plotly_chart"))
+    assert "Did phi learn?" in specs and "from the authors' phi" in specs and "authors' phi" in specs
+
+
 def test_runs_page_lists_corrupt_entries_with_their_reason(synthetic, monkeypatch):
     root, made = synthetic
     app = render(root, "runs", monkeypatch)
@@ -380,10 +390,14 @@ def test_an_empty_root_shows_how_to_produce_data(tmp_path, page, state, monkeypa
 @pytest.mark.slow
 def test_every_page_renders_the_smoke_study(smoke, monkeypatch):
     pages = {page: render(smoke, page, monkeypatch) for page in PAGES}
-    for page, app in pages.items():
-        assert charts_on(app) >= 1 and not app.error and not app.warning, page
     runs = dd.runs_frame(smoke)
     meta = runs[runs["kind"] == "meta_train"]["run_id"].tolist()
+    for page, app in pages.items():
+        assert charts_on(app) >= 1 and not app.error, page
+        # the only warning: the smoke study's 4-step phi did not learn, said where its run is shown
+        assert [w.value for w in app.warning] == ([] if page != "curves" else
+                                                  [f"phi {dd.phi_diagnostics(smoke, meta[0])['message']}"]), page
+    assert "Did phi learn?" in texts(pages["curves"])
     transfer = runs[runs["kind"] == "transfer"]
     # the study page links the transfer study to its runs and its executed notebook
     studies = dd.studies_frame(smoke)
@@ -393,7 +407,8 @@ def test_every_page_renders_the_smoke_study(smoke, monkeypatch):
     # methods: Base and MetaPerturb with the meta-trained phi among them, told apart from the authors' phi
     table = tables(pages["accuracy"], "delta_base_se", "seeds")[0]
     assert len(table) == transfer.groupby(["arch", "target", "label"]).ngroups
-    assert "base" in set(table["method"]) and any(m.startswith("metaperturb (phi") for m in table["method"])
+    assert "base" in set(table["method"]) and "metaperturb (authors' phi)" in set(table["method"])
+    assert f"metaperturb (ours, did not learn: …{meta[0][-4:]})" in set(table["method"])
     assert (table[table["method"] == "base"]["n"] == 2).all()  # two seeds each
     variants = pages["scales"].selectbox(key="profile_variant").options  # one phi at a time in the profile
     assert len(variants) == sum(m.startswith("metaperturb") for m in set(table["method"]))

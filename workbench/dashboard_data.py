@@ -24,6 +24,7 @@ import pandas as pd
 
 from .artifacts import ENV_VAR, RunStore, default_root
 from .errors import WorkbenchError
+from .labels import labels_for, method_label, phi_verdict
 
 # ------------------------------------------------------------------------------------- names the stages write
 KIND_TRANSFER = "transfer"          # workbench/transfer.py (TRANSFER_KIND)
@@ -130,28 +131,20 @@ def open_store(root: str | os.PathLike) -> RunStore:
 
 
 # ---------------------------------------------------------------------------------------------- listings
-def method_label(method: Any, phi: Any = None) -> str:
-    """How a method is shown: ``metaperturb`` runs are told apart by their phi (the authors' or a meta-train run)."""
-    name = "?" if method is None or (isinstance(method, float) and math.isnan(method)) else str(method)
-    if phi is None or (isinstance(phi, float) and math.isnan(phi)) or phi == "":
-        return name
-    phi = str(phi)
-    return f"{name} ({phi} phi)" if len(phi) <= 16 else f"{name} (phi …{phi[-10:]})"
-
-
 def runs_frame(root: str | os.PathLike) -> pd.DataFrame:
     """One row per run of the store (corrupt ones included), from the small JSON files only.
 
     Columns: those of ``RunStore.runs_table`` (run_id, kind, status, reason, created, finished, heartbeat,
     study_id, path, ``tags.*``, ``summary.*``) plus plain tag columns source, target, arch, method, seed, phi
-    (None where a run has no such tag) and ``label`` (:func:`method_label`).
+    (None where a run has no such tag) and ``label`` (:func:`workbench.labels.method_label`: which phi a row used,
+    and whether our phi learned).
     """
     frame = open_store(root).runs_table()
     for tag in TAG_COLUMNS:
         column = f"tags.{tag}"
         values = [_plain(v) for v in frame[column]] if column in frame else [None] * len(frame)
         frame[tag] = pd.Series(values, index=frame.index, dtype=object)
-    frame["label"] = [method_label(m, p) for m, p in zip(frame["method"], frame["phi"])]
+    frame["label"] = labels_for(open_store(root), frame["method"], frame["phi"])
     return frame
 
 
@@ -477,6 +470,22 @@ def robustness(root: str | os.PathLike, run_id: str) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=["norm", "eps", "accuracy"])
 
 
+def phi_diagnostics(root: str | os.PathLike, run_id: str) -> dict[str, Any]:
+    """Whether a meta-training run's phi learned: ``{"learned", "message", "chance", "record"}``. ``learned`` and
+    ``record`` (``records/phi_diagnostics.json``) are None for runs made before the diagnostics existed, or for a
+    selection run whose chosen run has none."""
+    store = open_store(root)
+    record = store.run_record(check_id(run_id))
+    if record.status == "corrupt":
+        raise WorkbenchError(f"run {run_id} is corrupt: {record.reason}")
+    found = phi_verdict(store, run_id)
+    chance = record.summary.get("chance") if isinstance(record.summary, dict) else None
+    return {"learned": None if found is None else bool(found["learned"]),
+            "message": found["message"] if found else "no diagnostics recorded (a run made before they existed): "
+                                                      "whether phi learned is unknown",
+            "chance": chance if isinstance(chance, (int, float)) else None, "record": found}
+
+
 def meta_site_stats(root: str | os.PathLike, run_id: str) -> pd.DataFrame | None:
     """Per-site statistics of phi over meta-training, averaged over tasks: step, site_index, site, scale_mean,
     multiplier_mean, multiplier_std (the noise statistics). None if not recorded."""
@@ -513,6 +522,6 @@ def meta_site_stats(root: str | os.PathLike, run_id: str) -> pd.DataFrame | None
 __all__ = [
     "ACCURACY_KEY", "ECE_KEY", "HOW_TO", "HOW_TO_COMMANDS", "PAGE_NEEDS", "RunDetails", "accuracy_table", "check_id", "confidences",
     "ece", "executed_notebook", "filter_runs", "finished", "foreign_entries", "layer_profile", "meta_site_stats",
-    "method_label", "metric_columns", "metrics", "options", "pool_bins", "reliability", "resolve_root",
+    "method_label", "metric_columns", "metrics", "options", "phi_diagnostics", "pool_bins", "reliability", "resolve_root",
     "robustness", "run_details", "runs_frame", "site_scales", "store_roots", "studies_frame", "wide_table",
 ]

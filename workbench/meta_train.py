@@ -71,6 +71,7 @@ from .errors import WorkbenchError
 from .lookahead import lookahead_meta_grad, twice_differentiable
 from .models import build
 from .perturb import MetaPerturb
+from .phi_diagnostics import DIAGNOSTICS_RECORD, diagnose, official_phi
 
 RUN_KIND = "meta_train"
 SELECT_KIND = "meta_select"
@@ -80,7 +81,9 @@ PHI_FILE = "phi.pt"
 # Config fields that may differ when a run is resumed: where things are and how fast, never what is computed.
 RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoint_every", "run_name")
 # Purposes of the per-task seeds derived from the run seed (see derive_seed).
-_SEED_PHI, _SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID, _SEED_EVAL, _SEED_SELECT = range(7)
+_SEED_PHI, _SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID, _SEED_EVAL, _SEED_SELECT, _SEED_PROBE = range(8)
+PHI_INIT_FILE = "phi_init.pt"  # the run's phi at step 0: the untrained-phi control and the diagnostics compare with it
+PROBE_IMAGES = 64  # held-out source images the end-of-run diagnostics feed through a fresh network
 _METRIC_NAMES = ("train_loss", "train_acc", "heldout_loss", "heldout_acc")
 
 
@@ -192,6 +195,27 @@ def derive_seed(seed: int, *keys: int) -> int:
     """An independent 63-bit seed for one purpose (and task) of a run, from the run seed."""
     state = np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
+
+
+def initial_phi(seed: int, init_std: float = 0.01) -> MetaPerturb:
+    """The phi a run of seed ``seed`` starts from (every tensor ~ N(0, init_std^2), drawn from the run's own stream):
+    the meta-trainer's starting point and the untrained-phi control (``metaperturb_untrained``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, _SEED_PHI))
+        return MetaPerturb(init_std=init_std)
+
+
+def gradient_agreement(task_grads: torch.Tensor) -> tuple[float, float]:
+    """(mean cosine similarity over all pairs of tasks, mean norm) of a ``(tasks, parameters)`` matrix of per-task
+    meta-gradients. Tasks that pull phi the same way give a cosine near 1, unrelated ones near 0; NaN for one task."""
+    g = task_grads.double()
+    norms = g.norm(dim=1)
+    t = g.shape[0]
+    if t < 2:
+        return float("nan"), float(norms.mean())
+    unit = g / norms.clamp_min(1e-30).unsqueeze(1)
+    cos = unit @ unit.T
+    return float((cos.sum() - cos.diagonal().sum()) / (t * (t - 1))), float(norms.mean())
 
 
 # ============================================================================================= task state
@@ -318,10 +342,7 @@ class MetaTrainer:
         self.num_tasks = len(tasks)
         self.task_names = [t.name for t in tasks]
         self.step = 0
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(config.seed, _SEED_PHI))
-            phi = MetaPerturb(init_std=config.phi_init_std)
-        self.phi = phi.to(self.device)
+        self.phi = initial_phi(config.seed, config.phi_init_std).to(self.device)
         self.phi_params = list(self.phi.parameters())
         self.phi_numel = sum(p.numel() for p in self.phi_params)
         self.phi_optimizer = torch.optim.Adam(self.phi_params, lr=config.phi_lr, weight_decay=config.phi_weight_decay)
@@ -336,6 +357,7 @@ class MetaTrainer:
                 raise WorkbenchError(f"task {slot.task.name} has {len(slot.handle.sites)} perturbation sites but "
                                      f"task {self.slots[0].task.name} has {self.num_sites}; use one architecture")
         self.last_phi_grad: Optional[torch.Tensor] = None
+        self.last_agreement = (float("nan"), float("nan"))  # (mean pairwise cosine, mean per-task norm)
 
     # ------------------------------------------------------------------------------------------ building
     def _make_slot(self, index: int, task: SourceTask, channels: int) -> TaskSlot:
@@ -444,24 +466,27 @@ class MetaTrainer:
         """Columns of the per-task matrix exchanged every step."""
         p, s = self.phi_numel, self.num_sites
         return {"grad": slice(0, p), "metrics": slice(p, p + 4), "scale": slice(p + 4, p + 4 + s),
-                "mult_mean": slice(p + 4 + s, p + 4 + 2 * s), "mult_std": slice(p + 4 + 2 * s, p + 4 + 3 * s)}
+                "mult_mean": slice(p + 4 + s, p + 4 + 2 * s), "mult_std": slice(p + 4 + 2 * s, p + 4 + 3 * s),
+                "scale_std": slice(p + 4 + 3 * s, p + 4 + 4 * s)}
 
     @property
     def row_width(self) -> int:
-        return self.phi_numel + 4 + 3 * self.num_sites
+        return self.phi_numel + 4 + 4 * self.num_sites
 
     def _row(self, slot: TaskSlot, grads: Sequence[torch.Tensor], heldout: torch.Tensor, record: bool) -> torch.Tensor:
         train = slot.last_train if slot.last_train is not None else torch.full((2,), float("nan"), device=self.device)
         parts = [torch.cat([g.reshape(-1) for g in grads]), train.to(self.device), heldout]
         if record:
-            scales = [s.mean() for s in slot.handle.scales()]
+            scales = slot.handle.scales()
             nan = torch.full((2,), float("nan"), device=self.device)
             # gathered as device tensors: reading each site's statistics on the host would sync a GPU twice per site
             per_site = [s.last_multiplier_stats_tensor() for s in slot.handle.sites]
             stats = torch.stack([nan if t is None else t.to(self.device).float() for t in per_site])
-            parts += [torch.stack(scales).to(self.device).float(), stats[:, 0], stats[:, 1]]
+            spread = [s.std(unbiased=False) for s in scales]  # across the site's channels
+            parts += [torch.stack([s.mean() for s in scales]).to(self.device).float(), stats[:, 0], stats[:, 1],
+                      torch.stack(spread).to(self.device).float()]
         else:
-            parts.append(torch.zeros(3 * self.num_sites, device=self.device))
+            parts.append(torch.zeros(4 * self.num_sites, device=self.device))
         return torch.cat([p.float() for p in parts])
 
     def _reduce_and_step(self, rows: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -480,6 +505,7 @@ class MetaTrainer:
             what = ("train loss" if not math.isfinite(float(values[0])) else
                     "held-out loss" if not math.isfinite(float(values[2])) else "phi's gradient")
             raise NonFiniteLoss(self.step + 1, task, self.task_names[task], what)
+        self.last_agreement = gradient_agreement(host[:, layout["grad"]])
         grad = full[:, layout["grad"]].sum(dim=0) / self.num_tasks
         offset = 0
         for p in self.phi_params:
@@ -662,19 +688,27 @@ class _Log:
         self.scale: list[torch.Tensor] = []
         self.mult_mean: list[torch.Tensor] = []
         self.mult_std: list[torch.Tensor] = []
+        self.scale_std: list[torch.Tensor] = []
         self.phi: list[torch.Tensor] = []
         self.last_means = torch.full((num_tasks, 4), float("nan"), dtype=torch.float64)
+        self.agreement = torch.zeros(3, dtype=torch.float64)  # sums since the last row: cosine, task norm, count
 
     def state_dict(self) -> dict[str, Any]:
         stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0)  # noqa: E731
         return {"sums": self.sums.clone(), "count": self.count, "steps": list(self.steps), "scale": stack(self.scale),
-                "mult_mean": stack(self.mult_mean), "mult_std": stack(self.mult_std), "phi": stack(self.phi),
-                "last_means": self.last_means.clone()}
+                "mult_mean": stack(self.mult_mean), "mult_std": stack(self.mult_std),
+                "scale_std": stack(self.scale_std), "phi": stack(self.phi), "last_means": self.last_means.clone(),
+                "agreement": self.agreement.clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sums, self.count, self.steps = state["sums"].clone(), int(state["count"]), list(state["steps"])
         for name in ("scale", "mult_mean", "mult_std", "phi"):
             setattr(self, name, list(state[name]) if len(self.steps) else [])
+        # checkpoints written before the channel spread and gradient agreement were recorded lack them
+        spread = state.get("scale_std")
+        self.scale_std = (list(spread) if spread is not None and len(spread) == len(self.steps) else
+                          [torch.full_like(s, float("nan")) for s in self.scale])
+        self.agreement = state["agreement"].clone() if "agreement" in state else torch.zeros(3, dtype=torch.float64)
         self.last_means = state["last_means"].clone()
 
 
@@ -687,7 +721,7 @@ def _save_arrays(run: Run, trainer: MetaTrainer, log: _Log) -> None:
         return
     run.save_arrays("site_stats", steps=np.asarray(log.steps, dtype=np.int64),
                     scale_mean=torch.stack(log.scale).numpy(), multiplier_mean=torch.stack(log.mult_mean).numpy(),
-                    multiplier_std=torch.stack(log.mult_std).numpy(),
+                    multiplier_std=torch.stack(log.mult_std).numpy(), scale_channel_std=torch.stack(log.scale_std).numpy(),
                     site_names=np.asarray(trainer.site_names, dtype=str),
                     task_names=np.asarray(trainer.task_names, dtype=str))
     names = [name for name, _ in trainer.phi.named_parameters()]
@@ -759,6 +793,7 @@ def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore
                             "num_tasks": config.num_tasks, "second_order": config.second_order, **(tags or {})}
                 run = store.create_run(RUN_KIND, config, tags=run_tags, run_id=run_id)
                 run.save_json("task_split", data.description)
+                initial_phi(config.seed, config.phi_init_std).save(run.path / PHI_INIT_FILE, run_id=run.run_id, step=0)
             run.save_json("runtime", {"device": str(device), "world_size": dist.world_size,
                                       "backend": dist.backend, "threads": torch.get_num_threads(),
                                       "deterministic": config.deterministic, "resumed_from_step":
@@ -791,6 +826,9 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
         trainer.load_state_dict(checkpoint["trainer"])
         log.load_state_dict(checkpoint["log"])
     layout = trainer.row_layout()
+    init_vector = _phi_vector(initial_phi(config.seed, config.phi_init_std))
+    reference = official_phi()
+    official_vector = _phi_vector(reference) if reference is not None else None
     started = time.perf_counter()
     start_step = trainer.step
     bar = tqdm(total=config.steps, initial=trainer.step, desc=f"meta-train {the_run_id}", unit="step",
@@ -812,6 +850,7 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
                 raise WorkbenchError(message) from None
             log.sums += host[:, layout["metrics"]].double()
             log.count += 1
+            log.agreement += torch.tensor([*trainer.last_agreement, 1.0], dtype=torch.float64)
             if log_now:
                 means = log.sums / max(log.count, 1)
                 log.last_means = means
@@ -819,17 +858,26 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
                 log.scale.append(host[:, layout["scale"]].clone())
                 log.mult_mean.append(host[:, layout["mult_mean"]].clone())
                 log.mult_std.append(host[:, layout["mult_std"]].clone())
-                log.phi.append(_phi_vector(trainer.phi))
+                log.scale_std.append(host[:, layout["scale_std"]].clone())
+                vector = _phi_vector(trainer.phi)
+                log.phi.append(vector)
+                cosine, task_norm = (log.agreement[:2] / log.agreement[2].clamp_min(1)).tolist()
                 log.sums.zero_()
                 log.count = 0
+                log.agreement.zero_()
                 if run is not None:
                     for i in range(trainer.num_tasks):
                         run.log_metrics(step, "meta_train", task=i, **dict(zip(_METRIC_NAMES, means[i].tolist())))
                     mean_all = means.mean(dim=0).tolist()
+                    distances = {"dist_init": float((vector - init_vector).norm())}
+                    if official_vector is not None:
+                        distances["dist_official"] = float((vector - official_vector).norm())
                     run.log_metrics(step, "phi", grad_norm=float(trainer.last_phi_grad.norm()),
-                                    norm=float(_phi_vector(trainer.phi).norm()),
+                                    norm=float(vector.norm()), grad_cosine=cosine, task_grad_norm=task_norm,
                                     scale_mean=float(host[:, layout["scale"]].mean()),
-                                    **{f"{k}_mean": v for k, v in zip(_METRIC_NAMES, mean_all)})
+                                    scale_site_range=float(np.ptp(host[:, layout["scale"]].mean(dim=0).numpy())),
+                                    scale_channel_std=float(host[:, layout["scale_std"]].mean()),
+                                    **distances, **{f"{k}_mean": v for k, v in zip(_METRIC_NAMES, mean_all)})
                 bar.set_postfix(heldout_acc=f"{float(means[:, 3].mean()):.3f}",
                                 heldout_loss=f"{float(means[:, 2].mean()):.3f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
@@ -843,10 +891,13 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
     heldout = trainer.heldout_accuracy()
     phi = MetaPerturb()
     phi.load_state_dict(cpu_copy(trainer.phi.state_dict()))
+    chance = float(np.mean([1.0 / t.num_classes for t in data.tasks]))
+    diagnostics = _diagnose(config, phi, data, trainer.augment) if run is not None else None
     summary = {
         "steps": config.steps,
         "heldout_acc_mean": float(heldout.mean()),
         "heldout_acc": heldout.tolist(),
+        "chance": chance,
         "task_names": list(trainer.task_names),
         "final_means": {k: float(v) for k, v in zip(_METRIC_NAMES, log.last_means.mean(dim=0).tolist())},
         "phi_path": PHI_FILE,
@@ -858,14 +909,54 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
         "second_order": config.second_order,
         "seed": config.seed,
     }
+    if diagnostics is not None:
+        summary.update(phi_learned=diagnostics["learned"], phi_verdict=diagnostics["message"],
+                       phi_function_change=diagnostics["function_change"],
+                       phi_distance_from_init=diagnostics["distance_from_init"],
+                       phi_distance_from_official=diagnostics["distance_from_official"],
+                       scale_by_site=[row["scale"] for row in diagnostics["sites"]])
     phi_path = None
     if run is not None:
+        run.save_json(DIAGNOSTICS_RECORD, diagnostics)
         phi_path = phi.save(run.path / PHI_FILE, run_id=run.run_id, step=config.steps, source=config.source,
                             arch=config.arch, seed=config.seed)
         _save_arrays(run, trainer, log)
         run.mark_finished(summary)
     trainer.release()
     return MetaTrainResult(run_id=the_run_id, phi=phi, phi_path=phi_path, summary=summary, run_ids=[the_run_id])
+
+
+def _diagnose(config: MetaTrainConfig, phi: MetaPerturb, data: SourceData, augment: Augment) -> dict[str, Any]:
+    """Whether ``phi`` computes something else than the run's initial phi (:func:`phi_diagnostics.diagnose`), probed
+    with the first held-out images of the first task on a fresh network of the run's architecture."""
+    task = data.tasks[0]
+    images = augment.eval(task.valid.x[:PROBE_IMAGES]).cpu()
+    return diagnose(phi, initial_phi(config.seed, config.phi_init_std), config.arch, images,
+                    num_classes=task.num_classes, image_size=config.image_size,
+                    seed=derive_seed(config.seed, _SEED_PROBE))
+
+
+def diagnose_run(run_ref: str, store: Optional[RunStore] = None) -> dict[str, Any]:
+    """Write (or rewrite) the diagnostics record of a finished meta-training run, e.g. one made before runs wrote it:
+    its ``phi.pt`` against the initial phi of its seed, on its own source data. A selection run: its chosen run."""
+    store, run_id = _locate_run(run_ref, store, None)
+    run = store.open_run(run_id)
+    if run.kind == SELECT_KIND:
+        chosen = run.summary.get("chosen_run_id")
+        if not chosen:
+            raise WorkbenchError(f"selection run {run_id} has not chosen a run yet; check it when it has finished")
+        run = store.open_run(str(chosen))
+    if run.kind != RUN_KIND:
+        raise WorkbenchError(f"run {run.run_id} is a {run.kind!r} run; phi-check reads meta_train runs (or their "
+                             f"selection run)")
+    if not (run.path / PHI_FILE).is_file():
+        raise WorkbenchError(f"run {run.run_id} has no {PHI_FILE} (status {run.status}); check a finished run")
+    config = MetaTrainConfig.from_dict(dict(run.config))
+    data = prepare_source(config)
+    augment = Augment(config.image_size, padding=0, flip=False, mean=data.mean, std=data.std)
+    record = _diagnose(config, MetaPerturb.load(run.path / PHI_FILE), data, augment)
+    run.save_json(DIAGNOSTICS_RECORD, record)
+    return {"run_id": run.run_id, **record}
 
 
 # ============================================================================================ selection
@@ -1129,8 +1220,16 @@ def _cli(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cli_check(args: argparse.Namespace) -> int:
+    store = RunStore(args.artifacts) if args.artifacts else None
+    record = diagnose_run(args.run, store)
+    sites = ", ".join(f"{row['scale']:.3f}" for row in record["sites"])
+    print(f"run {record['run_id']}: phi {record['message']}; mean scale per site {sites}")
+    return 0
+
+
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``workbench meta-train``."""
+    """Add ``workbench meta-train`` and ``workbench phi-check``."""
     parser = subparsers.add_parser(
         "meta-train", help="meta-train phi over source tasks (one process, or many under torchrun)",
         description="Meta-train the MetaPerturb perturbation function phi jointly over tasks cut from a source "
@@ -1144,8 +1243,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                                                            "./artifacts of the checkout)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cli)
+    check = subparsers.add_parser(
+        "phi-check", help="say whether a meta-training run's phi learned (writes its diagnostics record)",
+        description="Probe a finished meta-training run's phi against the phi it started from (a fresh network of "
+                    "its architecture, held-out source images, fixed noise) and write records/phi_diagnostics.json, "
+                    "which the notebooks and the dashboard read. Runs write it themselves since it exists; this "
+                    "command checks older ones.")
+    check.add_argument("run", metavar="RUN", help="a meta_train or meta_select run id (or run folder)")
+    check.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or "
+                                                          "./artifacts of the checkout)")
+    check.set_defaults(func=_cli_check)
 
 
 __all__ = ["MetaTrainConfig", "MetaTrainer", "MetaTrainResult", "NonFiniteLoss", "SourceData", "TaskRNG",
-           "batchnorm_eval", "derive_seed", "frozen", "meta_train", "prepare_source", "register_cli",
+           "batchnorm_eval", "derive_seed", "diagnose_run", "frozen", "initial_phi", "meta_train", "prepare_source", "register_cli",
            "resolve_device", "transfer_score"]

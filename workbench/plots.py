@@ -22,7 +22,7 @@ TEMPLATE = "plotly_white"
 
 # Methods keep their colour in every figure, whichever subset a figure shows.
 METHOD_ORDER = ("base", "dropout", "dropblock", "mixup", "manifold_mixup", "information_dropout", "l2sp", "finetune",
-                "finetune_metaperturb", "metaperturb (official)", "metaperturb (ours)")
+                "finetune_metaperturb", "metaperturb (authors' phi)", "metaperturb (untrained control)")
 
 
 def label_colors(labels: Sequence[Any]) -> dict[str, str]:
@@ -78,6 +78,55 @@ def meta_curves(curves: pd.DataFrame) -> go.Figure:
                 fig.add_scatter(x=curves["step"], y=curves[column], mode="lines+markers", name=split,
                                 line_color=color, legendgroup=split, showlegend=col == 1, row=1, col=col)
         fig.update_xaxes(title_text="meta step", row=1, col=col)
+    return finish_layout(fig, title)
+
+
+def meta_diagnostics(curves: pd.DataFrame, chance: float | None = None, verdict: str | None = None) -> go.Figure:
+    """Meta-training diagnostics against the step: the task networks' accuracy against chance; phi's distance from
+    its initialisation and from the authors' phi; the meta-gradient's norm and how much the tasks agree on it
+    (mean pairwise cosine); the spread of the scale over sites and over channels. ``verdict`` goes in the title."""
+    title = "Did phi learn?" + (f" {verdict}" if verdict else "")
+    if curves.empty:
+        return empty(title, "no metrics logged")
+    fig = make_subplots(rows=2, cols=2, vertical_spacing=0.16, subplot_titles=[
+        "task networks' accuracy (dotted: chance)", "phi's distance from", "meta-gradient",
+        "scale spread (0: the same scale everywhere)"])
+
+    def line(column: str, name: str, color: str, row: int, col: int, dash: str = "solid") -> None:
+        if column in curves and curves[column].notna().any():
+            fig.add_scatter(x=curves["step"], y=curves[column], mode="lines", name=name, line=dict(color=color, dash=dash),
+                            row=row, col=col)
+
+    line("train_acc_mean", "train accuracy", PALETTE[0], 1, 1)
+    line("heldout_acc_mean", "held-out accuracy", PALETTE[1], 1, 1)
+    if chance is not None:
+        fig.add_hline(y=chance, line_dash="dot", line_color="gray", row=1, col=1)
+    line("dist_init", "from its initialisation", PALETTE[2], 1, 2)
+    line("dist_official", "from the authors' phi", PALETTE[3], 1, 2)
+    line("grad_norm", "norm of the mean over tasks", PALETTE[4], 2, 1)
+    line("task_grad_norm", "mean norm per task", PALETTE[5], 2, 1, "dash")
+    line("grad_cosine", "agreement (mean pairwise cosine)", PALETTE[6], 2, 1, "dot")
+    line("scale_site_range", "range over sites", PALETTE[7], 2, 2)
+    line("scale_channel_std", "std over channels", PALETTE[8], 2, 2, "dash")
+    for row in (1, 2):
+        for col in (1, 2):
+            fig.update_xaxes(title_text="meta step", row=row, col=col)
+    return finish_layout(fig, title, height=640)
+
+
+def probe_scales(sites: pd.DataFrame, title: str = "phi's scale per site on a fresh network") -> go.Figure:
+    """The diagnostics probe: mean scale per site of the final phi, of its initialisation and of the authors' phi."""
+    if sites.empty:
+        return empty(title, "no diagnostics recorded")
+    fig = go.Figure()
+    for column, name, dash in (("scale", "final phi", "solid"), ("scale_init", "initial phi", "dot"),
+                               ("scale_official", "authors' phi", "dash")):
+        if column in sites:
+            fig.add_scatter(x=list(range(len(sites))), y=sites[column], mode="lines+markers", name=name,
+                            line=dict(dash=dash), text=sites["site"])
+    fig.update_xaxes(title_text="site (forward order)")
+    fig.update_yaxes(title_text="mean scale s")
+    _integer_ticks(fig, len(sites))
     return finish_layout(fig, title)
 
 

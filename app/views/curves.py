@@ -6,6 +6,7 @@ import streamlit as st
 import charts
 import ui
 from workbench import dashboard_data as dd
+from workbench import plots
 
 MAX_CURVES = 12
 MAX_ROBUST_RUNS = 200
@@ -79,6 +80,29 @@ def _meta_curves(ctx: ui.Context) -> None:
     if not phi.empty and "grad_norm" in phi:
         st.plotly_chart(charts.series_lines(phi.assign(run="phi"), "step", "grad_norm", "run",
                                             "Norm of phi's meta-gradient", "gradient norm"), key="meta_grad")
+    run_id = st.session_state.get("meta_curve_run")
+    if run_id:
+        _phi_verdict(ctx, run_id, phi)
+
+
+def _phi_verdict(ctx: ui.Context, run_id: str, phi: pd.DataFrame) -> None:
+    """Whether the run's phi learned, the diagnostics over the steps, and the end-of-run probe per site."""
+    found, error = ui.attempt(dd.phi_diagnostics, ctx.root_str, run_id)
+    if error:
+        st.warning(error)
+        return
+    st.subheader("Did phi learn?")
+    if found["learned"]:
+        st.success(f"phi {found['message']}")
+    else:
+        st.warning(f"phi {found['message']}")
+    if not phi.empty:
+        st.plotly_chart(plots.meta_diagnostics(phi, found["chance"]), key="meta_diagnostics")
+    if found["record"]:
+        sites = pd.DataFrame(found["record"]["sites"])
+        st.plotly_chart(plots.probe_scales(sites), key="meta_probe")
+        with st.expander("Probe values per site"):
+            st.dataframe(sites, hide_index=True, key="meta_probe_table")
 
 
 def _robustness(ctx: ui.Context) -> None:
