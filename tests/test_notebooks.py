@@ -14,7 +14,7 @@ from workbench.cli import main as cli_main
 from workbench.study import REPORT_KIND
 
 NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales"]
-SMOKE_GRID = {"targets": 2, "archs": 1, "seeds": 2, "methods": 4}  # notebooks/profiles/smoke.yaml
+SMOKE_GRID = {"targets": 2, "archs": 1, "seeds": 2, "methods": 5}  # notebooks/profiles/smoke.yaml
 
 
 def _run_smoke(root: Path, notebooks: list[str]) -> dict[str, object]:
@@ -71,7 +71,7 @@ def test_runs_are_linked_to_their_studies_and_carry_their_artifacts(smoke):
     for record in transfers:
         run = store.open_run(record.run_id)
         assert record.status == "finished" and run.has_arrays("reliability") and run.has_arrays("predictions")
-        assert run.has_arrays("site_scales") == (record.tags["method"] == "metaperturb")
+        assert run.has_arrays("site_scales") == record.tags["method"].startswith("metaperturb")
         assert run.has_arrays("robustness") == (record.tags["target"] == "mnist_test10k")
         assert run.summary["test_examples"] == 20 * 10, "test_per_class=20 on 10-class targets"
 
@@ -80,9 +80,16 @@ def test_runs_are_linked_to_their_studies_and_carry_their_artifacts(smoke):
         assert len(reports) == 1 and reports[0].status == "finished"
     report = store.open_run(store.list_runs(kind=REPORT_KIND, study_id=grid_study.study_id)[0].run_id)
     accuracy = report.load_json("accuracy")
-    assert len(accuracy) == 2 * 1 * 4  # targets x archs x method labels
+    assert len(accuracy) == 2 * 1 * 5  # targets x archs x method labels
     labels = {row["method"] for row in accuracy}
-    assert labels == {"base", "dropblock", "metaperturb (ours)", "metaperturb (official)"}
+    # a 4-step smoke phi cannot learn: its rows say so rather than passing for ours
+    ours = f"metaperturb (ours, did not learn: …{meta.run_id[-4:]})"
+    assert labels == {"base", "dropblock", ours, "metaperturb (authors' phi)", "metaperturb (untrained control)"}
+    assert meta.load_json("phi_diagnostics")["learned"] is False
+    regime = report.load_json("regime")
+    assert {(row["arch"], row["target"]) for row in regime} == {("conv4_8", "mnist_test10k"), ("conv4_8", "cifar10")}
+    paired = report.load_json("paired_test_nll")
+    assert {row["label"] for row in paired} == labels - {"base"} and all(row["n"] == 2 for row in paired)
     assert all(row["n"] == 2 for row in accuracy)
     assert all(row["delta_base"] is None for row in accuracy if row["method"] == "base")
     assert report.load_json("info")["our_phi"] == meta.run_id
@@ -95,7 +102,7 @@ def test_runs_are_linked_to_their_studies_and_carry_their_artifacts(smoke):
     assert sorted({row["eps"] for row in robust}) == pytest.approx([0.0, 0.0157, 0.0314])
     scales = store.open_run(store.list_runs(kind=REPORT_KIND, study_id=studies["04_scales"].study_id)[0].run_id)
     profile = scales.load_json("profile")
-    assert {row["label"] for row in profile} == {"metaperturb (ours)", "metaperturb (official)"}
+    assert {row["label"] for row in profile} == {ours, "metaperturb (authors' phi)", "metaperturb (untrained control)"}
     assert {row["site_index"] for row in profile} == {0, 1, 2, 3}, "Conv-4 has four perturbation sites"
 
 

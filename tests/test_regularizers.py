@@ -21,7 +21,7 @@ from workbench.regularizers.information_dropout import InformationDropoutLayer
 from workbench.regularizers.mixup import mixed_loss
 
 ALL = ["base", "dropblock", "dropout", "finetune", "finetune_metaperturb", "information_dropout", "l2sp",
-       "manifold_mixup", "metaperturb", "mixup"]
+       "manifold_mixup", "metaperturb", "metaperturb_untrained", "mixup"]
 SIZE = 16
 
 

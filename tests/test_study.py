@@ -145,9 +145,10 @@ def test_transfer_config_of_a_grid_cell():
     assert official.phi == "official" and official.per_class is None and official.robust_norms == []
     assert config.transfer_config("cifar10", "conv4_8", "dropblock", 0, "x").method_options == {"drop_prob": 0.2}
     assert len(study.grid_cells(config)) == 2 * 1 * 3 * 4
-    assert study.method_label("metaperturb", "official") == "metaperturb (official)"
-    assert study.method_label("metaperturb", "run-x", ours="run-x") == "metaperturb (ours)"
-    assert study.method_label("metaperturb", "run-y", ours="run-x").startswith("metaperturb (phi ")
+    assert study.method_label("metaperturb", "official") == "metaperturb (authors' phi)"
+    assert study.method_label("metaperturb", "20261203-meta-train-ab12") == "metaperturb (ours: …ab12)"
+    assert study.method_label("metaperturb", "20261203-meta-train-ab12", False) == \
+        "metaperturb (ours, did not learn: …ab12)"
     assert study.method_label("base") == "base"
 
 

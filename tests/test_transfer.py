@@ -104,7 +104,12 @@ def test_the_authors_phi_transfers_to_conv4_on_mnist(tmp_path):
     record = run.load_json("phi")
     assert record["sha256"] == hashlib.sha256(OFFICIAL.read_bytes()).hexdigest() and record["parameters"] == 82
     stages = [(r["stage"], r["step"]) for r in run.read_metrics()]
-    assert stages == [("train", 1), ("train", 2), ("test", 2), ("train", 3), ("final", 3)]
+    assert stages == [("train", 1), ("train", 2), ("test", 2), ("train", 3), ("final", 3), ("train_eval", 3)]
+    # the training-set evaluation: every one of the 80 training images (fewer than train_eval_examples), 2 samples
+    (on_train,) = run.read_metrics("train_eval")
+    assert on_train["mc_samples"] == 2 and s["train_eval_examples"] == 80
+    assert s["train_eval_accuracy"] == on_train["accuracy"]
+    assert s["generalization_gap"] == pytest.approx(on_train["accuracy"] - s["test_accuracy"])
     assert [r["noise_coeff"] for r in run.read_metrics("train")] == pytest.approx([0, 1 / 1.2, 1.0])
     scales = run.load_arrays("site_scales")
     assert list(scales["channels"]) == [64] * 4 and scales["scale"].shape == (4, 64)
@@ -215,6 +220,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         (dict(method="dropconnect"), "unknown method 'dropconnect'; available methods: base, dropblock"),
         (dict(final_mc_samples=0), "final_mc_samples is a number of Monte-Carlo samples and must be >= 1"),
         (dict(method="base", per_class=50), "per_class=50 but class 0 .*has only 12 training images"),
+        (dict(method="base", test_per_class=50), "test_per_class=50 but class 0 of synthetic has only 4 test images"),
+        (dict(method="metaperturb_untrained", phi="no-such-run"), "neither 'official', a phi file, nor a run id"),
+        (dict(method="base", train_eval_examples=-1), "train_eval_examples must be >= 0"),
         (dict(method="finetune"), "set finetune_from"),
         (dict(method="base", steps=0), "steps must be >= 1"),
         (dict(method="base", robust_norms=["l3"]), "unknown attack norm"),

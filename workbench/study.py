@@ -48,6 +48,7 @@ import yaml
 from .artifacts import RunRecord, RunStore, Study, StudyRecord, default_root, to_jsonable
 from .config import Config, require
 from .errors import WorkbenchError
+from .labels import labels_for, method_label, phi_verdict
 
 STUDY_ENV = "WORKBENCH_STUDY_ID"
 ARTIFACTS_ENV = "WORKBENCH_ARTIFACTS"
@@ -82,20 +83,6 @@ def _parse_method(spec: str) -> tuple[str, Optional[str]]:
     """``"metaperturb@official"`` -> ``("metaperturb", "official")``; ``"base"`` -> ``("base", None)``."""
     name, _, phi = str(spec).partition("@")
     return name.strip(), (phi.strip() or None) if _ else None
-
-
-def method_label(method: str, phi: Optional[str] = None, ours: Optional[str] = None) -> str:
-    """How a method is named in tables: ``base``, ``metaperturb (ours)``, ``metaperturb (official)``.
-
-    ``phi`` is the phi a run used (``official``, a meta-train run id or a file); ``ours`` the study's own phi.
-    """
-    if phi is None or phi == "":
-        return method
-    if phi == OFFICIAL:
-        return f"{method} (official)"
-    if ours is None or phi == ours:
-        return f"{method} (ours)"
-    return f"{method} (phi {phi[-12:]})"
 
 
 # TransferConfig fields the grid sets itself (everything else may go through transfer_options).
@@ -529,9 +516,36 @@ class MetaHistory:
     """What ``01_meta_train`` shows: the run's curves and the per-site scales phi produced during training."""
 
     run_id: str
-    curves: Any  # DataFrame: step, train/heldout loss and accuracy (means over tasks), phi's norm and gradient norm
+    curves: Any  # DataFrame: step, train/heldout loss and accuracy (means over tasks), phi's norm, gradient norm,
+                 # gradient agreement over tasks, distances from the initialisation and the authors' phi
     sites: Any   # DataFrame: step, site_index, site, scale (mean over tasks), scale_std (over tasks), multiplier_std
     selection: Optional[dict[str, Any]] = None
+    diagnostics: Optional[dict[str, Any]] = None  # records/phi_diagnostics.json (None for runs made before it)
+    chance: Optional[float] = None  # accuracy of guessing on the tasks
+
+    @property
+    def learned(self) -> Optional[bool]:
+        return None if self.diagnostics is None else bool(self.diagnostics["learned"])
+
+    @property
+    def status(self) -> str:
+        """``learned``, ``did not learn`` or ``not diagnosed``."""
+        from .phi_diagnostics import UNLEARNED_NOTE
+
+        return {True: "learned", False: UNLEARNED_NOTE, None: "not diagnosed"}[self.learned]
+
+    @property
+    def verdict(self) -> str:
+        """One line: learned or not, by how much, and what the task networks reached against chance."""
+        if self.diagnostics is None:
+            return "no diagnostics recorded for this run (made before they existed): whether phi learned is unknown"
+        return self.diagnostics["message"]
+
+    def probe_sites(self):
+        """The diagnostics probe per site: scale (final, initial, authors'), channel spread, multiplier statistics."""
+        import pandas as pd
+
+        return pd.DataFrame(self.diagnostics["sites"] if self.diagnostics else [])
 
     def final_sites(self):
         """The learned scale per layer at the last logged step (mean and spread over tasks)."""
@@ -548,7 +562,11 @@ def describe_meta(result: Any) -> str:
         lines.append(f"selection run {result.selection_run_id} chose run {result.run_id}: {s.get('reason')}")
     else:
         lines.append(f"run {result.run_id}: {s.get('steps')} meta steps in {s.get('seconds', float('nan')):.0f} s; "
-                     f"mean held-out accuracy of the final task networks {s.get('heldout_acc_mean', float('nan')):.4f}")
+                     f"mean held-out accuracy of the final task networks {s.get('heldout_acc_mean', float('nan')):.4f}"
+                     + (f" (chance {s['chance']:.4f})" if isinstance(s.get("chance"), float) else ""))
+    verdict = s.get("phi_verdict") if not result.selection_run_id else None
+    if verdict:
+        lines.append(("phi " if s.get("phi_learned") else "WARNING: phi ") + verdict)
     return "\n".join(lines)
 
 
@@ -573,7 +591,10 @@ def meta_history(store: RunStore, result: Any) -> MetaHistory:
                              "scale": float(np.nanmean(scale[i, :, j])), "scale_std": float(np.nanstd(scale[i, :, j])),
                              "multiplier_std": float(np.nanmean(mult_std[i, :, j]))})
         sites = pd.DataFrame(rows, columns=sites.columns)
-    return MetaHistory(result.run_id, curves, sites, selection=getattr(result, "selection", None))
+    diagnostics = phi_verdict(store, run.run_id)
+    chance = run.summary.get("chance")
+    return MetaHistory(result.run_id, curves, sites, selection=getattr(result, "selection", None),
+                       diagnostics=diagnostics, chance=chance if isinstance(chance, (int, float)) else None)
 
 
 # ========================================================================================== 02: the grid
@@ -638,6 +659,9 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
     ours = resolve_study_phi(config.phi, store) if uses_ours else None
     if uses_ours:
         print(f"our phi: {ours}" + (f" (phi='latest')" if config.phi == LATEST else ""))
+        verdict = phi_verdict(store, ours)
+        if verdict is not None and not verdict["learned"]:
+            print(f"warning: our phi {verdict['message']}; its rows are labelled so")
     cells = grid_cells(config)
     rows = []
     datasets: dict[str, Any] = {}
@@ -654,8 +678,10 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
             name, own = _parse_method(spec)
             phi = (own or ours) if result.regularizer.needs_phi else None
             rows.append({"run_id": result.run_id, "target": target, "arch": arch, "seed": int(seed), "method": name,
-                         "phi": phi, "label": method_label(name, phi, ours),
+                         "phi": phi, "label": labels_for(store, [name], [phi])[0],
                          "test_accuracy": s["test_accuracy"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
+                         "train_eval_accuracy": s.get("train_eval_accuracy"),
+                         "generalization_gap": s.get("generalization_gap"),
                          "mc_samples": s["mc_samples"], "train_examples": s["train_examples"],
                          "test_examples": s["test_examples"], "train_seconds": s["train_seconds_last_session"]})
             bar.update(1)
@@ -672,6 +698,59 @@ def summarize(runs: Any, metric: str = "test_accuracy"):
     from .dashboard_data import accuracy_table
 
     return accuracy_table(runs, metric=metric, by=("arch", "target", "label"))
+
+
+def paired_differences(runs: Any, metric: str = "test_accuracy", reference: str = "base"):
+    """Per (arch, target, label): the mean over seeds of ``metric`` minus the same seed's ``reference`` run (a
+    method name or label), the standard error of that mean (sd / sqrt(n)), n pairs, and whether it is more than
+    two standard errors from 0. Pairs share the network initialisation and the batches, so the seed-to-seed
+    spread they have in common cancels."""
+    import pandas as pd
+
+    columns = ["arch", "target", "label", "reference", "mean_diff", "se", "n", "beyond_2se"]
+    if runs.empty or metric not in runs:
+        return pd.DataFrame(columns=columns)
+    data = runs.assign(value=pd.to_numeric(runs[metric], errors="coerce"))
+    is_ref = (data["method"].astype(str) == reference) | (data["label"].astype(str) == reference)
+    ref = data[is_ref].set_index(["arch", "target", "seed"])["value"]
+    ref = ref[~ref.index.duplicated()]
+    rows = []
+    for (arch, target, label), part in data[~is_ref].groupby(["arch", "target", "label"], sort=True):
+        diffs = [row.value - ref[(arch, target, row.seed)] for row in part.itertuples()
+                 if (arch, target, row.seed) in ref.index]
+        diffs = [d for d in diffs if d == d]
+        if not diffs:
+            continue
+        n = len(diffs)
+        mean = float(sum(diffs) / n)
+        se = float(pd.Series(diffs).std() / n ** 0.5) if n > 1 else float("nan")
+        rows.append({"arch": arch, "target": target, "label": label, "reference": reference, "mean_diff": mean,
+                     "se": se, "n": n, "beyond_2se": bool(n > 1 and abs(mean) > 2 * se)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+OVERFIT_GAP = 0.05  # Base's train-test accuracy gap below which a cell is marked underfit
+
+
+def regime_table(runs: Any, method: str = "base"):
+    """Whether Base overfits each (arch, target): its accuracy on training images (``train_eval_accuracy``, the final
+    network on a fixed set of them), on the test split, and the gap, as means over seeds. ``regime`` marks a cell
+    whose gap is below :data:`OVERFIT_GAP` as underfit (a regularizer cannot help there); runs made before the
+    training-set evaluation existed show NaN and ``unknown``."""
+    import pandas as pd
+
+    columns = ["arch", "target", "seeds", "train_accuracy", "test_accuracy", "gap", "regime"]
+    base = runs[runs["method"].astype(str) == method] if not runs.empty else runs
+    if base.empty:
+        return pd.DataFrame(columns=columns)
+    base = base.assign(train=pd.to_numeric(base.get("train_eval_accuracy"), errors="coerce"),
+                       test=pd.to_numeric(base["test_accuracy"], errors="coerce"))
+    table = base.groupby(["arch", "target"], sort=True).agg(seeds=("seed", "count"), train_accuracy=("train", "mean"),
+                                                            test_accuracy=("test", "mean")).reset_index()
+    table["gap"] = table["train_accuracy"] - table["test_accuracy"]
+    table["regime"] = ["unknown" if gap != gap else "overfits" if gap >= OVERFIT_GAP else
+                       "underfit: a regularizer cannot help here" for gap in table["gap"]]
+    return table[columns]
 
 
 def wide(table: Any, digits: int = 4):
@@ -710,17 +789,16 @@ def study_runs(store: RunStore, study: StudyRecord, targets: Sequence[str] = (),
     if not records:
         raise StudyError(f"study {study.study_id} has no finished transfer runs; pick another source_study "
                          "(`workbench study list`)")
-    phis = {str(r.tags.get("phi")) for r in records if r.tags.get("phi") not in (None, OFFICIAL)}
-    ours = next(iter(phis)) if len(phis) == 1 else None
+    names = labels_for(store, [r.tags.get("method") for r in records], [r.tags.get("phi") for r in records])
     rows = []
-    for r in records:
+    for r, label in zip(records, names):
         summary = store.run_record(r.run_id).summary
         method, phi = str(r.tags.get("method")), r.tags.get("phi")
         rows.append({"run_id": r.run_id, "target": str(r.tags.get("target")), "arch": str(r.tags.get("arch")),
-                     "seed": r.tags.get("seed"), "method": method, "phi": phi,
-                     "label": method_label(method, phi, ours if ours is not None else ""),
+                     "seed": r.tags.get("seed"), "method": method, "phi": phi, "label": label,
                      **{k: summary.get(k) for k in ("test_accuracy", "test_nll", "test_ece", "mc_samples",
-                                                    "sites", "mean_scale", "final_train_accuracy")}})
+                                                    "sites", "mean_scale", "final_train_accuracy",
+                                                    "train_eval_accuracy", "generalization_gap", "test_examples")}})
     frame = pd.DataFrame(rows)
     for column, wanted in (("target", targets), ("arch", archs)):
         if wanted:
@@ -1142,7 +1220,7 @@ __all__ = [
     "StudyError", "StudyOutcome", "StudyRunStore", "StudySession", "TransferStudyConfig", "available_notebooks",
     "describe_meta",
     "available_profiles", "execute_study", "find_study", "grid_cells", "latest_phi_run", "limit_test",
-    "load_profile", "meta_history", "method_label", "notebook_config", "notebook_config_class", "open_session",
+    "load_profile", "meta_history", "method_label", "paired_differences", "regime_table", "notebook_config", "notebook_config_class", "open_session",
     "parameters_source", "prepare_studies", "read_profile", "register_cli", "reliability_groups",
     "resolve_notebook", "resolve_study_phi", "robustness_table", "run_studies", "run_transfer_grid", "save_report",
     "scale_data", "study_runs", "summarize", "tidy_outputs", "wide",

@@ -93,6 +93,10 @@ class TransferConfig(Config):
     noise_warmup, clip: MetaPerturb's noise-coefficient ramp (fraction of steps) and training clamp.
     eval_every: steps between evaluations on the test split (0: only at the end), with eval_mc_samples MC
         samples; final_mc_samples for the final evaluation (stochastic methods only; deterministic ones use 1).
+    train_eval_examples: after training, the final network is also evaluated (as on the test split, with
+        eval_mc_samples) on this many seeded training images, for the training accuracy and the train-test gap
+        that tell whether the run overfits (0: off). The last batches' accuracy is no substitute: it is measured
+        with augmentation, noise ramps and a moving network.
     robust_norms: PGD norms to attack after training (``linf``, ``l2``, ``l1``; empty: off) with radii
         robust_eps_<norm> (pixel units in [0, 1]), robust_steps, robust_eot_samples gradient samples and
         robust_mc_samples prediction samples (stochastic methods), on robust_examples test images (a seeded
@@ -125,6 +129,7 @@ class TransferConfig(Config):
     eval_mc_samples: int = 5
     final_mc_samples: int = 100
     eval_batch_size: int = 500
+    train_eval_examples: int = 1000
     robust_norms: list[str] = dataclasses.field(default_factory=list)
     robust_eps_linf: list[float] = dataclasses.field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
     robust_eps_l2: list[float] = dataclasses.field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
@@ -148,6 +153,8 @@ class TransferConfig(Config):
                      "robust_batch_size", "robust_examples"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.eval_every >= 0, f"eval_every must be >= 0 (0: evaluate only at the end), got {self.eval_every}")
+        require(self.train_eval_examples >= 0, f"train_eval_examples must be >= 0 (0: off), got "
+                                               f"{self.train_eval_examples}")
         for name in ("eval_mc_samples", "final_mc_samples", "robust_eot_samples", "robust_mc_samples"):
             value = getattr(self, name)
             require(value >= 1, f"{name} is a number of Monte-Carlo samples and must be >= 1, got {value}")
@@ -201,8 +208,14 @@ def official_phi_path() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "reference" / OFFICIAL_PHI_FILE
 
 
-def resolve_phi(spec: str, store: RunStore | None = None):
-    """(phi, label, path) for ``official``, a phi file, or a meta-train run id (its ``phi.pt``)."""
+def resolve_phi(spec: str, store: RunStore | None = None, initial: bool = False):
+    """(phi, label, path) for ``official``, a phi file, or a meta-train run id (its ``phi.pt``).
+
+    initial: the phi the named meta-training run started from instead (the untrained-phi control; for a
+    ``meta_select`` run, its chosen run's). ``official`` and files have no run: a fresh phi as a seed-0 run draws it.
+    """
+    if initial:
+        return _resolve_initial_phi(str(spec).strip(), store)
     from .perturb import MetaPerturb
 
     spec = str(spec).strip()
@@ -226,6 +239,28 @@ def resolve_phi(spec: str, store: RunStore | None = None):
         return MetaPerturb.load(phi_file), spec, phi_file
     raise WorkbenchError(f"phi {spec!r} is neither 'official', a phi file, nor a run id under {store.runs_dir}; "
                          "pass phi=official, phi=PATH or phi=<meta-train run id>")
+
+
+def _resolve_initial_phi(spec: str, store: RunStore | None):
+    from .meta_train import PHI_INIT_FILE, MetaTrainConfig, initial_phi
+    from .perturb import MetaPerturb
+
+    _, label, phi_path = resolve_phi(spec, store)  # the spec must name a phi that exists
+    run_dir = Path(phi_path).parent
+    if spec == OFFICIAL_PHI or not (run_dir / "run.json").is_file():
+        return initial_phi(0), label, None
+    run = RunStore(run_dir.parent.parent).open_run(run_dir.name)
+    if run.kind == "meta_select":
+        chosen = run.summary.get("chosen_run_id")
+        if not chosen:
+            raise WorkbenchError(f"selection run {run.run_id} names no chosen run; its untrained control is undefined")
+        run = RunStore(run_dir.parent.parent).open_run(str(chosen))
+    path = run.path / PHI_INIT_FILE
+    if path.is_file():
+        return MetaPerturb.load(path), label, path.resolve()
+    # runs made before phi_init.pt was written: the initialisation is a function of the run's seed and init std
+    config = MetaTrainConfig.from_dict(dict(run.config))
+    return initial_phi(config.seed, config.phi_init_std), label, None
 
 
 def _load_network_file(path: Path, origin: str) -> dict[str, Any]:
@@ -313,7 +348,7 @@ def _build(config: TransferConfig, store: RunStore, dataset=None) -> _Setup:
     regularizer = build_regularizer(config.method, config.method_options)
     phi = phi_label = phi_path = None
     if regularizer.needs_phi:
-        phi, phi_label, phi_path = resolve_phi(config.phi, store)
+        phi, phi_label, phi_path = resolve_phi(config.phi, store, initial=regularizer.initial_phi)
     source = resolve_source(config.finetune_from, store) if regularizer.needs_source else None
     channels = config.channels
     if source is not None:
@@ -328,7 +363,7 @@ def _build(config: TransferConfig, store: RunStore, dataset=None) -> _Setup:
         from .data.views import pick_per_class
 
         keep = pick_per_class(view.test.y, view.num_classes, config.test_per_class, config.seed, "first",
-                              what="test_per_class")
+                              what="test_per_class", name=config.target, split="test")
         view = dataclasses.replace(view, test=view.test.subset(keep))
     augment = Augment.for_view(view, stats="dataset" if config.normalization == "dataset" else "half")
     torch.manual_seed(config.seed)  # the network's initialisation
@@ -457,6 +492,20 @@ def _evaluate(setup: _Setup, samples: int, seed: int, progress: bool = False) ->
                     progress=progress)
 
 
+def _evaluate_train(setup: _Setup) -> Optional[EvalResult]:
+    """The final network on a seeded subset of its own training images (eval transform, eval_mc_samples)."""
+    cfg, reg = setup.config, setup.regularizer
+    if not cfg.train_eval_examples:
+        return None
+    train = setup.view.train
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.train_eval_examples]
+    reg.on_eval(setup.model)
+    index = pick.sort().values
+    return evaluate(setup.model, train.x[index], train.y[index],
+                    transform=setup.augment.eval, samples=cfg.eval_mc_samples if reg.stochastic_eval else 1,
+                    batch_size=cfg.eval_batch_size, device=setup.device, tile_at=reg.tile_at(), seed=cfg.seed + 1)
+
+
 def _site_arrays(result: EvalResult) -> dict[str, np.ndarray] | None:
     if not result.site_scales:
         return None
@@ -563,7 +612,8 @@ def _write_records(run: Run, setup: _Setup) -> None:
     if setup.phi is not None:
         digest = hashlib.sha256(Path(setup.phi_path).read_bytes()).hexdigest() if setup.phi_path else None
         run.save_json("phi", {"spec": setup.config.phi, "label": setup.phi_label, "path": str(setup.phi_path),
-                              "sha256": digest, "parameters": sum(p.numel() for p in setup.phi.parameters())})
+                              "sha256": digest, "parameters": sum(p.numel() for p in setup.phi.parameters()),
+                              "initial": setup.regularizer.initial_phi})
     if setup.source is not None:
         run.save_json("finetune_source", {"origin": setup.source.origin, "arch": setup.source.arch,
                                           "in_channels": setup.source.in_channels,
@@ -647,6 +697,9 @@ def _finish(run: Run, setup: _Setup, step: int, train_seconds: float, progress: 
                                      "eot_samples": cfg.robust_eot_samples if reg.stochastic_eval else 1,
                                      "mc_samples": cfg.robust_mc_samples if reg.stochastic_eval else 1,
                                      "examples": min(cfg.robust_examples, len(setup.view.test))})
+    on_train = _evaluate_train(setup)
+    if on_train is not None:
+        run.log_metrics(step, "train_eval", **{k: on_train.metrics[k] for k in ("accuracy", "nll", "ece", "mc_samples")})
     run.save_checkpoint(_network_payload(setup), "model")
     summary = {
         "test_accuracy": final.metrics["accuracy"],
@@ -663,6 +716,11 @@ def _finish(run: Run, setup: _Setup, step: int, train_seconds: float, progress: 
         "parameters": sum(p.numel() for p in setup.model.parameters()),
         "train_seconds_last_session": round(train_seconds, 3),
     }
+    if on_train is not None:
+        summary["train_eval_accuracy"] = on_train.metrics["accuracy"]
+        summary["train_eval_nll"] = on_train.metrics["nll"]
+        summary["train_eval_examples"] = on_train.metrics["n"]
+        summary["generalization_gap"] = on_train.metrics["accuracy"] - final.metrics["accuracy"]
     last_train = run.read_metrics("train")
     if last_train:
         summary["final_train_loss"] = last_train[-1].get("loss")

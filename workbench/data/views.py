@@ -158,9 +158,10 @@ class TargetView:
 
 
 def pick_per_class(y: torch.Tensor, num_classes: int, count: int, seed: int, pick: str,
-                   exclude: torch.Tensor | None = None, what: str = "per_class", name: str = "the dataset"
-                   ) -> torch.Tensor:
-    """Indices of ``count`` images per class (seeded random or the first ones), sorted, skipping ``exclude``."""
+                   exclude: torch.Tensor | None = None, what: str = "per_class", name: str = "the dataset",
+                   split: str = "training") -> torch.Tensor:
+    """Indices of ``count`` images per class (seeded random or the first ones), sorted, skipping ``exclude``;
+    ``split`` names the split ``y`` labels in the error message."""
     y_np = y.cpu().numpy()
     available = np.ones(len(y_np), dtype=bool)
     if exclude is not None:
@@ -171,7 +172,7 @@ def pick_per_class(y: torch.Tensor, num_classes: int, count: int, seed: int, pic
         members = np.flatnonzero((y_np == cls) & available)
         if len(members) < count:
             left = " left after the valid_per_class images" if exclude is not None else ""
-            raise WorkbenchError(f"{what}={count} but class {cls} of {name} has only {len(members)} training "
+            raise WorkbenchError(f"{what}={count} but class {cls} of {name} has only {len(members)} {split} "
                                  f"images{left}; use {what} <= {len(members)}")
         chosen.append(members[:count] if pick == "first" else np.sort(rng.choice(members, count, replace=False)))
     return torch.from_numpy(np.sort(np.concatenate(chosen)))

@@ -28,6 +28,7 @@ from . import (  # noqa: F401  (importing registers each method)
     l2sp,
     manifold_mixup,
     metaperturb,
+    metaperturb_untrained,
     mixup,
 )
 from .metaperturb import NOISE_WARMUP, TRAIN_CLIP, noise_coefficient

@@ -74,6 +74,8 @@ class Regularizer:
     stochastic_eval: ClassVar[bool] = False
     #: the loop must load phi into ``ctx.phi``
     needs_phi: ClassVar[bool] = False
+    #: with ``needs_phi``: the loop loads the phi that ``phi``'s meta-training run started from (a control)
+    initial_phi: ClassVar[bool] = False
     #: the loop must load a source network into ``ctx.source``
     needs_source: ClassVar[bool] = False
     #: settings of the method: name -> Option(default, where the default comes from)
