@@ -1,4 +1,5 @@
-"""PGD/EoT: constraints, effect on a trained toy model, agreement with the Adversarial Robustness Toolbox."""
+"""PGD/EoT: constraints, step size and random start, effect on a trained toy model, agreement with the Adversarial
+Robustness Toolbox."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,12 +10,16 @@ import torch.nn.functional as F
 
 from workbench.errors import WorkbenchError
 from workbench.robustness import (
+    MIN_TRAVEL,
+    PAPER_STEPS,
     PixelModel,
+    default_step_size,
     eot_gradient,
     perturbation_norm,
     pgd,
     project_l1_ball,
     robustness_curve,
+    uniform_in_ball,
 )
 
 
@@ -77,7 +82,7 @@ def test_pgd_lowers_accuracy_of_a_trained_model(trained):
     clean = (model(x).argmax(1) == y).float().mean()
     curve = robustness_curve(model, x, y, norms=["linf", "l2", "l1"],
                              epsilons={"linf": [0.0, 0.3], "l2": [0.0, 2.0], "l1": [0.0, 12.0]},
-                             steps=60, batch_size=64)  # 60 x 0.025 eps: 1.5 eps of travel
+                             steps=60, batch_size=64)  # 60 x 2.5 eps / 60: 2.5 eps of travel
     for norm in ("linf", "l2", "l1"):
         acc0, acc1 = curve[norm]["accuracy"]
         assert acc0 == pytest.approx(float(clean))
@@ -97,10 +102,125 @@ def test_linf_and_l2_agree_with_adversarial_robustness_toolbox(trained):
         attack = ProjectedGradientDescentPyTorch(classifier, norm=art_norm, eps=eps, eps_step=step, max_iter=12,
                                                  num_random_init=0, batch_size=len(x), verbose=False)
         theirs = torch.from_numpy(attack.generate(x.numpy(), y=y.numpy()))
-        ours = pgd(model, x, y, norm=norm, eps=eps, steps=12, step_size=step)
+        ours = pgd(model, x, y, norm=norm, eps=eps, steps=12, step_size=step, random_start=False)
         assert torch.allclose(ours, theirs, atol=1e-5), (norm, (ours - theirs).abs().max())
         ours_loss = F.cross_entropy(model(ours), y)
         assert ours_loss.item() == pytest.approx(F.cross_entropy(model(theirs), y).item(), rel=1e-5)
+
+
+def test_default_step_is_the_papers_at_200_steps_and_larger_for_short_attacks():
+    eps = 0.08
+    assert PAPER_STEPS == 200 and MIN_TRAVEL == 2.5
+    for norm in ("linf", "l2"):
+        assert default_step_size(norm, eps) == pytest.approx(0.025 * eps)
+        assert default_step_size(norm, eps, 200) == pytest.approx(0.025 * eps)
+        assert default_step_size(norm, eps, 1000) == pytest.approx(0.025 * eps)
+        assert default_step_size(norm, eps, 10) == pytest.approx(0.25 * eps)
+        assert default_step_size(norm, eps, 50) == pytest.approx(0.05 * eps)
+    assert default_step_size("l1", eps, 200) == pytest.approx(0.033 * eps)
+    assert default_step_size("l1", eps, 5) == pytest.approx(0.5 * eps)
+    for steps in (1, 3, 10, 40, 77, 200):  # the total travel reaches eps whatever the number of steps
+        assert steps * default_step_size("linf", eps, steps) >= MIN_TRAVEL * eps - 1e-12
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_short_attacks_reach_the_edge_of_the_ball(trained, random_start):
+    """With the paper's 0.025 eps step, 10 steps travel 0.25 eps at most: the edge must now be reached."""
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    eps = 0.05
+    adv = pgd(model, x, y, norm="linf", eps=eps, steps=10, random_start=random_start,
+              generator=torch.Generator().manual_seed(0))
+    linf = perturbation_norm(adv - x, "linf")
+    assert (linf >= eps - 1e-6).float().mean() >= 0.9, linf
+    # many coordinates (not one per image) sit on the faces of the cube
+    assert ((adv - x).abs() >= eps - 1e-6).float().mean() >= 0.5
+    eps = 0.5
+    adv = pgd(model, x, y, norm="l2", eps=eps, steps=5, random_start=random_start,
+              generator=torch.Generator().manual_seed(0))
+    l2 = perturbation_norm(adv - x, "l2")
+    assert (l2 >= eps * (1 - 1e-4)).float().mean() >= 0.9, l2
+    assert l2.max() <= eps * (1 + 1e-5)
+
+
+def test_a_short_attack_with_the_default_step_beats_the_papers_fixed_step(trained):
+    model, x, y = trained
+    eps = 0.2
+    fixed = pgd(model, x, y, norm="linf", eps=eps, steps=10, step_size=0.025 * eps, random_start=False)
+    default = pgd(model, x, y, norm="linf", eps=eps, steps=10, random_start=False)
+    assert perturbation_norm(fixed - x, "linf").max() <= 0.25 * eps + 1e-6  # 10 x 0.025 eps: a quarter of the ball
+    acc_fixed = (model(fixed).argmax(1) == y).float().mean()
+    acc_default = (model(default).argmax(1) == y).float().mean()
+    assert acc_default < acc_fixed - 0.5, (acc_default, acc_fixed)
+
+
+def test_random_start_is_on_below_200_steps_seeded_and_uniform_in_the_ball(trained):
+    model, x, y = trained
+    x, y = x[:16], y[:16]
+    eps = 0.05
+
+    def start(steps, seed, **kw):  # a zero step size leaves the attack at its start
+        return pgd(model, x, y, norm="linf", eps=eps, steps=steps, step_size=0.0,
+                   generator=torch.Generator().manual_seed(seed), **kw)
+
+    moved = start(10, 0)
+    assert 0 < perturbation_norm(moved - x, "linf").max() <= eps + 1e-7
+    assert torch.equal(moved, start(10, 0)) and not torch.equal(moved, start(10, 1))
+    assert torch.equal(start(PAPER_STEPS, 0), x)  # the paper's protocol: no random start
+    assert torch.equal(start(10, 0, random_start=False), x)
+    assert torch.equal(start(10, 0, random_init=False), x)  # the former name still works
+    assert torch.equal(start(PAPER_STEPS, 0, random_start=True), moved)
+    # uniform in the ball, checked in two dimensions: P(||v|| <= eps / 2) = 1/4 for every norm
+    g = torch.Generator().manual_seed(0)
+    for norm, p in (("linf", float("inf")), ("l2", 2.0), ("l1", 1.0)):
+        v = uniform_in_ball((20000, 2), norm, 3.0, generator=g)
+        r = v.norm(p=p, dim=1)
+        assert r.max() <= 3.0 + 1e-5
+        assert (r <= 1.5).float().mean() == pytest.approx(0.25, abs=0.015), norm
+        assert v.mean(0).abs().max() < 0.05, norm
+        # direction uniform over the four quadrants
+        quadrant = (v[:, 0] > 0).long() * 2 + (v[:, 1] > 0).long()
+        assert torch.bincount(quadrant, minlength=4).float().div(len(v)).sub(0.25).abs().max() < 0.015, norm
+    # high dimension: the starts are uniform in the ball, so nearly all on its edge
+    v = uniform_in_ball((200, 1, 6, 6), "l2", 0.5, generator=g)
+    assert v.shape == (200, 1, 6, 6) and perturbation_norm(v, "l2").min() > 0.5 * 0.8
+
+
+def test_robustness_curve_is_reproducible_for_a_seed_with_random_starts(trained):
+    model, x, y = trained
+    kw = dict(norms=["linf", "l2"], epsilons={"linf": [0.08, 0.12], "l2": [0.6]}, steps=5, batch_size=64)
+    first = robustness_curve(NoisyToy(model), x, y, eot_samples=2, mc_samples=2, seed=3, **kw)
+    assert robustness_curve(NoisyToy(model), x, y, eot_samples=2, mc_samples=2, seed=3, **kw) == first
+    # a radius's result does not depend on the other radii listed
+    alone = robustness_curve(model, x, y, norms=["linf"], epsilons=[0.12], steps=5, seed=3)
+    both = robustness_curve(model, x, y, norms=["linf"], epsilons=[0.08, 0.12], steps=5, seed=3)
+    assert alone["linf"]["accuracy"][0] == both["linf"]["accuracy"][1]
+
+
+def test_short_linf_attack_agrees_with_art_projected_gradient_descent(trained):
+    """Same eps, default step for 10 steps, no random start, untargeted cross-entropy: the same adversarial
+    predictions as ART's ``ProjectedGradientDescent`` (which runs its PyTorch implementation here)."""
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+
+    model, x, y = trained
+    eps, steps = 0.17, 10
+    step = default_step_size("linf", eps, steps)
+    assert step == pytest.approx(0.25 * eps)
+    classifier = PyTorchClassifier(model=model, loss=nn.CrossEntropyLoss(), input_shape=(1, 6, 6), nb_classes=2,
+                                   clip_values=(0.0, 1.0), device_type="cpu")
+    attack = ProjectedGradientDescent(classifier, norm=np.inf, eps=eps, eps_step=step, max_iter=steps,
+                                      targeted=False, num_random_init=0, batch_size=len(x), verbose=False)
+    theirs = torch.from_numpy(attack.generate(x.numpy(), y=y.numpy()))
+    ours = pgd(model, x, y, norm="linf", eps=eps, steps=steps, random_start=False)
+    with torch.no_grad():
+        pred_ours, pred_theirs = model(ours).argmax(1), model(theirs).argmax(1)
+    acc_ours, acc_theirs = (pred_ours == y).float().mean(), (pred_theirs == y).float().mean()
+    clean = (model(x).argmax(1) == y).float().mean()
+    assert 0.2 < acc_ours < clean - 0.2  # the attack does something, not everything: agreement means something
+    assert (pred_ours == pred_theirs).float().mean() >= 0.98
+    assert float(acc_ours) == pytest.approx(float(acc_theirs), abs=1.5 / len(x))
+    assert (ours - theirs).abs().max() < 1e-5
 
 
 def test_l1_projection_is_the_euclidean_projection():

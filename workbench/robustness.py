@@ -5,10 +5,19 @@ normalisation the network was trained with, so the epsilon ball and the valid ra
 
 Protocol of the paper (supplement, paper-notes 3.5): 200 steps, step size ``0.025 * eps`` for L-inf and L2 and
 ``0.033 * eps`` for L1, and the gradient averaged over 10 stochastic forward passes (EoT) for stochastic models.
+That step size is meant for 200 steps (a total travel of 5 eps, 6.6 eps for L1); with fewer steps it could never
+reach the edge of the ball (10 steps: 0.25 eps). So the default step is ``max(fraction * eps, MIN_TRAVEL * eps /
+steps)`` with ``MIN_TRAVEL = 2.5``, the common ``2.5 * eps / steps`` rule (e.g. Madry lab's ``robustness``
+library): the paper's value at 200 steps (and whenever it travels farther), a total travel of 2.5 eps below.
 What the paper does not state (NOT FOUND), and is our choice here:
 
-- no random start by default (``random_init=False``; when on: uniform noise in the L-inf cube of radius eps,
-  projected onto the ball); one restart;
+- a random start for short attacks only: ``random_start`` defaults to on below the paper's 200 steps (where a
+  single start from the clean image is weakest) and off at 200 steps or more, so the paper's protocol is
+  unchanged. The start is drawn uniformly in the eps ball: uniform in the cube for L-inf (Madry et al., 2018); for
+  L2 and L1 a direction from the cone measure of the unit sphere (normalised Gaussian, normalised Laplace) times a
+  radius ``eps * U ** (1 / d)`` (the uniform distribution in a norm ball; ART's ``random_sphere`` samples the same
+  law for L2), then clipped to the valid range. It is drawn on the CPU from ``generator`` (or the global stream),
+  so a seed gives the same start on every device; one restart;
 - untargeted, cross-entropy loss on the true label;
 - the models are attacked in eval mode (BN and perturbation running statistics), the same mode they are
   evaluated in, with the noise still drawn, so EoT averages over the noise;
@@ -20,8 +29,8 @@ What the paper does not state (NOT FOUND), and is our choice here:
   direction are left out first, as they suggest. The L1 projection is the exact Euclidean projection onto the
   L1 ball (Duchi et al., 2008), the L2 one a rescaling, the L-inf one a clamp. Clipping first and projecting
   second keeps both constraints, because each projection moves every coordinate towards the clean image.
-  This is the order the Adversarial Robustness Toolbox uses, and the L-inf/L2 attacks agree with its
-  ``ProjectedGradientDescentPyTorch`` (tests/test_robustness.py).
+  This is the order the Adversarial Robustness Toolbox uses, and without random start the L-inf/L2 attacks agree
+  with its ``ProjectedGradientDescent`` at equal settings (tests/test_robustness.py).
 """
 from __future__ import annotations
 
@@ -39,6 +48,9 @@ NORMS = ("linf", "l2", "l1")
 # Step size as a fraction of eps (paper supplement): 0.025 for L-inf and L2, 0.033 for L1.
 STEP_FRACTION = {"linf": 0.025, "l2": 0.025, "l1": 0.033}
 PAPER_STEPS = 200
+# Least total travel of the default step size, in units of eps: a step of at least MIN_TRAVEL * eps / steps, so an
+# attack of any number of steps can cross the ball (the common 2.5 * eps / steps rule).
+MIN_TRAVEL = 2.5
 PAPER_EOT_SAMPLES = 10
 
 
@@ -66,9 +78,38 @@ def check_norm(norm: str) -> str:
     return key
 
 
-def default_step_size(norm: str, eps: float) -> float:
-    """The paper's step size: 0.025 * eps for L-inf and L2, 0.033 * eps for L1."""
-    return STEP_FRACTION[check_norm(norm)] * eps
+def default_step_size(norm: str, eps: float, steps: int = PAPER_STEPS) -> float:
+    """``max(fraction * eps, MIN_TRAVEL * eps / steps)``: the paper's step (``fraction`` 0.025 for L-inf and L2,
+    0.033 for L1) at its 200 steps, scaled up for fewer steps so the attack can still reach eps."""
+    fraction = STEP_FRACTION[check_norm(norm)]
+    if steps <= 0:
+        return fraction * eps
+    return max(fraction * eps, MIN_TRAVEL * eps / steps)
+
+
+def uniform_in_ball(shape: Sequence[int], norm: str, eps: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Perturbations drawn uniformly in the ``norm`` ball of radius ``eps``, one per row, on the CPU (float32).
+
+    L-inf: uniform in the cube. L2 and L1: ``eps * U ** (1 / d) * v / ||v||`` with ``v`` Gaussian (L2) or Laplace
+    (L1), whose normalised direction follows the cone measure of the sphere; with that radius the point is uniform in
+    the ball (Barthe, Guedon, Mendelson & Naor, 2005).
+    """
+    norm = check_norm(norm)
+    shape = tuple(int(s) for s in shape)
+    if norm == "linf":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * eps
+    n, d = shape[0], math.prod(shape[1:])
+    if norm == "l2":
+        v = torch.randn(n, d, generator=generator)
+        p = 2.0
+    else:  # Laplace by inversion: -sign(u) log(1 - 2|u|), u uniform in [-1/2, 1/2)
+        u = torch.rand(n, d, generator=generator) - 0.5
+        v = -u.sign() * torch.log((1 - 2 * u.abs()).clamp_min(1e-12))
+        p = 1.0
+    radius = eps * torch.rand(n, 1, generator=generator) ** (1.0 / d)
+    v = v / v.norm(p=p, dim=1, keepdim=True).clamp_min(1e-12) * radius
+    return v.view(shape)
 
 
 def _flat_norm(v: torch.Tensor, p: float) -> torch.Tensor:
@@ -155,17 +196,21 @@ def pgd(
     steps: int = PAPER_STEPS,
     step_size: float | None = None,
     eot_samples: int = 1,
-    random_init: bool = False,
+    random_start: bool | None = None,
     l1_sparsity: float = 0.99,
     bounds: tuple[float, float] = (0.0, 1.0),
     max_rows: int = DEFAULT_MAX_ROWS,
     generator: torch.Generator | None = None,
+    random_init: bool | None = None,
 ) -> torch.Tensor:
     """Untargeted PGD with EoT on images ``x`` in ``bounds``; returns the adversarial images.
 
     ``model`` maps pixel-space images to logits (see :class:`PixelModel`) and is run in eval mode. ``step_size``
-    defaults to the paper's fraction of ``eps``. ``eot_samples`` gradients are averaged per step (use 1 for a
-    deterministic model). The result satisfies ``||x_adv - x||_norm <= eps`` and lies in ``bounds``.
+    defaults to :func:`default_step_size` (the paper's fraction of ``eps``, larger below 200 steps).
+    ``random_start`` (default: on below the paper's 200 steps, off from 200 on) starts from a point drawn uniformly
+    in the ball with ``generator`` (:func:`uniform_in_ball`); ``random_init`` is its former name. ``eot_samples``
+    gradients are averaged per step (use 1 for a deterministic model). The result satisfies
+    ``||x_adv - x||_norm <= eps`` and lies in ``bounds``.
     """
     norm = check_norm(norm)
     check_samples(eot_samples)
@@ -179,12 +224,13 @@ def pgd(
     x = x.detach()
     if eps == 0 or steps == 0:
         return x.clone()
-    step = default_step_size(norm, eps) if step_size is None else float(step_size)
+    if random_start is None:
+        random_start = random_init if random_init is not None else steps < PAPER_STEPS
+    step = default_step_size(norm, eps, steps) if step_size is None else float(step_size)
     x_adv = x.clone()
     with eval_mode(model):
-        if random_init:
-            noise = torch.rand(x.shape, generator=generator, device="cpu").to(x) * 2 - 1
-            delta = project(noise * eps, norm, eps) if norm != "linf" else noise * eps
+        if random_start:
+            delta = uniform_in_ball(x.shape, norm, eps, generator).to(x)
             x_adv = x + project((x + delta).clamp(lo, hi) - x, norm, eps)
         for _ in range(steps):
             grad = eot_gradient(model, x_adv, y, eot_samples, max_rows=max_rows)
@@ -217,13 +263,17 @@ def robustness_curve(
     device: str | torch.device = "cpu",
     seed: int | None = 0,
     progress: bool = False,
+    random_start: bool | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Accuracy under PGD/EoT for each norm and radius.
 
     ``model`` works on pixel-space images (see :class:`PixelModel`), ``x`` is float in [0, 1] or uint8 (divided by
     255). ``epsilons`` is either one list for every norm or a dict norm -> list (radii in [0, 1] pixel units).
     Adversarial accuracy is measured with ``mc_samples``-sample MC prediction. Returns
-    ``{norm: {"eps": [...], "accuracy": [...]}}``. The global random stream is forked (and seeded with ``seed``).
+    ``{norm: {"eps": [...], "accuracy": [...]}}``. The global random stream is forked (and seeded with ``seed``);
+    the random starts (``random_start``, default: on below 200 steps, see :func:`pgd`) come from a CPU generator of
+    their own, seeded with ``seed`` afresh for each norm and radius, so they do not depend on the model's noise draws
+    nor on the other radii.
     """
     device = torch.device(device)
     norms = [check_norm(n) for n in norms]
@@ -242,12 +292,14 @@ def robustness_curve(
         if seed is not None:
             torch.manual_seed(seed)
         for norm, eps in jobs:
+            # every radius starts from the same draw, so its result does not depend on the other radii listed
+            starts = torch.Generator().manual_seed(seed) if seed is not None else None
             correct = 0
             for start in range(0, len(x), batch_size):
                 xb = x[start : start + batch_size].to(device)
                 yb = torch.as_tensor(y[start : start + batch_size]).to(device).long()
                 adv = pgd(model, xb, yb, norm=norm, eps=float(eps), steps=steps, eot_samples=eot_samples,
-                          l1_sparsity=l1_sparsity, max_rows=max_rows)
+                          l1_sparsity=l1_sparsity, max_rows=max_rows, random_start=random_start, generator=starts)
                 probs = mc_predict(model, adv, mc_samples, max_rows=max_rows)
                 correct += int((probs.argmax(1) == yb).sum())
                 if bar is not None:
