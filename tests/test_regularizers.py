@@ -209,6 +209,82 @@ def test_information_dropout_adds_alpha_layers_and_a_kl_term():
     assert torch.equal(layers[0].eval()(torch.ones(1, 16, 2, 2)), torch.ones(1, 16, 2, 2))
 
 
+def test_information_dropout_kl_weight_does_not_depend_on_the_train_size():
+    """The KL is divided by the 50,000 images beta was tuned for, not by our (500-5,000 image) training set."""
+    x, y = torch.randn(8, 1, SIZE, SIZE), torch.randint(3, (8,))
+    terms = {}
+    for train_size in (1000, 50000):
+        model = tiny("resnet20")
+        reg = build_regularizer("information_dropout")
+        assert reg.settings["kl_normalizer"] == 50000
+        ctx = TrainContext(arch="resnet20", num_classes=3, in_channels=1, image_size=SIZE, total_steps=3,
+                           train_size=train_size)
+        model = reg.prepare(model, ctx).train()
+        torch.manual_seed(0)
+        loss, _ = reg.loss(model, x, y, 0)
+        raw_kl = sum(float(layer.last_kl.detach()) for layer in reg.layers)
+        terms[train_size] = (float(loss.detach()), reg.last_kl, reg.last_ce)
+        assert reg.last_kl == pytest.approx(raw_kl / 50000, rel=1e-5)
+        assert float(loss.detach()) == pytest.approx(reg.last_ce + 3.0 * raw_kl / 50000, rel=1e-5)
+    assert terms[1000] == terms[50000]
+    # the normaliser is a setting; the old ones still work
+    reg = build_regularizer("information_dropout", {"kl_normalizer": 1000, "beta": 1.0, "max_alpha": 0.5})
+    assert reg.settings["kl_normalizer"] == 1000
+    with pytest.raises(WorkbenchError, match="kl_normalizer must be > 0"):
+        build_regularizer("information_dropout", {"kl_normalizer": 0})
+
+
+def test_information_dropout_reestimates_batchnorm_statistics_without_noise():
+    model = tiny("resnet20")
+    reg = build_regularizer("information_dropout", {"bn_batches": 3})
+    assert reg.needs_recalibration and not build_regularizer("base").needs_recalibration
+    model = reg.prepare(model, context("resnet20"))
+    train(reg, model, steps=2)  # running statistics of noisy features
+    layers = list(reg.layers)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 1, SIZE, SIZE, generator=g), torch.zeros(6, dtype=torch.long)) for _ in range(4)]
+    # reference: training-mode forwards with the noise layers replaced by the identity, BN inputs recorded
+    state = snapshot(model)
+    seen = {bn: [] for bn in bns}
+    handles = [bn.register_forward_pre_hook(lambda m, args: seen[m].append(args[0].detach().clone())) for bn in bns]
+    for layer in layers:
+        layer.forward = lambda h: h
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches[:3]:  # bn_batches of them
+            model(x)
+    for layer in layers:
+        del layer.forward
+    for h in handles:
+        h.remove()
+    model.load_state_dict(state)
+    expected = {bn: (torch.stack([v.mean((0, 2, 3)) for v in seen[bn]]).mean(0),
+                     torch.stack([v.var((0, 2, 3), unbiased=True) for v in seen[bn]]).mean(0)) for bn in bns}
+    noisy_means = [bn.running_mean.clone() for bn in bns]
+    # re-estimation: the noise layers must be the identity throughout
+    calls = []
+    watch = [layer.register_forward_hook(lambda m, args, out: calls.append((m.training, torch.equal(args[0], out))))
+             for layer in layers]
+    model.train()
+    momenta = [bn.momentum for bn in bns]
+    reg.recalibrate(model, iter(batches))
+    for h in watch:
+        h.remove()
+    assert len(calls) == 3 * len(layers) and all(not training and same for training, same in calls)
+    assert model.training and all(m.training for m in model.modules())  # modes restored
+    assert [bn.momentum for bn in bns] == momenta
+    for bn, noisy in zip(bns, noisy_means):
+        mean, var = expected[bn]
+        assert torch.allclose(bn.running_mean, mean, atol=1e-5), bn
+        assert torch.allclose(bn.running_var, var, rtol=1e-4, atol=1e-5), bn
+    assert any(not torch.allclose(bn.running_mean, noisy, atol=1e-3) for bn, noisy in zip(bns, noisy_means))
+    # no batch: the statistics stay as they were
+    before = snapshot(model)
+    reg.recalibrate(model, [])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_finetune_loads_conv_weights_only():
     source = source_of()
     model = tiny()

@@ -484,6 +484,13 @@ def _open_resume(store: RunStore, run_id: str, config: TransferConfig, kind: str
 
 def _evaluate(setup: _Setup, samples: int, seed: int, progress: bool = False) -> EvalResult:
     reg, cfg = setup.regularizer, setup.config
+    if reg.needs_recalibration:
+        # fresh training batches of a stream of their own (seeded by the evaluation), so the training batches
+        # stay those of a run that never evaluates
+        from .data import BatchIterator
+
+        reg.recalibrate(setup.model, BatchIterator(setup.view.train, cfg.batch_size, setup.augment, seed=seed,
+                                                   device=setup.device))
     reg.on_eval(setup.model)
     sites, names = reg.sites()
     return evaluate(setup.model, setup.view.test.x, setup.view.test.y, transform=setup.augment.eval,

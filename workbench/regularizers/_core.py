@@ -9,7 +9,9 @@ these hooks, called in this order:
    with the loop's weight decay);
 3. each step, ``on_train_step(model, step, total_steps)`` (schedules such as the noise coefficient), then
    ``loss(model, x, y, step) -> (loss, accuracy)`` (the forward pass and the objective; default cross-entropy);
-4. before each evaluation, ``on_eval(model)`` (evaluation settings, e.g. no clipping).
+4. before each evaluation, for methods with ``needs_recalibration``, ``recalibrate(model, batches)`` with fresh
+   training batches (e.g. BatchNorm statistics re-estimated without noise), then ``on_eval(model)`` (evaluation
+   settings, e.g. no clipping).
 
 ``stochastic_eval`` says whether the trained network is still random in eval mode (then the prediction is the
 Monte-Carlo average of ``K`` passes and adversarial attacks use EoT). ``sites()`` names the perturbation sites
@@ -78,6 +80,8 @@ class Regularizer:
     initial_phi: ClassVar[bool] = False
     #: the loop must load a source network into ``ctx.source``
     needs_source: ClassVar[bool] = False
+    #: before each evaluation the loop calls ``recalibrate`` with an iterable of training batches
+    needs_recalibration: ClassVar[bool] = False
     #: settings of the method: name -> Option(default, where the default comes from)
     options: ClassVar[dict[str, Option]] = {}
 
@@ -114,6 +118,10 @@ class Regularizer:
 
     def on_train_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         pass
+
+    def recalibrate(self, model: nn.Module, batches: Any) -> None:
+        """With ``needs_recalibration``: update evaluation statistics from ``batches``, an iterable (possibly
+        endless: take what you need) of augmented ``(x, y)`` training batches on the model's device."""
 
     def on_eval(self, model: nn.Module) -> None:
         pass
