@@ -68,7 +68,7 @@ def test_committed_notebooks_are_what_the_build_script_writes(tmp_path):
         assert (tmp_path / f"{name}.ipynb").read_text() == (NOTEBOOKS / f"{name}.ipynb").read_text()
 
 
-@pytest.mark.parametrize("profile", ["smoke", "demo", "paper", "results"])
+@pytest.mark.parametrize("profile", ["smoke", "demo", "cpu", "paper", "results"])
 def test_every_profile_gives_every_notebook_valid_parameters(profile):
     data = study.read_profile(profile)
     assert set(data) == set(STUDY_NOTEBOOKS), f"{profile} must cover every notebook"
@@ -77,6 +77,20 @@ def test_every_profile_gives_every_notebook_valid_parameters(profile):
     for item in prepared:
         assert set(data[item.name]) <= set(item.config_class.field_names())
         assert item.profile == profile
+
+
+def test_cpu_profile_is_the_meta_training_config_and_a_grid_with_the_control():
+    from workbench.meta_train import MetaTrainConfig
+
+    meta = study.prepare_studies(["01_meta_train"], "cpu")[0].config
+    shipped = MetaTrainConfig.from_yaml(REPO / "configs" / "meta_train_cpu.yaml")
+    for name in ("arch", "num_tasks", "batch_size", "steps", "lr", "phi_lr", "phi_init_std", "num_runs", "seed",
+                 "select_target", "split_scheme", "image_size"):
+        assert getattr(meta, name) == getattr(shipped, name), name
+    grid = study.prepare_studies(["02_transfer_study"], "cpu")[0].config
+    assert set(grid.methods) == {"base", "metaperturb", "metaperturb@official", "metaperturb_untrained"}
+    assert set(grid.archs) == {"conv4", "resnet20"} and len(grid.targets) >= 2 and len(grid.seeds) >= 3
+    assert grid.test_per_class * 10 >= 1000 and grid.final_mc_samples >= 30
 
 
 def test_results_profile_is_the_planned_study():
