@@ -173,3 +173,21 @@ def test_the_untrained_control_is_registered_and_uses_the_runs_initial_phi(runs,
     s = result.summary
     assert s["train_eval_examples"] == 16 and s["generalization_gap"] == pytest.approx(
         s["train_eval_accuracy"] - s["test_accuracy"])
+
+
+def test_a_selection_run_stands_for_its_chosen_run(tmp_path, dataset):
+    store = RunStore(tmp_path)
+    result = meta_train({**TINY, "steps": 2, "log_every": 1, "checkpoint_every": 2, "num_runs": 2, "seed": 3},
+                        store=store, progress=False, dataset=dataset)
+    chosen = store.open_run(result.run_id)
+    assert result.selection_run_id != result.run_id and chosen.kind == "meta_train"
+    from workbench.labels import phi_verdict
+    from workbench.phi_diagnostics import trained_by
+
+    assert trained_by(store, result.selection_run_id) == result.run_id
+    assert phi_verdict(store, result.selection_run_id) == chosen.load_json("phi_diagnostics")
+    phi, _, path = resolve_phi(result.selection_run_id, store, initial=True)
+    assert path == (chosen.path / PHI_INIT_FILE).resolve()
+    seed = chosen.config["seed"]
+    assert all(torch.equal(a, b) for a, b in zip(phi.state_dict().values(), initial_phi(seed).state_dict().values()))
+    assert dd.phi_diagnostics(tmp_path, result.selection_run_id)["learned"] is False  # 2 steps at phi_lr 1e-3

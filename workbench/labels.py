@@ -17,7 +17,7 @@ import json
 import math
 from typing import Any, Iterable, Mapping, Optional
 
-from .phi_diagnostics import DIAGNOSTICS_RECORD, UNLEARNED_NOTE
+from .phi_diagnostics import DIAGNOSTICS_RECORD, UNLEARNED_NOTE, trained_by
 
 OFFICIAL = "official"
 CONTROL_METHOD = "metaperturb_untrained"
@@ -55,13 +55,10 @@ def phi_verdict(store: Any, phi: Any) -> Optional[dict[str, Any]]:
     if "/" in str(phi) or not (run_dir / "run.json").is_file():
         return None
     try:
-        record = store.run_record(str(phi))
-        if record.kind == "meta_select":
-            chosen = record.summary.get("chosen_run_id")
-            if not isinstance(chosen, str) or not (store.runs_dir / chosen / "run.json").is_file():
-                return None
-            record = store.run_record(chosen)
-        path = record.path / "records" / f"{DIAGNOSTICS_RECORD}.json"
+        trained = trained_by(store, str(phi))
+        if trained is None:
+            return None
+        path = store.runs_dir / trained / "records" / f"{DIAGNOSTICS_RECORD}.json"
         if not path.is_file():
             return None
         value = json.loads(path.read_text(encoding="utf-8"))

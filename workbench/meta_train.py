@@ -71,7 +71,7 @@ from .errors import WorkbenchError
 from .lookahead import lookahead_meta_grad, twice_differentiable
 from .models import build
 from .perturb import MetaPerturb
-from .phi_diagnostics import DIAGNOSTICS_RECORD, diagnose, official_phi
+from .phi_diagnostics import DIAGNOSTICS_RECORD, diagnose, official_phi, trained_by
 
 RUN_KIND = "meta_train"
 SELECT_KIND = "meta_select"
@@ -940,12 +940,10 @@ def diagnose_run(run_ref: str, store: Optional[RunStore] = None) -> dict[str, An
     """Write (or rewrite) the diagnostics record of a finished meta-training run, e.g. one made before runs wrote it:
     its ``phi.pt`` against the initial phi of its seed, on its own source data. A selection run: its chosen run."""
     store, run_id = _locate_run(run_ref, store, None)
-    run = store.open_run(run_id)
-    if run.kind == SELECT_KIND:
-        chosen = run.summary.get("chosen_run_id")
-        if not chosen:
-            raise WorkbenchError(f"selection run {run_id} has not chosen a run yet; check it when it has finished")
-        run = store.open_run(str(chosen))
+    trained = trained_by(store, run_id)
+    if trained is None:
+        raise WorkbenchError(f"selection run {run_id} has not chosen a run yet; check it when it has finished")
+    run = store.open_run(trained)
     if run.kind != RUN_KIND:
         raise WorkbenchError(f"run {run.run_id} is a {run.kind!r} run; phi-check reads meta_train runs (or their "
                              f"selection run)")

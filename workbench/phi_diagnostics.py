@@ -109,6 +109,18 @@ def official_phi() -> Optional[MetaPerturb]:
         return None
 
 
+def trained_by(store: Any, run_id: str) -> Optional[str]:
+    """The meta-training run whose phi a run id names: the run itself, or a ``meta_select`` run's chosen run
+    (None while a selection has chosen none, or when the chosen run is missing from the store)."""
+    record = store.run_record(run_id)
+    if record.kind != "meta_select":
+        return run_id
+    chosen = record.summary.get("chosen_run_id") if isinstance(record.summary, dict) else None
+    if not isinstance(chosen, str) or not (store.runs_dir / chosen / "run.json").is_file():
+        return None
+    return chosen
+
+
 def verdict_text(learned: bool, change: float, threshold: float = LEARNED_THRESHOLD) -> str:
     if learned:
         return f"learned: phi's function moved by {change:.3f} from its initialisation (threshold {threshold:g})"
@@ -155,4 +167,4 @@ def diagnose(phi: MetaPerturb, initial: MetaPerturb, arch: str, images: torch.Te
 
 
 __all__ = ["DIAGNOSTICS_RECORD", "LEARNED_THRESHOLD", "PhiProbe", "UNLEARNED_NOTE", "diagnose", "function_change",
-           "official_phi", "parameter_distance", "probe_phi", "verdict_text"]
+           "official_phi", "parameter_distance", "probe_phi", "trained_by", "verdict_text"]

@@ -244,17 +244,17 @@ def resolve_phi(spec: str, store: RunStore | None = None, initial: bool = False)
 def _resolve_initial_phi(spec: str, store: RunStore | None):
     from .meta_train import PHI_INIT_FILE, MetaTrainConfig, initial_phi
     from .perturb import MetaPerturb
+    from .phi_diagnostics import trained_by
 
     _, label, phi_path = resolve_phi(spec, store)  # the spec must name a phi that exists
     run_dir = Path(phi_path).parent
     if spec == OFFICIAL_PHI or not (run_dir / "run.json").is_file():
         return initial_phi(0), label, None
-    run = RunStore(run_dir.parent.parent).open_run(run_dir.name)
-    if run.kind == "meta_select":
-        chosen = run.summary.get("chosen_run_id")
-        if not chosen:
-            raise WorkbenchError(f"selection run {run.run_id} names no chosen run; its untrained control is undefined")
-        run = RunStore(run_dir.parent.parent).open_run(str(chosen))
+    runs = RunStore(run_dir.parent.parent)
+    trained = trained_by(runs, run_dir.name)
+    if trained is None:
+        raise WorkbenchError(f"selection run {run_dir.name} names no chosen run; its untrained control is undefined")
+    run = runs.open_run(trained)
     path = run.path / PHI_INIT_FILE
     if path.is_file():
         return MetaPerturb.load(path), label, path.resolve()
