@@ -145,7 +145,7 @@ this study's runs.
         new_markdown_cell("## Does Base overfit here?\n\nA regularizer can only help where Base overfits. Base's "
                           "accuracy on a fixed set of its training images (the final network, as on the test split), "
                           "on the test split, and the gap, means over seeds; a cell whose gap is below "
-                          "`study.OVERFIT_GAP` is marked underfit."),
+                          "`dashboard_data.OVERFIT_GAP` (5 points) is marked underfit."),
         new_code_cell("study.regime_table(grid)"),
         new_code_cell("accuracy = study.summarize(grid, \"test_accuracy\")\nstudy.wide(accuracy)"),
         new_code_cell("accuracy"),

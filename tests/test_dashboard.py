@@ -285,6 +285,20 @@ def test_curves_page_says_whether_phi_learned(synthetic, monkeypatch):
     assert "Did phi learn?" in specs and "from the authors' phi" in specs and "authors' phi" in specs
 
 
+def test_accuracy_page_says_where_base_does_not_overfit(synthetic, monkeypatch):
+    root, _ = synthetic
+    app = render(root, "accuracy", monkeypatch)
+    (regime,) = tables(app, "train_accuracy", "gap", "regime")
+    runs = dd.finished(dd.runs_frame(root), dd.KIND_TRANSFER)
+    assert len(regime) == runs[runs["method"] == "base"].groupby(["arch", "target"]).ngroups
+    underfit = regime[regime["regime"] == dd.UNDERFIT]
+    assert set(underfit["target"]) == {"fashion_mnist"} and (underfit["gap"].abs() < 1e-9).all()
+    assert len(underfit) < len(regime) and (regime[regime["target"] != "fashion_mnist"]["gap"] > 0.29).all()
+    assert [w.value for w in app.warning] == [
+        f"Base does not overfit on {', '.join(f'{a} / fashion_mnist' for a in sorted(underfit['arch']))}: "
+        f"{dd.UNDERFIT}."]
+
+
 def test_runs_page_lists_corrupt_entries_with_their_reason(synthetic, monkeypatch):
     root, made = synthetic
     app = render(root, "runs", monkeypatch)
@@ -394,9 +408,11 @@ def test_every_page_renders_the_smoke_study(smoke, monkeypatch):
     meta = runs[runs["kind"] == "meta_train"]["run_id"].tolist()
     for page, app in pages.items():
         assert charts_on(app) >= 1 and not app.error, page
-        # the only warning: the smoke study's 4-step phi did not learn, said where its run is shown
-        assert [w.value for w in app.warning] == ([] if page != "curves" else
-                                                  [f"phi {dd.phi_diagnostics(smoke, meta[0])['message']}"]), page
+        # the only warnings: the smoke study's 4-step phi did not learn, said where its run is shown, and its
+        # 4-step Base does not overfit, said on the accuracy page
+        expected = {"curves": [f"phi {dd.phi_diagnostics(smoke, meta[0])['message']}"],
+                    "accuracy": [f"Base does not overfit on conv4_8 / cifar10, conv4_8 / mnist_test10k: {dd.UNDERFIT}."]}
+        assert [w.value for w in app.warning] == expected.get(page, []), page
     assert "Did phi learn?" in texts(pages["curves"])
     transfer = runs[runs["kind"] == "transfer"]
     # the study page links the transfer study to its runs and its executed notebook

@@ -296,6 +296,33 @@ def wide_table(table: pd.DataFrame, value: str = "mean", error: str = "std", dig
     return wide.fillna("")
 
 
+OVERFIT_GAP = 0.05  # Base's train-test accuracy gap below which a cell is marked underfit
+UNDERFIT = "underfit: a regularizer cannot help here"
+
+
+def regime_table(runs: pd.DataFrame, train: str = SUMMARY + "train_eval_accuracy", test: str = ACCURACY_KEY,
+                 method: str = BASE_METHOD) -> pd.DataFrame:
+    """Whether Base overfits each (arch, target): its final network's accuracy on its training images (``train``,
+    the transfer run's fixed training-set evaluation), on the test split (``test``), and the gap, means over seeds.
+    ``regime`` marks a gap below :data:`OVERFIT_GAP` as underfit; runs made before the training-set evaluation
+    existed give NaN and ``unknown``. Columns: arch, target, seeds, train_accuracy, test_accuracy, gap, regime."""
+    columns = ["arch", "target", "seeds", "train_accuracy", "test_accuracy", "gap", "regime"]
+    if runs.empty or test not in runs:
+        return pd.DataFrame(columns=columns)
+    base = runs[runs["method"].astype(str) == method]
+    if base.empty:
+        return pd.DataFrame(columns=columns)
+    base = base.assign(train_value=pd.to_numeric(base[train], errors="coerce") if train in base else np.nan,
+                       test_value=pd.to_numeric(base[test], errors="coerce"))
+    table = base.groupby(["arch", "target"], sort=True).agg(
+        seeds=("seed", "count"), train_accuracy=("train_value", "mean"), test_accuracy=("test_value", "mean"))
+    table = table.reset_index()
+    table["gap"] = table["train_accuracy"] - table["test_accuracy"]
+    table["regime"] = ["unknown" if gap != gap else "overfits" if gap >= OVERFIT_GAP else UNDERFIT
+                       for gap in table["gap"]]
+    return table[columns]
+
+
 def pool_bins(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
     """Reliability bins of several runs (e.g. seeds) pooled: counts summed, confidence and accuracy averaged
     with the counts as weights. All frames must use the same bin edges."""
@@ -522,6 +549,6 @@ def meta_site_stats(root: str | os.PathLike, run_id: str) -> pd.DataFrame | None
 __all__ = [
     "ACCURACY_KEY", "ECE_KEY", "HOW_TO", "HOW_TO_COMMANDS", "PAGE_NEEDS", "RunDetails", "accuracy_table", "check_id", "confidences",
     "ece", "executed_notebook", "filter_runs", "finished", "foreign_entries", "layer_profile", "meta_site_stats",
-    "method_label", "metric_columns", "metrics", "options", "phi_diagnostics", "pool_bins", "reliability", "resolve_root",
+    "method_label", "metric_columns", "metrics", "options", "phi_diagnostics", "pool_bins", "regime_table", "reliability", "resolve_root",
     "robustness", "run_details", "runs_frame", "site_scales", "store_roots", "studies_frame", "wide_table",
 ]

@@ -729,28 +729,12 @@ def paired_differences(runs: Any, metric: str = "test_accuracy", reference: str 
     return pd.DataFrame(rows, columns=columns)
 
 
-OVERFIT_GAP = 0.05  # Base's train-test accuracy gap below which a cell is marked underfit
-
-
 def regime_table(runs: Any, method: str = "base"):
-    """Whether Base overfits each (arch, target): its accuracy on training images (``train_eval_accuracy``, the final
-    network on a fixed set of them), on the test split, and the gap, as means over seeds. ``regime`` marks a cell
-    whose gap is below :data:`OVERFIT_GAP` as underfit (a regularizer cannot help there); runs made before the
-    training-set evaluation existed show NaN and ``unknown``."""
-    import pandas as pd
+    """Whether Base overfits each (arch, target) of a grid's rows (:func:`workbench.dashboard_data.regime_table`:
+    Base's final network on its training images against the test split, means over seeds, underfit cells marked)."""
+    from .dashboard_data import regime_table as table
 
-    columns = ["arch", "target", "seeds", "train_accuracy", "test_accuracy", "gap", "regime"]
-    base = runs[runs["method"].astype(str) == method] if not runs.empty else runs
-    if base.empty:
-        return pd.DataFrame(columns=columns)
-    base = base.assign(train=pd.to_numeric(base.get("train_eval_accuracy"), errors="coerce"),
-                       test=pd.to_numeric(base["test_accuracy"], errors="coerce"))
-    table = base.groupby(["arch", "target"], sort=True).agg(seeds=("seed", "count"), train_accuracy=("train", "mean"),
-                                                            test_accuracy=("test", "mean")).reset_index()
-    table["gap"] = table["train_accuracy"] - table["test_accuracy"]
-    table["regime"] = ["unknown" if gap != gap else "overfits" if gap >= OVERFIT_GAP else
-                       "underfit: a regularizer cannot help here" for gap in table["gap"]]
-    return table[columns]
+    return table(runs, train="train_eval_accuracy", test="test_accuracy", method=method)
 
 
 def wide(table: Any, digits: int = 4):

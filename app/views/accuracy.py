@@ -37,6 +37,17 @@ def render() -> None:
             "delta_base_se": st.column_config.NumberColumn("± se", format="%.4f"),
         },
     )
+    regime = dd.regime_table(runs)
+    if not regime.empty:
+        st.subheader("Does Base overfit here?")
+        st.caption(f"Base's final network on its own training images (summary train_eval_accuracy) and on the test "
+                   f"split, means over seeds; a gap below {dd.OVERFIT_GAP:.0%} is marked underfit: a regularizer "
+                   "cannot help there. 'unknown': runs made before the training-set evaluation existed.")
+        underfit = regime[regime["regime"] == dd.UNDERFIT]
+        if not underfit.empty:
+            cells = ", ".join(f"{r.arch} / {r.target}" for r in underfit.itertuples())
+            st.warning(f"Base does not overfit on {cells}: {dd.UNDERFIT}.")
+        st.dataframe(regime, hide_index=True, key="acc_regime")
     with st.expander("Methods x targets at a glance (mean ± std)"):
         st.dataframe(dd.wide_table(table), key="acc_wide")
     st.plotly_chart(charts.accuracy_bars(table, label), key="acc_bars")
