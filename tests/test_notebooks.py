@@ -173,6 +173,7 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
             assert response.read().decode() == "ok"
         text = "".join(lines)
         assert "demo studies done in" in text and "test accuracy (mean ± std over seeds)" in text
+        assert "does Base overfit?" in text and "test_nll: difference to Base of the same seed" in text
         studies = RunStore(root).list_studies()
         assert [Path(s.notebook).stem for s in studies] == NOTEBOOKS
         assert all(s.status == "finished" and s.profile == "smoke" for s in studies)

@@ -79,6 +79,13 @@ def test_every_profile_gives_every_notebook_valid_parameters(profile):
         assert item.profile == profile
 
 
+def test_demo_profile_compares_in_a_regime_where_base_overfits():
+    grid = study.prepare_studies(["02_transfer_study"], "demo")[0].config
+    assert {"base", "metaperturb@official", "metaperturb_untrained"} <= set(grid.methods)
+    assert grid.per_class <= 100 and grid.steps * grid.batch_size >= 500 * grid.per_class  # >= 50 epochs
+    assert grid.test_per_class * 10 >= 1000 and grid.final_mc_samples >= 30 and len(grid.seeds) >= 2
+
+
 def test_cpu_profile_is_the_meta_training_config_and_a_grid_with_the_control():
     from workbench.meta_train import MetaTrainConfig
 

@@ -4,8 +4,9 @@ The demo is the four study notebooks run with the ``demo`` profile (``notebooks/
 own study in the artifacts root, with the kernels' progress streamed to the console:
 
 1. ``01_meta_train``: meta-train phi on tasks cut from the offline Tiny ImageNet;
-2. ``02_transfer_study``: transfer that phi (``phi=<the run just made>``) and the authors' released phi to
-   CIFAR-10 at 200 images per class and Fashion-MNIST at 500 per class, next to Base; accuracy and calibration;
+2. ``02_transfer_study``: transfer that phi (``phi=<the run just made>``), the authors' released phi and the
+   untrained-phi control to CIFAR-10 next to Base, where Base overfits; whether it does, accuracy, calibration and
+   the differences to Base paired by seed;
 3. ``03_calibration_robustness`` and ``04_scales``: reliability diagrams and the per-layer scales of that study
    (``source_study=<the study just made>``; they read, they do not train);
 
@@ -27,7 +28,7 @@ from .errors import WorkbenchError
 NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales"]
 TITLES = {
     "01_meta_train": "meta-train phi on the offline Tiny ImageNet tasks",
-    "02_transfer_study": "transfer phi (ours and the authors') and Base to the targets",
+    "02_transfer_study": "transfer phi (ours, the authors', the untrained control) and Base to CIFAR-10",
     "03_calibration_robustness": "calibration of the transferred networks",
     "04_scales": "per-layer perturbation scales",
 }
@@ -81,11 +82,28 @@ def _print_table(store: RunStore, study_id: str) -> None:
     if not reports:
         return
     run = store.open_run(reports[-1].run_id)
+    names = run.list_json()
+    if "regime" in names:
+        regime = pd.DataFrame(run.load_json("regime"))
+        regime = regime[[c for c in ("arch", "target", "seeds", "train_accuracy", "test_accuracy", "gap", "regime")
+                         if c in regime]]
+        if not regime.empty:
+            print("\ndoes Base overfit? (its final network on its training images and on the test split, mean over "
+                  f"seeds):\n{regime.to_string(index=False)}")
     for name, title in (("accuracy", "test accuracy"), ("ece", "expected calibration error")):
-        if name in run.list_json():
+        if name in names:
             table = wide_table(pd.DataFrame(run.load_json(name)))
             if not table.empty:
                 print(f"\n{title} (mean ± std over seeds):\n{table.to_string()}")
+    for metric in ("test_accuracy", "test_nll", "test_ece"):
+        name = f"paired_{metric}"
+        if name in names:
+            paired = pd.DataFrame(run.load_json(name))
+            if not paired.empty:
+                paired = paired[[c for c in ("arch", "target", "label", "mean_diff", "se", "n", "beyond_2se")
+                                 if c in paired]].round(4)
+                print(f"\n{metric}: difference to Base of the same seed (mean ± se over seeds; beyond_2se: more than "
+                      f"two standard errors):\n{paired.to_string(index=False)}")
 
 
 def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: bool = True,
