@@ -138,18 +138,18 @@ def diagnose(phi: MetaPerturb, initial: MetaPerturb, arch: str, images: torch.Te
     official = probe_phi(reference, arch, images, **kwargs) if reference is not None else None
     change = function_change(start, final)
     learned = bool(change >= threshold)
+    scale, scale_init, spread = final.scale_mean, start.scale_mean, final.scale_channel_std
+    official_scale = official.scale_mean if official is not None else None
     sites = []
     for i, name in enumerate(final.site_names):
         row = {"site": name, "channels": int(final.scales[i].size),
-               "scale": float(final.scale_mean[i]), "scale_init": float(start.scale_mean[i]),
-               "scale_channel_std": float(final.scale_channel_std[i]),
+               "scale": float(scale[i]), "scale_init": float(scale_init[i]), "scale_channel_std": float(spread[i]),
                "multiplier_mean": float(final.multiplier_mean[i]),
                "multiplier_mean_init": float(start.multiplier_mean[i]),
                "multiplier_std": float(final.multiplier_std[i]), "multiplier_std_init": float(start.multiplier_std[i])}
-        if official is not None:
-            row["scale_official"] = float(official.scale_mean[i])
+        if official_scale is not None:
+            row["scale_official"] = float(official_scale[i])
         sites.append(row)
-    scale = final.scale_mean
     return {
         "learned": learned,
         "verdict": "learned" if learned else "unchanged",
@@ -157,7 +157,7 @@ def diagnose(phi: MetaPerturb, initial: MetaPerturb, arch: str, images: torch.Te
         "function_change": change,
         "threshold": threshold,
         "scale_site_range": float(scale.max() - scale.min()),
-        "scale_channel_std_mean": float(final.scale_channel_std.mean()),
+        "scale_channel_std_mean": float(spread.mean()),
         "distance_from_init": parameter_distance(phi, initial),
         "distance_from_official": parameter_distance(phi, reference) if reference is not None else None,
         "probe": {"arch": arch, "images": int(images.shape[0]), "image_size": int(image_size), "seed": int(seed),

@@ -657,9 +657,10 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
     uses_ours = any(_parse_method(m)[1] is None and build_regularizer(_parse_method(m)[0]).needs_phi
                     for m in config.methods)
     ours = resolve_study_phi(config.phi, store) if uses_ours else None
+    verdict = phi_verdict(store, ours) if uses_ours else None
+    learned = {ours: None if verdict is None else verdict["learned"]}  # the only phi with a verdict to read
     if uses_ours:
         print(f"our phi: {ours}" + (f" (phi='latest')" if config.phi == LATEST else ""))
-        verdict = phi_verdict(store, ours)
         if verdict is not None and not verdict["learned"]:
             print(f"warning: our phi {verdict['message']}; its rows are labelled so")
     cells = grid_cells(config)
@@ -678,7 +679,7 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
             name, own = _parse_method(spec)
             phi = (own or ours) if result.regularizer.needs_phi else None
             rows.append({"run_id": result.run_id, "target": target, "arch": arch, "seed": int(seed), "method": name,
-                         "phi": phi, "label": labels_for(store, [name], [phi])[0],
+                         "phi": phi, "label": method_label(name, phi, learned.get(phi)),
                          "test_accuracy": s["test_accuracy"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
                          "train_eval_accuracy": s.get("train_eval_accuracy"),
                          "generalization_gap": s.get("generalization_gap"),
