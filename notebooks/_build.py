@@ -135,7 +135,9 @@ this study's runs.
         "seeds \"[0, 1]\"", "config field 'steps' must be an integer, got str 'ten'", defaults_note=" (the paper's target recipe: 10,000 steps, 100 MC samples)")
     cells += [
         new_markdown_cell("## The grid\n\nOne run per target x architecture x seed x method, in that order; "
-                          "each run's bar shows its steps, the outer bar the runs."),
+                          "each run's bar shows its steps, the outer bar the runs. The first Base run of each target and "
+                          "architecture is the pilot: if it ends underfit, the grid warns (`regime_check='warn'`) or "
+                          "stops there (`'stop'`)."),
         new_code_cell("print(f\"{len(study.grid_cells(config))} runs: targets {config.targets}, archs "
                       "{config.archs}, methods {config.methods}, seeds {config.seeds}\")\n"
                       "grid = study.run_transfer_grid(config, session.store)\ngrid"),
@@ -166,7 +168,8 @@ this study's runs.
         new_code_cell("report = study.save_report(session, \"02_transfer_study\", {\"runs\": grid, \"accuracy\": "
                       "accuracy, \"ece\": ece, \"regime\": study.regime_table(grid),\n"
                       "                          **{f\"paired_{k}\": v for k, v in paired.items()}},\n                          info={\"our_phi\": "
-                      "grid.attrs.get(\"our_phi\")})\nsession.finish()"),
+                      "grid.attrs.get(\"our_phi\"),\n                                \"regime_warnings\": "
+                      "grid.attrs.get(\"regime_warnings\", [])})\nsession.finish()"),
     ]
     return name, TransferStudyConfig, cells
 

@@ -104,10 +104,14 @@ def test_results_profile_is_the_planned_study():
     grid = study.prepare_studies(["02_transfer_study"], "results")[0].config
     assert set(grid.targets) == {"cifar10", "imagenette64", "fashion_mnist", "mnist_test10k", "omniglot_small"}
     assert "resnet20" in grid.archs and len(grid.archs) == 2
-    assert {"base", "dropblock", "manifold_mixup", "information_dropout", "metaperturb",
-            "metaperturb@official"} <= set(grid.methods)
+    assert {"base", "dropblock", "manifold_mixup", "information_dropout", "mixup", "metaperturb",
+            "metaperturb@official", "metaperturb_untrained"} == set(grid.methods)
+    assert grid.methods[0] == "base", "Base first: its first run is the regime pilot"
     assert len(grid.seeds) >= 3 and len(grid.robust_targets) == 1
-    assert grid.image_size == 32
+    assert grid.image_size == 32 and grid.test_per_class * 10 >= 1000 and grid.final_mc_samples >= 30
+    assert grid.steps * grid.batch_size >= 50 * 10 * grid.per_class, "at least 50 epochs: where Base overfits"
+    meta = study.prepare_studies(["01_meta_train"], "results")[0].config
+    assert meta == study.prepare_studies(["01_meta_train"], "cpu")[0].config, "our phi is the cpu profile's"
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -141,10 +145,64 @@ def test_notebook_config_refuses_unknown_and_ill_typed_names_and_ignores_the_not
     ({"archs": ["resnet7"]}, "resnet7"),
     ({"method_options": {"dropblock": {"drop_prob": 0.1}}}, "method_options names 'dropblock'"),
     ({"robust_norms": ["l7"]}, "l7"),
+    ({"regime_check": "abort"}, "regime_check must be one of warn, stop, off"),
 ])
 def test_transfer_study_config_refuses_bad_grids(change, message):
     with pytest.raises(WorkbenchError, match=message):
         TransferStudyConfig.from_dict({"targets": ["cifar10", "fashion_mnist"], "archs": ["conv4_8"], **change})
+
+
+def _fake_grid(monkeypatch, base_train_accuracy: float):
+    """run_transfer_grid with transfer() replaced: every run ends at 50% test accuracy, Base at
+    ``base_train_accuracy`` on its training images, the others at 90%. Returns the list of cells trained."""
+    import types
+
+    import workbench.data
+    import workbench.transfer
+
+    trained = []
+
+    def fake_transfer(cfg, store, progress=True, dataset=None):
+        trained.append((cfg.target, cfg.arch, cfg.seed, cfg.method))
+        train = base_train_accuracy if cfg.method == "base" else 0.9
+        summary = {"test_accuracy": 0.5, "test_nll": 1.0, "test_ece": 0.1, "train_eval_accuracy": train,
+                   "generalization_gap": train - 0.5, "mc_samples": 1, "train_examples": 20, "test_examples": 20,
+                   "train_seconds_last_session": 0.0}
+        return types.SimpleNamespace(run_id=f"run{len(trained)}", summary=summary,
+                                     regularizer=types.SimpleNamespace(needs_phi=False))
+
+    monkeypatch.setattr(workbench.transfer, "transfer", fake_transfer)
+    monkeypatch.setattr(workbench.data, "load_dataset", lambda name, root=None: name)
+    return trained
+
+
+def _pilot_config(check: str) -> TransferStudyConfig:
+    return TransferStudyConfig.from_dict({"targets": ["cifar10", "fashion_mnist"], "archs": ["conv4_8"],
+                                          "methods": ["base", "dropblock"], "seeds": [0, 1], "regime_check": check})
+
+
+def test_an_underfit_pilot_stops_the_grid_before_the_other_methods_run(tmp_path, monkeypatch):
+    trained = _fake_grid(monkeypatch, base_train_accuracy=0.52)
+    with pytest.raises(study.StudyError, match=r"Base on cifar10 / conv4_8 \(seed 0\) ends at 52.0% on its training "
+                                               r"images and 50.0% on test.*underfit.*per_class"):
+        study.run_transfer_grid(_pilot_config("stop"), RunStore(tmp_path), progress=False)
+    assert trained == [("cifar10", "conv4_8", 0, "base")]
+
+
+def test_an_underfit_pilot_warns_once_per_target_and_arch_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
+    trained = _fake_grid(monkeypatch, base_train_accuracy=0.52)
+    grid = study.run_transfer_grid(_pilot_config("warn"), RunStore(tmp_path), progress=False)
+    assert len(trained) == len(grid) == 8
+    warnings = grid.attrs["regime_warnings"]
+    assert [w.split(" (seed")[0] for w in warnings] == ["Base on cifar10 / conv4_8", "Base on fashion_mnist / conv4_8"]
+    assert "warning: Base on cifar10 / conv4_8" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("check, train", [("stop", 0.56), ("off", 0.5)])
+def test_an_overfitting_pilot_or_no_check_lets_the_whole_grid_run(tmp_path, monkeypatch, check, train):
+    trained = _fake_grid(monkeypatch, base_train_accuracy=train)
+    grid = study.run_transfer_grid(_pilot_config(check), RunStore(tmp_path), progress=False)
+    assert len(trained) == 8 and grid.attrs["regime_warnings"] == []
 
 
 def test_default_per_class_exceptions_do_not_block_another_grid():

@@ -107,6 +107,10 @@ class TransferStudyConfig(Config):
     seeds: one run per seed. steps ... final_mc_samples: the training recipe (see ``TransferConfig``).
     robust_targets: targets whose runs are also attacked with PGD (robust_* settings, see ``TransferConfig``).
     transfer_options: any other ``TransferConfig`` field, for every run (e.g. ``{noise_warmup: 0.4}``).
+    regime_check: what the grid does when the first Base run of an (arch, target) ends underfit (train-test gap
+        under ``OVERFIT_GAP``): ``warn`` (print and go on), ``stop`` (end the study there, before the other
+        methods spend their time) or ``off``. That run is the pilot: list ``base`` first in ``methods`` so it
+        comes before the others.
     """
 
     targets: list[str] = field(default_factory=lambda: ["cifar10", "fashion_mnist"])
@@ -134,6 +138,7 @@ class TransferStudyConfig(Config):
     robust_mc_samples: int = 10
     robust_examples: int = 500
     transfer_options: dict[str, Any] = field(default_factory=dict)
+    regime_check: str = "warn"
     data_root: Optional[str] = None
     device: str = "auto"
     threads: Optional[int] = None
@@ -142,6 +147,9 @@ class TransferStudyConfig(Config):
     def validate(self) -> None:
         from .regularizers import build_regularizer
         from .transfer import TransferConfig
+
+        require(self.regime_check in REGIME_CHECKS,
+                f"regime_check must be one of {', '.join(REGIME_CHECKS)}, got {self.regime_check!r}")
 
         for name in ("targets", "archs", "methods", "seeds"):
             values = getattr(self, name)
@@ -638,6 +646,21 @@ def limit_test(ds: Any, per_class: Optional[int]) -> Any:
     return dataclasses.replace(ds, x_test=ds.x_test[index], y_test=ds.y_test[index])
 
 
+REGIME_CHECKS = ("warn", "stop", "off")
+
+
+def underfit_message(target: str, arch: str, seed: int, train: Optional[float], test: float) -> Optional[str]:
+    """The warning for a Base run whose training-set accuracy is under ``OVERFIT_GAP`` above its test accuracy
+    (None when it overfits, or when it has no training-set evaluation to judge by)."""
+    from .dashboard_data import OVERFIT_GAP, UNDERFIT
+
+    if train is None or train != train or train - test >= OVERFIT_GAP:
+        return None
+    return (f"Base on {target} / {arch} (seed {seed}) ends at {train:.1%} on its training images and {test:.1%} on "
+            f"test, a gap of {100 * (train - test):.1f} points (under {100 * OVERFIT_GAP:.0f}): {UNDERFIT}; train "
+            f"longer (steps) or on fewer images (per_class) for a budget where Base overfits")
+
+
 def grid_cells(config: TransferStudyConfig) -> list[tuple[str, str, int, str]]:
     """(target, arch, seed, method spec) of every run, in the order they are made."""
     return [(t, a, s, m) for t in config.targets for a in config.archs for s in config.seeds for m in config.methods]
@@ -665,6 +688,8 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
             print(f"warning: our phi {verdict['message']}; its rows are labelled so")
     cells = grid_cells(config)
     rows = []
+    regime_warnings: list[str] = []
+    piloted: set[tuple[str, str]] = set()
     datasets: dict[str, Any] = {}
     bar = tqdm(total=len(cells), desc="transfer grid", unit="run", disable=not progress)
     try:
@@ -686,10 +711,20 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
                          "mc_samples": s["mc_samples"], "train_examples": s["train_examples"],
                          "test_examples": s["test_examples"], "train_seconds": s["train_seconds_last_session"]})
             bar.update(1)
+            if name == "base" and config.regime_check != "off" and (target, arch) not in piloted:
+                piloted.add((target, arch))
+                message = underfit_message(target, arch, seed, s.get("train_eval_accuracy"), s["test_accuracy"])
+                if message and config.regime_check == "stop":
+                    raise StudyError(f"{message}; stopped (regime_check=stop; regime_check=warn runs the grid "
+                                     f"anyway)")
+                if message:
+                    regime_warnings.append(message)
+                    bar.write(f"warning: {message}")
     finally:
         bar.close()
     frame = pd.DataFrame(rows)
     frame.attrs["our_phi"] = ours
+    frame.attrs["regime_warnings"] = regime_warnings
     return frame
 
 
