@@ -1,6 +1,8 @@
 """Every regularizer trains a tiny model for a few steps and changes only what it should."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,6 +18,7 @@ from workbench.regularizers import (
     available_regularizers,
     build_regularizer,
     noise_coefficient,
+    regularizer_class,
 )
 from workbench.regularizers.information_dropout import InformationDropoutLayer
 from workbench.regularizers.mixup import mixed_loss
@@ -378,3 +381,17 @@ def test_feature_methods_use_the_attach_rule_for_torchvision_models():
     reg = build_regularizer("dropblock")
     reg.prepare(model, context("tv:resnet18"))
     assert reg.place_names == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+
+
+def test_docs_baselines_table_states_every_registered_setting_with_its_default():
+    rows = {}
+    for line in (Path(__file__).resolve().parents[1] / "docs" / "baselines.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].startswith("`") and cells[1].startswith("`"):
+            rows[(cells[0].strip("`"), cells[1].strip("`"))] = cells[2]
+    for name in available_regularizers():
+        for key, option in regularizer_class(name).options.items():
+            assert (name, key) in rows, f"docs/baselines.md has no row for {name}.{key}"
+            default = option.default
+            written = str(default).lower() if isinstance(default, bool) else str(default)
+            assert rows[(name, key)] == written, f"docs/baselines.md says {name}.{key} = {rows[(name, key)]}, the code {written}"
