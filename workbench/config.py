@@ -18,6 +18,8 @@ import yaml
 from .errors import WorkbenchError
 
 C = TypeVar("C", bound="Config")
+#: Seeds are integers in [0, MAX_SEED] (numpy's SeedSequence refuses negative ones; torch overflows past 2**64).
+MAX_SEED = 2**32 - 1
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -39,9 +41,13 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                 errors.append(str(exc))
         raise WorkbenchError(errors[0] if errors else f"config field '{name}' has an invalid value {value!r}")
     if origin is typing.Literal:
-        if value not in args:
-            raise WorkbenchError(f"config field '{name}' must be one of {list(args)}, got {value!r}")
-        return value
+        if value in args:
+            return value
+        text = _number_as_text(value)
+        if text is not None and text in args:  # `--set normalization=0.5` arrives as the float 0.5
+            return text
+        kind = "" if isinstance(value, str) else f"{type(value).__name__} "
+        raise WorkbenchError(f"config field '{name}' must be one of {list(args)}, got {kind}{value!r}")
     if origin in (list, tuple):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise WorkbenchError(f"config field '{name}' must be a list, got {type(value).__name__} {value!r}")
@@ -67,6 +73,9 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
             raise WorkbenchError(f"config field '{name}' must be a number, got {type(value).__name__} {value!r}")
         return float(value)
     if annotation is str:
+        if isinstance(value, Mapping):
+            raise WorkbenchError(f"config field '{name}' must be a string, got the mapping {dict(value)!r} (YAML reads "
+                                 f"'key: value' as a mapping); quote the value, e.g. {name}: \"npz:/path/file.npz\"")
         if not isinstance(value, str):
             raise WorkbenchError(f"config field '{name}' must be a string, got {type(value).__name__} {value!r}")
         return value
@@ -127,17 +136,31 @@ class Config:
         return type(self).from_dict(self.to_dict(), **changes)
 
 
+def _number_as_text(value: Any) -> str | None:
+    """The text a YAML number was written as (``0.5`` -> ``"0.5"``, ``2`` -> ``"2"``); None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return str(value)
+
+
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
-    """Turn ``["steps=10", "lr=1e-3"]`` into ``{"steps": 10, "lr": 0.001}`` (values parsed as YAML scalars)."""
+    """Turn ``["steps=10", "lr=1e-3"]`` into ``{"steps": 10, "lr": 0.001}`` (values parsed as YAML scalars).
+
+    A value that ends in a colon (``target=npz:``) stays text: YAML would read it as the mapping ``{npz: null}``.
+    """
     out: dict[str, Any] = {}
     for pair in pairs or []:
         if "=" not in pair:
             raise WorkbenchError(f"override {pair!r} must look like key=value, e.g. steps=100")
         key, raw = pair.split("=", 1)
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        if (isinstance(value, dict) and len(value) == 1 and next(iter(value.values())) is None
+                and not raw.lstrip().startswith("{")):
+            value = raw.strip()
+        out[key.strip()] = value
     return out
 
 
@@ -145,3 +168,14 @@ def require(condition: bool, message: str) -> None:
     """Shorthand for validation rules in ``Config.validate``."""
     if not condition:
         raise WorkbenchError(message)
+
+
+def require_seed(name: str, value: int) -> None:
+    """A seed field must be an integer in [0, MAX_SEED]."""
+    require(0 <= value <= MAX_SEED, f"{name} must be an integer from 0 to {MAX_SEED}, got {value}; e.g. {name}=0")
+
+
+def require_threads(value: int | None) -> None:
+    """``threads`` is torch's CPU thread count for a run: a positive integer, or null to keep the process's."""
+    require(value is None or value >= 1, f"threads must be a positive integer or null (keep torch's default), got "
+                                         f"{value}; e.g. threads=2")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +158,7 @@ class MetaPerturb(nn.Module):
         missing = sorted(set(_OFFICIAL_KEYS) - set(state))
         if missing or set(state) - set(_OFFICIAL_KEYS):
             raise WorkbenchError(
-                f"{path} is not a MetaPerturb release: expected keys {sorted(_OFFICIAL_KEYS)}, found {sorted(state)}"
+                f"{path} is not a MetaPerturb release: expected keys {sorted(_OFFICIAL_KEYS)}, found {_key_list(state)}"
             )
         phi = cls()
         phi._load_checked({_OFFICIAL_KEYS[k]: v for k, v in state.items()}, path)
@@ -175,15 +175,21 @@ class MetaPerturb(nn.Module):
                     f"{path} is a phi file of format version {version}; this workbench reads version "
                     f"{FORMAT_VERSION}: upgrade the workbench or re-save the file"
                 )
-            phi = cls()
-            phi._load_checked(state.get("state_dict", {}), path)
-            return phi
+            return cls.from_state_dict(state.get("state_dict", {}), path)
         if set(state) & set(_OFFICIAL_KEYS):
             return cls._from_official_state(state, path)
         raise WorkbenchError(
             f"{path} is not a phi file: expected a workbench phi (format '{FORMAT_NAME}') or the authors' "
-            f"perturb_750.pth, found keys {sorted(state)[:8]}"
+            f"perturb_750.pth, found keys {_key_list(state)[:8]}"
         )
+
+    @classmethod
+    def from_state_dict(cls, state, origin="phi") -> "MetaPerturb":
+        """phi from a state dict (e.g. the ``phi`` of a saved network), checked as :meth:`load` checks a file: the
+        right names, shapes, floating-point tensors and finite values. ``origin`` names the source in errors."""
+        phi = cls()
+        phi._load_checked(state, origin)
+        return phi
 
     def save(self, path: str | os.PathLike, **metadata) -> Path:
         """Write phi atomically in the workbench format (state dict + format tag + free-form metadata)."""
@@ -199,18 +205,40 @@ class MetaPerturb(nn.Module):
         atomic_torch_save(payload, path)
         return path
 
-    def _load_checked(self, state: dict, path) -> None:
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        found = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
-        if set(found) != set(expected):
-            raise WorkbenchError(f"{path} does not hold phi's parameters: expected {sorted(expected)}, found {sorted(found)}")
+    def _load_checked(self, state, path) -> None:
+        """Load ``state`` after checking it is phi's: a mapping of phi's parameter names to floating-point tensors of
+        the right shapes with finite values (NaN or inf would train on silently and evaluate to nonsense)."""
+        if not isinstance(state, Mapping):
+            raise WorkbenchError(f"{path}: phi's state is a {type(state).__name__}, not a mapping of parameter names "
+                                 f"to tensors; not a MetaPerturb phi (re-save it with MetaPerturb.save)")
+        expected = {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        if set(state) != set(expected):
+            raise WorkbenchError(f"{path} does not hold phi's parameters: expected {sorted(expected)}, found "
+                                 f"{_key_list(state)}")
         for key, shape in expected.items():
-            if found[key] != tuple(shape):
+            value = state[key]
+            if not isinstance(value, torch.Tensor):
+                raise WorkbenchError(f"{path}: parameter {key} is a {type(value).__name__}, not a tensor; not a "
+                                     f"MetaPerturb phi")
+            if tuple(value.shape) != shape:
                 raise WorkbenchError(
-                    f"{path}: parameter {key} has shape {found[key]}, expected {tuple(shape)}; not a MetaPerturb phi"
+                    f"{path}: parameter {key} has shape {tuple(value.shape)}, expected {shape}; not a MetaPerturb phi"
                 )
+            if not value.is_floating_point():
+                raise WorkbenchError(f"{path}: parameter {key} has dtype {value.dtype}, expected floating point; not a "
+                                     f"MetaPerturb phi")
+            if not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise WorkbenchError(f"{path}: parameter {key} holds {bad} NaN or infinite value(s) of "
+                                     f"{value.numel()}; this phi is damaged or came from a diverged run: use another "
+                                     f"phi file")
         with torch.no_grad():
-            self.load_state_dict({k: v.float() for k, v in state.items()})
+            self.load_state_dict({k: state[k].float() for k in expected})
+
+
+def _key_list(state) -> list[str]:
+    """The keys of a loaded mapping as sorted strings (a foreign file may mix key types, which ``sorted`` refuses)."""
+    return sorted(k if isinstance(k, str) else f"{k!r} ({type(k).__name__})" for k in state)
 
 
 def _load_state(path, map_location) -> dict:

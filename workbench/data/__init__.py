@@ -20,7 +20,7 @@ from typing import Any
 
 from .augment import Augment, default_padding
 from .loader import BatchIterator, eval_batches
-from .sources import (SOURCES, TORCHVISION, ImageDataset, SourceInfo, available_datasets, data_roots,
+from .sources import (SOURCES, TORCHVISION, ImageDataset, SourceInfo, available_datasets, check_spec, data_roots,
                       load_dataset, load_fashion_mnist, load_image_folder, load_npz, load_torchvision,
                       register_source, resolve_data_root)
 from .tasks import SourceTask, dataset_fingerprint, describe_tasks, source_tasks, tasks_from_description
@@ -28,8 +28,8 @@ from .views import TargetView, TensorSplit, channel_stats, convert_channels, res
 
 __all__ = [
     "Augment", "BatchIterator", "ImageDataset", "SourceInfo", "SourceTask", "TargetView", "TensorSplit", "SOURCES",
-    "TORCHVISION", "available_datasets", "channel_stats", "convert_channels", "data_roots", "dataset_fingerprint",
-    "default_padding", "describe_tasks", "eval_batches", "load_dataset", "load_fashion_mnist", "load_image_folder",
+    "TORCHVISION", "available_datasets", "channel_stats", "check_spec", "convert_channels", "data_roots",
+    "dataset_fingerprint", "default_padding", "describe_tasks", "eval_batches", "load_dataset", "load_fashion_mnist", "load_image_folder",
     "load_npz", "load_torchvision", "register_source", "resize_images", "resolve_data_root", "source_tasks",
     "target_view", "tasks_from_description", "register_cli",
 ]

@@ -128,12 +128,18 @@ def validate_arrays(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_t
     """Check dtypes, shapes and label ranges of an in-memory dataset; one-line WorkbenchError naming ``fix``."""
     if not classes:
         raise WorkbenchError(f"dataset {name} has no class names; {fix}")
+    if len(classes) < 2:
+        raise WorkbenchError(f"dataset {name} has {len(classes)} class ({classes[0]!r}); classification needs at least "
+                             f"two classes (with one, every prediction is right): add images of another class")
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
             raise WorkbenchError(f"dataset {name}: x_{split} must be a uint8 tensor (N, C, H, W), got {got}; {fix}")
         if x.shape[1] not in (1, 3):
             raise WorkbenchError(f"dataset {name}: x_{split} has {x.shape[1]} channels, expected 1 or 3; {fix}")
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise WorkbenchError(f"dataset {name}: x_{split} holds {x.shape[2]}x{x.shape[3]} images; an image needs at "
+                                 f"least one pixel per side; {fix}")
         if not isinstance(y, torch.Tensor) or y.dtype != torch.int64 or y.dim() != 1:
             got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise WorkbenchError(f"dataset {name}: y_{split} must be an int64 tensor (N,), got {got}; {fix}")
@@ -149,6 +155,10 @@ def validate_arrays(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_t
     if x_train.shape[1:] != x_test.shape[1:]:
         raise WorkbenchError(f"dataset {name}: train images are {tuple(x_train.shape[1:])} but test images are "
                              f"{tuple(x_test.shape[1:])} (C, H, W); {fix}")
+    present = torch.unique(y_train).numel()
+    if present < 2:
+        raise WorkbenchError(f"dataset {name}: every training image has label {int(y_train[0])}; classification "
+                             f"needs training images of at least two classes (with one, every prediction is right)")
 
 
 def _nhwc_to_nchw(x: np.ndarray) -> torch.Tensor:
@@ -253,6 +263,9 @@ def load_npz(path: str | os.PathLike, name: str | None = None, flip: bool = True
         if x.ndim != 4 or x.shape[3] not in (1, 3):
             raise WorkbenchError(f"npz file {path}: x_{split} has shape {x.shape}, expected (N, H, W, C) with C = 1 "
                                  f"or 3, channels last (add a trailing axis to gray images: x[..., None])")
+        if x.shape[1] < 1 or x.shape[2] < 1:
+            raise WorkbenchError(f"npz file {path}: x_{split} holds {x.shape[1]}x{x.shape[2]} images (shape "
+                                 f"{x.shape}); an image needs at least one pixel per side (N, H, W, C)")
         if not np.issubdtype(y.dtype, np.integer):
             raise WorkbenchError(f"npz file {path}: y_{split} has dtype {y.dtype}, expected int64 labels "
                                  f"0..K-1 (convert with y.astype(np.int64))")
@@ -655,6 +668,24 @@ def load_image_folder(path: str | os.PathLike, image_size: int | None = None, fl
 # ----------------------------------------------------------------------------------------------------------------
 # One entry point
 # ----------------------------------------------------------------------------------------------------------------
+#: Spec prefixes and (what follows the colon, an example).
+SPEC_PREFIXES = {"npz": ("a file path", "npz:/path/file.npz"), "tv": ("a dataset name", "tv:cifar100"),
+                 "folder": ("a folder path", "folder:/path/root")}
+
+
+def check_spec(spec: Any, what: str = "dataset spec") -> str:
+    """The stripped ``spec`` if it is well formed (a name, ``npz:PATH``, ``tv:NAME``, ``folder:PATH`` or a path ending
+    in ``.npz``), else a one-line WorkbenchError; nothing is loaded or looked up."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise WorkbenchError(f"{what} must be a non-empty string, got {spec!r}; e.g. 'cifar10' or 'npz:/path.npz'")
+    spec = spec.strip()
+    kind, colon, rest = spec.partition(":")
+    if colon and kind in SPEC_PREFIXES and not rest.strip():
+        thing, example = SPEC_PREFIXES[kind]
+        raise WorkbenchError(f"{what} {spec!r} is incomplete: '{kind}:' needs {thing} after the colon, e.g. {example}")
+    return spec
+
+
 def load_dataset(spec: str, root: str | os.PathLike | None = None, *, download: bool = False,
                  flip: bool | None = None, image_size: int | None = None) -> ImageDataset:
     """Load a dataset by spec (see the module docstring) into an :class:`ImageDataset`.
@@ -664,9 +695,7 @@ def load_dataset(spec: str, root: str | os.PathLike | None = None, *, download: 
     flips are valid (e.g. ``False`` for a user's npz of digits). ``image_size`` resizes variable-size sources
     (folders, Flowers102, Aircraft, Cars, DTD; default 84 for torchvision's) to a square at load time.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise WorkbenchError(f"dataset spec must be a non-empty string, got {spec!r}; e.g. 'cifar10' or 'npz:/path.npz'")
-    spec = spec.strip()
+    spec = check_spec(spec)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise WorkbenchError(f"image_size must be a positive integer, got {image_size!r}")
     kind, _, rest = spec.partition(":")

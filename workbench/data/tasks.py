@@ -77,7 +77,8 @@ def _pool(ds: ImageDataset, use_test: bool) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _valid_task_counts(num_classes: int, original: bool) -> list[int]:
-    groups = [g for g in range(1, num_classes + 1) if num_classes % g == 0]
+    """Task counts that split ``num_classes`` evenly with at least two classes per task."""
+    groups = [g for g in range(1, num_classes // 2 + 1) if num_classes % g == 0]
     return [2 * g for g in groups] if original else groups
 
 
@@ -122,13 +123,14 @@ def source_tasks(ds: ImageDataset, num_tasks: int = 10, scheme: Literal["origina
     k = ds.num_classes
     original = scheme == "original"
     num_groups = num_tasks // 2 if original else num_tasks
-    if (original and num_tasks % 2) or num_groups < 1 or k % num_groups:
+    if (original and num_tasks % 2) or num_groups < 1 or k % num_groups or k // num_groups < 2:
         valid = _valid_task_counts(k, original)
         shown = ", ".join(map(str, valid[:12])) + (", ..." if len(valid) > 12 else "")
         why = ("must be even (tasks come in swapped pairs) and num_tasks/2 must divide" if original
                else "must divide")
         raise WorkbenchError(f"{ds.name} has {k} classes, which cannot be split into {num_tasks} tasks with scheme "
-                             f"'{scheme}' (num_tasks {why} the class count); use num_tasks in {{{shown}}}")
+                             f"'{scheme}' (num_tasks {why} the class count, leaving at least two classes per task); "
+                             f"use num_tasks in {{{shown}}}")
     if not original and not 0.0 < valid_fraction < 1.0:
         raise WorkbenchError(f"valid_fraction must be strictly between 0 and 1, got {valid_fraction!r}")
 

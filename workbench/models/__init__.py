@@ -20,9 +20,12 @@ Every model built here carries ``workbench_name``, ``workbench_family``, ``chann
 the perturbation's channel normaliser), ``image_size`` and ``workbench_build_args``.
 """
 from ._registry import (
+    IMAGE_SIZE_RANGE,
     ModelEntry,
     available,
     build,
+    check_image_size,
+    check_name,
     model_info,
     register_model,
     register_pattern,
@@ -40,6 +43,7 @@ __all__ = [
     "BasicBlock",
     "CifarResNet",
     "ConvBlock",
+    "IMAGE_SIZE_RANGE",
     "ModelEntry",
     "OptionAShortcut",
     "PlainConvNet",
@@ -47,6 +51,8 @@ __all__ = [
     "WideResNet",
     "available",
     "build",
+    "check_image_size",
+    "check_name",
     "model_info",
     "register_model",
     "register_pattern",

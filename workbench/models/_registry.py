@@ -20,6 +20,10 @@ from torch import nn
 from ..errors import WorkbenchError
 
 TV_PREFIX = "tv:"
+#: Working resolutions a run may ask for (``image_size`` of meta-training and transfer). Below 8 pixels the CIFAR
+#: ResNets' two stride-2 stages leave a 2x2 map and Conv-4 skips its pools, so nothing image-like is learned; above
+#: 512 one resized copy of a small dataset and one batch of activations already take gigabytes.
+IMAGE_SIZE_RANGE = (8, 512)
 
 Builder = Callable[..., nn.Module]
 
@@ -102,6 +106,30 @@ def _resolve(name: str) -> tuple[str, Builder, dict[str, Any]]:
         if match:
             return pattern.family, pattern.builder, {k: int(v) for k, v in match.groupdict().items()}
     raise _unknown_name_error(name)
+
+
+def check_image_size(value: Any, what: str = "image_size") -> int:
+    """``value`` if it is an integer in :data:`IMAGE_SIZE_RANGE`, else a one-line WorkbenchError saying the range."""
+    low, high = IMAGE_SIZE_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise WorkbenchError(f"{what} must be an integer from {low} to {high} pixels (the side images are resized "
+                             f"to), got {value!r}; e.g. {what}=32")
+    return value
+
+
+def check_name(name: Any) -> str:
+    """Check that ``name`` names a model :func:`build` knows (registered, sized by name, or ``tv:<name>``) without
+    building it; returns the name. Raises the same one-line WorkbenchError as ``build`` for an unknown one."""
+    if not isinstance(name, str) or not name.strip():
+        raise WorkbenchError(f"model name must be a non-empty string, got {name!r}; see workbench.models.available()")
+    key = name.strip()
+    if key.lower().startswith(TV_PREFIX):
+        from .torchvision_models import check_torchvision_name
+
+        check_torchvision_name(key[len(TV_PREFIX):].strip().lower())
+    else:
+        _resolve(key)
+    return name
 
 
 def _check_int(what: str, value: Any, minimum: int = 1) -> int:

@@ -59,6 +59,20 @@ def torchvision_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def check_torchvision_name(name: str) -> str:
+    """``name`` in lower case if torchvision has a classification model of that name, else a one-line error."""
+    names = torchvision_names()
+    key = name.lower()
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join('tv:' + c for c in close)}? " if close else ""
+        raise WorkbenchError(
+            f"unknown torchvision model 'tv:{name}'; {hint}"
+            f"any name from torchvision.models.list_models() works, e.g. tv:resnet18, tv:mobilenet_v2"
+        )
+    return key
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, attr, module)
@@ -197,15 +211,7 @@ def build_torchvision(
     """
     import torchvision
 
-    names = torchvision_names()
-    key = name.lower()
-    if key not in names:
-        close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
-        hint = f"did you mean {', '.join('tv:' + c for c in close)}? " if close else ""
-        raise WorkbenchError(
-            f"unknown torchvision model 'tv:{name}'; {hint}"
-            f"any name from torchvision.models.list_models() works, e.g. tv:resnet18, tv:mobilenet_v2"
-        )
+    key = check_torchvision_name(name)
     for fixed in ("weights", "num_classes"):
         if fixed in kwargs:
             raise WorkbenchError(f"tv:{key} is always built with weights=None and build()'s num_classes; drop {fixed}=")
