@@ -106,6 +106,19 @@ def show_problems(problems: Sequence[str], what: str = "artifacts") -> None:
                    + (" ..." if len(problems) > 3 else ""))
 
 
+def show_notices(runs: pd.DataFrame) -> None:
+    """Say which of ``runs`` lack files their stage always writes (the store's ``notice``), so a run missing
+    from a plot is never silent."""
+    if "notice" not in runs:
+        return
+    noted = runs[runs["notice"].fillna("").astype(str) != ""]
+    if not noted.empty:
+        first = noted.iloc[0]
+        st.info(f"{len(noted)} of these runs lack arrays and are left out where those are needed, e.g. "
+                f"runs/{first['run_id']}: {first['notice']}" + (" (all are listed on *Studies and runs*)"
+                                                                if len(noted) > 1 else ""))
+
+
 # ------------------------------------------------------------------------------------------------ context
 @dataclass
 class Context:
@@ -131,7 +144,7 @@ def artifacts_root() -> Path:
 
 
 def _empty_runs() -> pd.DataFrame:
-    return pd.DataFrame(columns=["run_id", "kind", "status", "reason", "created", "study_id", "path", "label",
+    return pd.DataFrame(columns=["run_id", "kind", "status", "reason", "notice", "created", "study_id", "path", "label",
                                  *dd.TAG_COLUMNS])
 
 

@@ -4,7 +4,8 @@ Every run is created with :class:`workbench.artifacts.RunStore` and carries the 
 stages that ``workbench/transfer.py`` and ``workbench/meta_train.py`` write (see ``workbench/dashboard_data.py``),
 with made-up numbers: a method/target/arch-dependent accuracy plus seed noise, miscalibrated confidences, per-site
 scales that vary with depth and target. :func:`add_corrupt` adds the broken and foreign entries a real root can
-collect (half-written, foreign, newer-schema, symlinks out of the root).
+collect (half-written, foreign, newer-schema, symlinks out of the root, files of the wrong types, a finished run
+without its predictions: :func:`add_damaged_runs`).
 """
 from __future__ import annotations
 
@@ -47,9 +48,9 @@ def fast_environment() -> Iterator[None]:
 
 def write_transfer_run(store: RunStore, target: str, arch: str, method: str, seed: int, *, phi: str | None = None,
                        study_id: str | None = None, arrays: bool = True, robust: bool = False, steps: int = 50,
-                       status: str = "finished", examples: int = 400):
+                       status: str = "finished", examples: int = 400, run_id: str | None = None):
     """One transfer run with config, curves, summary and (``arrays=True``) predictions, reliability bins, site
-    scales (MetaPerturb only) and robustness curves (``robust=True``)."""
+    scales (MetaPerturb only) and robustness curves (``robust=True``); ``run_id`` names it (else generated)."""
     rng = np.random.default_rng(seed * 1009 + len(target) * 31 + len(arch) * 7 + len(method))
     tags = {"target": target, "arch": arch, "method": method, "seed": seed}
     if method == "metaperturb":
@@ -57,7 +58,7 @@ def write_transfer_run(store: RunStore, target: str, arch: str, method: str, see
         tags.update(phi=phi, source=phi)
     config = {"target": target, "arch": arch, "method": method, "seed": seed, "steps": steps, "phi": phi,
               "per_class": 200, "lr": 1e-3}
-    run = store.create_run("transfer", config, tags=tags, study_id=study_id)
+    run = store.create_run("transfer", config, tags=tags, study_id=study_id, run_id=run_id)
     accuracy = min(0.99, TARGET_DIFFICULTY.get(target, 0.6) - (0.04 if arch == "conv4" else 0.0)
                    + METHOD_GAIN.get(method, 0.0) + rng.normal(0, 0.01))
     for step in range(10, steps + 1, 10):
@@ -225,13 +226,78 @@ def add_corrupt(root: str | os.PathLike, outside: str | os.PathLike) -> dict[str
     made["evil-study"] = "not a file name inside the study folder"
     (root / "junk-folder").mkdir()
     made["junk-folder"] = "foreign folder"
-    # A finished run whose array file is garbage: listed normally, its plots say the file cannot be read.
+    made.update(add_damaged_runs(root, outside))
+    return made
+
+
+SECRET = "TOP-SECRET-OUTSIDE-ROOT"
+NOTICE = "arrays/predictions.npz is missing"
+
+
+def add_damaged_runs(root: str | os.PathLike, outside: str | os.PathLike) -> dict[str, str]:
+    """Finished transfer runs (readable run.json) damaged in one file each, by run id -> a fragment of the reason
+    the store gives: wrong types (run.json tag, summary.json, config.json, a metrics row, an npz array), files and
+    folders leading outside the root through symlinks, a file where a folder belongs, garbage npz files. The run
+    ``missing-arrays`` lacks its predictions: readable, with the notice :data:`NOTICE`. Everything outside the root
+    holds :data:`SECRET`, which no reader may show."""
+    root, outside = Path(root), Path(outside)
+    outside.mkdir(parents=True, exist_ok=True)
+    (outside / "config.json").write_text(json.dumps({"secret": SECRET, "target": SECRET}))
+    (outside / "metrics.jsonl").write_text(json.dumps({"step": 1, "stage": SECRET, "wall_time": 1.0, "loss": 1.0}) + "\n")
+    secret_arrays = outside / "arrays"
+    secret_arrays.mkdir(exist_ok=True)
+    artifacts.atomic_savez(secret_arrays / "predictions.npz", confidence=np.full(4, 0.5, np.float32))
+    artifacts.atomic_savez(secret_arrays / "site_scales.npz", site_names=np.asarray([SECRET]), scale=np.ones((1, 2)))
     store = RunStore(root)
-    with fast_environment():
-        run = write_transfer_run(store, "cifar10", "resnet20", "metaperturb", 7)
-    (run.path / "arrays" / "site_scales.npz").write_bytes(b"not a zip file")
-    (run.path / "arrays" / "reliability.npz").write_bytes(b"PK\x03\x04 torn")
-    made[run.run_id] = "cannot be read"
+    made: dict[str, str] = {}
+
+    def damaged(run_id: str, fragment: str, method: str = "metaperturb"):
+        with fast_environment():
+            run = write_transfer_run(store, "cifar10", "resnet20", method, 7, run_id=run_id)
+        made[run_id] = fragment
+        return run.path
+
+    def relink(path: Path, target: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            import shutil
+
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            path.unlink()
+        os.symlink(target, path)
+
+    path = damaged("bad-tag-list", "tag 'seed' holds a list")
+    meta = json.loads((path / "run.json").read_text())
+    meta["tags"]["seed"] = [1, 2]
+    (path / "run.json").write_text(json.dumps(meta))
+    path = damaged("bad-summary-type", "summary.json test_accuracy is a string")
+    summary = json.loads((path / "summary.json").read_text()) | {"test_accuracy": "high"}
+    (path / "summary.json").write_text(json.dumps(summary))
+    path = damaged("bad-config-type", "config.json holds a JSON list")
+    (path / "config.json").write_text("[1, 2]")
+    path = damaged("bad-metrics-row", "metrics.jsonl line 2: step is a string")
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    lines[1] = json.dumps({**json.loads(lines[1]), "step": "20"})
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    path = damaged("bad-array-type", "arrays/predictions.npz array 'confidence' has dtype <U")
+    artifacts.atomic_savez(path / "arrays" / "predictions.npz", confidence=np.asarray(["high", "low"]))
+    path = damaged("garbage-arrays", "npz is not a readable npz file")
+    (path / "arrays" / "site_scales.npz").write_bytes(b"not a zip file")
+    (path / "arrays" / "reliability.npz").write_bytes(b"PK\x03\x04 torn")
+    path = damaged("config-out", "config.json is a symlink leading outside the artifacts root")
+    relink(path / "config.json", outside / "config.json")
+    path = damaged("metrics-out", "metrics.jsonl is a symlink leading outside the artifacts root")
+    relink(path / "metrics.jsonl", outside / "metrics.jsonl")
+    path = damaged("arrays-out", "arrays is a symlink leading outside the artifacts root")
+    relink(path / "arrays", secret_arrays)
+    path = damaged("npz-out", "arrays/site_scales.npz is a symlink leading outside the artifacts root")
+    relink(path / "arrays" / "site_scales.npz", secret_arrays / "site_scales.npz")
+    path = damaged("arrays-a-file", "arrays is a file, not a folder")
+    relink(path / "arrays", outside / "config.json")  # first a link out, then a plain file in its place
+    (path / "arrays").unlink()
+    (path / "arrays").write_text("not a folder")
+    path = damaged("missing-arrays", NOTICE, method="base")
+    (path / "arrays" / "predictions.npz").unlink()
     return made
 
 

@@ -255,12 +255,12 @@ def test_torn_metrics_line_is_skipped(store):
 def test_arrays_round_trip(store):
     run = store.create_run("transfer", {})
     probs = np.random.default_rng(0).random((5, 3)).astype(np.float32)
-    run.save_arrays("predictions", probs=probs, labels=torch.arange(5), name=np.array(["a"]))
-    loaded = run.load_arrays("predictions")
+    run.save_arrays("outputs", probs=probs, labels=torch.arange(5), name=np.array(["a"]))
+    loaded = run.load_arrays("outputs")
     assert loaded["probs"].dtype == np.float32 and np.array_equal(loaded["probs"], probs)
     assert loaded["labels"].tolist() == [0, 1, 2, 3, 4]
-    assert run.list_arrays() == ["predictions"] and run.has_arrays("predictions")
-    with pytest.raises(WorkbenchError, match="has no arrays 'scales'; it has: predictions"):
+    assert run.list_arrays() == ["outputs"] and run.has_arrays("outputs")
+    with pytest.raises(WorkbenchError, match="has no arrays 'scales'; it has: outputs"):
         run.load_arrays("scales")
 
 
@@ -447,7 +447,7 @@ def test_runs_table_over_many_runs_reads_only_small_files(store, monkeypatch):
         tags = {"target": targets[i % 4], "arch": "resnet20", "method": "metaperturb" if i % 2 else "base", "seed": i % 5}
         run = store.create_run("transfer", {"i": i}, tags=tags)
         if i % 10 == 0:
-            run.save_arrays("predictions", probs=np.zeros((2, 2)))
+            run.save_arrays("predictions", confidence=np.zeros(2), probs=np.zeros((2, 2)))
         if i % 3:
             run.mark_finished({"acc": i / 200, "ece": {"bins": 15, "value": 0.01}})
     (store.runs_dir / "junk").mkdir()

@@ -161,10 +161,16 @@ def test_listing_reports_corrupt_entries_and_keeps_the_rest(synthetic):
     for name in expected_runs:
         assert runs.loc[name, "status"] == "corrupt", name
         assert made[name] in runs.loc[name, "reason"], (name, runs.loc[name, "reason"])
+    for name, fragment in made.items():  # runs damaged in one file each: corrupt, or finished with a notice
+        if name in runs.index and runs.loc[name, "kind"] == "transfer":
+            said = runs.loc[name, "reason"] if runs.loc[name, "status"] == "corrupt" else runs.loc[name, "notice"]
+            assert fragment in said, (name, said)
+    assert runs.loc["missing-arrays", "status"] == "finished" and runs.loc["missing-arrays", "reason"] == ""
+    assert dd.options(runs.reset_index(), "seed") == [0, 1, 7, 98, 99]  # the tag holding a list is not offered
     transfer = runs[runs["kind"] == "transfer"]
-    # 2 targets x 2 archs x 3 methods x 2 seeds + the run with broken arrays; running and failed ones kept
+    # 2 targets x 2 archs x 3 methods x 2 seeds + the run without predictions; running and failed ones kept
     assert (transfer["status"] == "finished").sum() == 25
-    assert set(transfer["status"]) == {"finished", "running", "failed"}
+    assert set(transfer["status"]) == {"finished", "running", "failed", "corrupt"}
     studies = dd.studies_frame(root).set_index("study_id")
     assert studies.loc["broken-study", "status"] == "corrupt" and studies.loc["evil-study", "status"] == "corrupt"
     assert "not a file name inside the study folder" in studies.loc["evil-study", "reason"]
@@ -303,12 +309,13 @@ def test_runs_page_lists_corrupt_entries_with_their_reason(synthetic, monkeypatc
     root, made = synthetic
     app = render(root, "runs", monkeypatch)
     (problems,) = tables(app, "where", "reason")
+    (notices,) = tables(app, "where", "notice")
     for name, reason in made.items():
-        if name.startswith("2026") or name[:2].isdigit():
-            continue  # the run with broken arrays is readable as a run
-        row = problems[problems["where"].str.endswith(name)]
+        table, column = (notices, "notice") if reason == fixtures.NOTICE else (problems, "reason")
+        row = table[table["where"].str.endswith(name)]
         assert len(row) == 1, name
-        assert reason in row["reason"].iloc[0], (name, row["reason"].iloc[0])
+        assert reason in row[column].iloc[0], (name, row[column].iloc[0])
+    assert not problems["where"].str.endswith("missing-arrays").any()  # readable: a notice, not a problem
     listed = set(dd.runs_frame(root)["run_id"])
     # every run is still listed, corrupt ones included
     assert any(set(t["run_id"]) == listed for t in tables(app, "run_id", "status", "reason"))
@@ -365,12 +372,12 @@ def test_filters_keep_their_values_across_pages(synthetic, monkeypatch):
     assert set(tables(app, "delta_base_se")[0]["arch"]) == {"conv4"}
 
 
-def test_broken_array_files_are_reported_on_the_page(synthetic, monkeypatch):
-    root, made = synthetic
-    broken = next(name for name, why in made.items() if why == "cannot be read")
-    app = render(root, "scales", monkeypatch, query={"run": broken})
-    assert app.selectbox(key="scale_run").value == broken
-    assert any("site_scales.npz cannot be read" in w.value for w in app.warning)
+def test_broken_array_files_make_the_run_corrupt_and_are_never_plotted(synthetic, monkeypatch):
+    root, _ = synthetic
+    app = render(root, "scales", monkeypatch, query={"run": "garbage-arrays"})
+    assert "garbage-arrays" not in app.selectbox(key="scale_run").options  # listed as corrupt, left out here
+    with pytest.raises(WorkbenchError, match="garbage-arrays is corrupt: arrays/.*npz is not a readable npz file"):
+        dd.site_scales(root, "garbage-arrays")
 
 
 def test_shipped_results_are_a_second_store_inside_the_root(tmp_path, monkeypatch):

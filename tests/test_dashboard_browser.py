@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dashboard_fixtures as fixtures  # noqa: E402
 
 from workbench import dashboard  # noqa: E402
+from workbench import dashboard_data as dd  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -47,7 +48,7 @@ def server(tmp_path_factory):
         root = base / "artifacts"
         fixtures.populate(root, targets=("cifar10", "fashion_mnist", "mnist_test10k"),
                           methods=("base", "dropblock", "manifold_mixup", "metaperturb"), seeds=(0, 1, 2))
-        fixtures.add_corrupt(root, base / "outside")
+        fixtures.add_corrupt(root, base / "outside")  # every kind of damage, files out of the root included
     process, url = dashboard.launch(root, timeout=120)
     try:
         yield url, root, process
@@ -106,7 +107,9 @@ def test_the_command_serves_until_stopped_and_takes_the_server_with_it(server):
 def test_every_page_draws_its_charts_in_chromium(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    url, _, _ = server
+    url, root, _ = server
+    runs = dd.runs_frame(root)
+    corrupt = int((runs["status"] == "corrupt").sum())  # the damaged runs of add_corrupt among them
     keep = os.environ.get("DASHBOARD_SCREENSHOTS")
     keep_pages = os.environ.get("DASHBOARD_SCREENSHOT_PAGES", "accuracy,scales").split(",")
     with sync_playwright() as p:
@@ -125,6 +128,11 @@ def test_every_page_draws_its_charts_in_chromium(server, tmp_path):
                 assert page.locator(".js-plotly-plot .main-svg").count() >= 1, path
                 assert page.locator('[data-testid="stException"]').count() == 0, path
                 assert "TOP-SECRET" not in page.content()
+                if path == "runs":  # the damaged runs are counted and listed as corrupt, the rest drawn
+                    metric = page.locator('[data-testid="stMetric"]').filter(has_text="corrupt")
+                    assert metric.locator('[data-testid="stMetricValue"]').inner_text().strip() == str(corrupt)
+                    if corrupt:
+                        assert page.get_by_text("cannot be read as runs or studies").count() >= 1
                 shot = tmp_path / f"dashboard-{path}.png"
                 page.screenshot(path=str(shot))
                 assert shot.stat().st_size > 10_000, path  # a drawn page, not a blank one

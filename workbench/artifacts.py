@@ -16,10 +16,18 @@ Guarantees:
 * every file except ``metrics.jsonl`` is written to a temporary file in the same folder, fsynced and renamed
   over the target (``os.replace``), so a reader sees the old or the new file, never half of one;
 * ``metrics.jsonl`` is appended one whole line per call; a reader skips the torn last line of a killed process;
-* listing never raises for a bad folder: a record with a missing, invalid, foreign or newer-schema metadata file
-  is reported with status ``"corrupt"`` and a one-line reason; a ``"running"`` record whose process is gone is
-  reported as ``"stale"``;
-* nothing is read outside the root (:meth:`RunStore.resolve` refuses ``..``, absolute paths and symlinks out).
+* listing never raises for a bad folder: a run is reported with status ``"corrupt"`` and a one-line reason when
+  any file a reader would open fails its schema (``run.json``, ``summary.json``, ``config.json``, the rows of
+  ``metrics.jsonl``, ``arrays/*.npz``: types included, e.g. a tag holding a list), leads outside the root, or is a
+  file where a folder belongs (or the reverse); a ``"running"`` record whose process is gone is reported as
+  ``"stale"``; a finished run that lacks an array its stage always writes keeps its status and says so in
+  :attr:`RunRecord.notice`. The content checks of the larger files (metrics rows, npz headers; never array data)
+  are cached by file identity, size and mtime, so listing again costs a ``stat`` per file;
+* nothing is read outside the root: every reader checks that the file it opens resolves inside it
+  (:meth:`RunStore.resolve` refuses ``..``, absolute paths and symlinks out);
+* one writer per run: the process that creates or resumes a run holds an exclusive ``flock`` on
+  ``<run>/.writer.lock`` until it marks the run finished or failed (or dies: the OS drops the lock), and
+  :meth:`RunStore.resume_run` refuses a run another process holds, naming its pid and host.
 
 In a distributed job only rank 0 should create the run and write to it.
 """
@@ -30,6 +38,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import functools
+import io
 import json
 import math
 import numbers
@@ -42,6 +51,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 import zipfile
@@ -88,6 +98,47 @@ MAX_REASON_CHARS = 500
 # Tags that make up the readable part of a generated run id, in this order (seed is written as s<seed>).
 ID_TAGS = ("source", "target", "arch", "architecture", "model", "method", "seed")
 METRIC_RESERVED = ("step", "stage", "wall_time")
+LOCK_FILE = ".writer.lock"  # held (flock) by the one process writing a run; a dot name, so never listed
+
+# The entries of a run folder that readers open: files, and folders with the suffix of their members.
+RUN_FILES = ("run.json", "config.json", "summary.json", "metrics.jsonl")
+RUN_FOLDERS = {"arrays": ".npz", "checkpoints": ".pt", "records": ".json"}
+
+# Arrays of the stages, as readers (the dashboard, notebooks) rely on them: member -> (dtype kinds, ndim or None,
+# required). numpy kinds: b bool, i/u integers, f floats, U/S strings.
+_NUMBER, _INTEGER, _TEXT, _BOOL = "iuf", "iu", "US", "b"
+ARRAY_SCHEMAS: dict[str, dict[str, tuple[str, int | None, bool]]] = {
+    "predictions": {"confidence": (_NUMBER, 1, True), "predicted": (_INTEGER, 1, False),
+                    "label": (_INTEGER, 1, False), "correct": (_BOOL, 1, False), "probs": (_NUMBER, 2, False)},
+    "reliability": {name: (_NUMBER, 1, True) for name in ("lower", "upper", "count", "confidence", "accuracy")},
+    "site_scales": {"site_names": (_TEXT, 1, True), "scale": (_NUMBER, 2, True), "channels": (_INTEGER, 1, False),
+                    "multiplier_mean": (_NUMBER, 1, False), "multiplier_std": (_NUMBER, 1, False)},
+    "robustness": {"norms": (_TEXT, 1, True), "clean_accuracy": (_NUMBER, None, False), "examples": (_INTEGER, 1, False)},
+    "site_stats": {"steps": (_INTEGER, 1, True), "scale_mean": (_NUMBER, None, True),
+                   "multiplier_mean": (_NUMBER, None, False), "multiplier_std": (_NUMBER, None, False),
+                   "site_names": (_TEXT, 1, False), "task_names": (_TEXT, 1, False)},
+}
+_TRANSFER_ARRAYS = ("predictions", "reliability", "site_scales", "robustness")
+# Which of those schemas apply to a run of each kind (arrays of other kinds are only checked to be plain npz files)
+ARRAYS_BY_KIND = {"transfer": _TRANSFER_ARRAYS, "source": _TRANSFER_ARRAYS, "meta_train": ("site_stats",)}
+# Arrays a finished run of the kind always has; a finished run without one gets a notice.
+FINISHED_ARRAYS = {"transfer": ("predictions", "reliability"), "source": ("predictions", "reliability"),
+                   "meta_train": ("site_stats",)}
+# summary.json keys that readers treat as numbers (null allowed: a non-finite value is written as null), integers
+# and strings; ``robust_<norm>_<eps>`` keys are numbers too.
+SUMMARY_NUMBERS = ("test_accuracy", "test_nll", "test_ece", "train_eval_accuracy", "train_eval_nll",
+                   "generalization_gap", "mean_scale", "heldout_acc_mean", "chance", "chosen_score", "seconds",
+                   "seconds_per_step", "phi_norm")
+SUMMARY_INTEGERS = ("steps", "mc_samples", "test_examples", "train_examples", "train_eval_examples", "sites")
+SUMMARY_STRINGS = ("method", "arch", "target", "chosen_run_id", "phi_path")
+
+# How each kind is resumed, for the message that sends a run to its own command.
+RESUME_COMMANDS = {
+    "transfer": ("a transfer run", "workbench transfer --resume"),
+    "source": ("a source-training run", "workbench source-train --resume"),
+    "meta_train": ("a meta-train run", "workbench meta-train --resume"),
+    "meta_select": ("a meta-train selection run", "workbench meta-train --resume"),
+}
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -488,6 +539,69 @@ def _folder_lock(folder: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = os.pread(fd, 4096, 0)
+        holder = json.loads(data) if data.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _lock_holder(fd: int, wait: float = 2.0) -> dict[str, Any]:
+    """What the holder of a writer lock wrote into the lock file (pid, host, since); {} if unreadable.
+
+    The holder writes its name just after it took the lock, over what a killed holder may have left: until the
+    file names a process that is not gone, it is read again for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        holder = _read_holder(fd)
+        pid, host = holder.get("pid"), holder.get("host")
+        if pid is not None and _process_state(pid, host, holder.get("pid_start")) != "gone":
+            return holder
+        if time.monotonic() >= deadline:
+            return holder
+        time.sleep(0.01)
+
+
+def _held_message(run_id: str, pid: Any, host: Any, since: Any = None) -> str:
+    when = f" since {since}" if isinstance(since, str) else ""
+    return (f"run {run_id} is being written by process {pid if pid is not None else '?'} on host {host or '?'}{when}; "
+            "a run has one writer at a time: wait for that process to end (or stop it), then resume")
+
+
+def _acquire_writer_lock(folder: Path, run_id: str) -> int | None:
+    """A descriptor holding an exclusive ``flock`` on ``folder/.writer.lock``, with this process's pid and host
+    written into the file; WorkbenchError naming the holder when another process (or another handle of this one)
+    has it. None where there is no fcntl (the lock is then not enforced). The OS drops the lock when the process
+    dies, so a killed writer never leaves a run locked."""
+    if fcntl is None:  # pragma: no cover
+        return None
+    path = folder / LOCK_FILE
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        why = "it is a symlink" if os.path.islink(path) else _one_line(exc.strerror or exc, 120)
+        raise WorkbenchError(f"run {run_id}: cannot open its writer lock {LOCK_FILE} ({why})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise WorkbenchError(_held_message(run_id, holder.get("pid"), holder.get("host"), holder.get("since"))) from None
+    except OSError as exc:
+        os.close(fd)
+        raise WorkbenchError(f"run {run_id}: cannot lock {LOCK_FILE} ({_one_line(exc.strerror or exc, 120)})") from None
+    data = json.dumps({**_owner_fields(), "since": _iso(_now())}).encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+    except OSError:  # the lock is what matters; the holder's name is only for the message
+        pass
+    return fd
+
+
 def _process_start(pid: int) -> tuple[int | None, str | None]:
     """(start time in clock ticks since boot, state letter) from /proc on Linux; (None, None) elsewhere."""
     try:
@@ -640,6 +754,276 @@ def _schema_problem(meta: dict, label: str) -> str:
     return ""
 
 
+# ------------------------------------------------------------------------------------------- content checks
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: object, list, string, boolean, null or number."""
+    if isinstance(value, dict):
+        return "object"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _tag_problem(key: Any, value: Any) -> str:
+    if not isinstance(key, str) or not _TAG_KEY_RE.match(key):
+        return f"run.json has a tag named {key!r}, which is not an identifier"
+    if value is None or isinstance(value, (bool, str)) or _finite_number(value):
+        return ""
+    return (f"run.json tag {key!r} holds a {_json_type(value)} ({_one_line(json.dumps(value), 60)}); a tag is a "
+            "string, a finite number, a boolean or null")
+
+
+def _clean_tags(tags: Any) -> dict[str, Any]:
+    """The well-formed tags of a corrupt record (so filters still find it), without the ones that are not."""
+    return {k: v for k, v in tags.items() if not _tag_problem(k, v)} if isinstance(tags, dict) else {}
+
+
+def _field_problem(meta: dict, label: str, key: str, kind: type, what: str) -> str:
+    """Why ``meta[key]`` is neither missing, null nor a ``kind`` ('' when it is one of those; bools are no ints)."""
+    value = meta.get(key)
+    if value is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return ""
+    return f"{label} {key} is a {_json_type(value)}, not {what}"
+
+
+def _summary_problem(summary: dict) -> str:
+    """Why ``summary.json`` does not fit what readers expect of its known keys ('' when it does)."""
+    for key, value in summary.items():
+        if key in SUMMARY_NUMBERS or key.startswith("robust_"):
+            if value is not None and not _finite_number(value):
+                return f"summary.json {key} is a {_json_type(value)}, not a number"
+        elif key in SUMMARY_INTEGERS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"summary.json {key} is a {_json_type(value)}, not an integer"
+        elif key in SUMMARY_STRINGS and not isinstance(value, str):
+            return f"summary.json {key} is a {_json_type(value)}, not a string"
+    return ""
+
+
+def _metric_row_problem(row: Any) -> str:
+    """Why one parsed line of ``metrics.jsonl`` is not a metrics row ('' when it is): an object with an integer
+    ``step``, a ``stage`` name, and numbers (or null, for non-finite values) everywhere else."""
+    if not isinstance(row, dict):
+        return f"holds a JSON {_json_type(row)}, not an object"
+    step, stage = row.get("step"), row.get("stage")
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f"step is a {_json_type(step)}, not an integer"
+    if not isinstance(stage, str) or not stage:
+        return f"stage is a {_json_type(stage)}, not a stage name"
+    for key, value in row.items():
+        if key not in ("step", "stage") and value is not None and not _finite_number(value):
+            return f"{key!r} is a {_json_type(value)}, not a number"
+    return ""
+
+
+def _metric_rows(data: bytes, first_line: int = 1) -> tuple[list[dict], list[int], str]:
+    """(rows, numbers of unparseable lines, problem) of ``metrics.jsonl`` content.
+
+    A line that is not JSON is a torn write of a killed process (the last one, without a newline, is cut short and
+    not counted); a line that is JSON but not a metrics row is a problem: ``"line N: ..."``.
+    """
+    lines = data.split(b"\n")
+    rows: list[dict] = []
+    torn: list[int] = []
+    for index, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        number = first_line + index
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            if index < len(lines) - 1:
+                torn.append(number)
+            continue
+        problem = _metric_row_problem(obj)
+        if problem:
+            return rows, torn, f"metrics.jsonl line {number}: {problem}"
+        rows.append(obj)
+    return rows, torn, ""
+
+
+_KIND_WORDS = {_NUMBER: "a number type", _INTEGER: "an integer type", _TEXT: "a string type", _BOOL: "bool"}
+
+
+# The header numpy writes for a plain dtype; anything else (structured dtypes) goes through numpy's own parser.
+_NPY_HEADER_RE = re.compile(r"^\{'descr': '([^']+)', 'fortran_order': (?:True|False), 'shape': \(([0-9, ]*)\), \}\s*$")
+
+
+def _npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of a ``.npy`` member, without reading its data."""
+    version = np.lib.format.read_magic(handle)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unknown .npy format version {version}")
+    size_bytes = 2 if version == (1, 0) else 4
+    raw = handle.read(size_bytes)
+    if len(raw) != size_bytes:
+        raise ValueError("the .npy header is cut short")
+    length = int.from_bytes(raw, "little")
+    header = handle.read(length)
+    if len(header) != length:
+        raise ValueError("the .npy header is cut short")
+    text = header.decode("utf-8" if version == (3, 0) else "latin1")
+    match = _NPY_HEADER_RE.match(text)
+    if match:  # numpy's usual header, parsed without ast.literal_eval (listing reads thousands of them)
+        shape = tuple(int(part) for part in match.group(2).replace(" ", "").split(",") if part)
+        return shape, np.dtype(match.group(1))
+    again = io.BytesIO(raw + header)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(again)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(again)
+    else:  # version 3 (utf-8 field names) has no public reader
+        shape, _, dtype = getattr(np.lib, "_format_impl", np.lib.format)._read_array_header(again, version)
+    return shape, dtype
+
+
+def _npz_problem(path: Path, label: str, schema: Mapping[str, tuple[str, int | None, bool]] | None) -> str:
+    """Why ``path`` is not an npz file of plain arrays fitting ``schema`` ('' when it is). Reads the zip directory
+    and each member's ``.npy`` header, never the array data."""
+    members: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    return f"{label} holds {info.filename!r}, which is not an array (not written by the workbench)"
+                with archive.open(info) as handle:
+                    members[info.filename[:-4]] = _npy_header(handle)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, NotImplementedError,
+            RuntimeError, SyntaxError) as exc:
+        return f"{label} is not a readable npz file ({_one_line(exc, 120)})"
+    if not members:
+        return f"{label} holds no arrays"
+    for name, (_, dtype) in members.items():
+        if dtype.hasobject:
+            return f"{label} array {name!r} holds Python objects (loading it would need pickle); not read"
+    for name, (kinds, ndim, required) in (schema or {}).items():
+        if name not in members:
+            if required:
+                return f"{label} lacks the array {name!r}"
+            continue
+        shape, dtype = members[name]
+        if dtype.kind not in kinds:
+            return f"{label} array {name!r} has dtype {dtype}, not {_KIND_WORDS[kinds]}"
+        if ndim is not None and len(shape) != ndim:
+            return f"{label} array {name!r} has shape {tuple(shape)}, not {ndim}-D"
+    return ""
+
+
+def _array_file_problem(path: Path, kind: str | None, name: str) -> str:
+    """:func:`_npz_problem` of ``arrays/<name>.npz`` of a run of ``kind`` (its schema, if the kind has one),
+    remembered until the file changes."""
+    schema = ARRAY_SCHEMAS.get(name) if name in ARRAYS_BY_KIND.get(kind or "", ()) else None
+    label = f"arrays/{name}.npz"
+    return _cached_problem(path, f"npz:{name if schema else ''}", lambda p: _npz_problem(p, label, schema))
+
+
+def _folder_problem(folder: Path, root_real: str) -> str:
+    """Why the entries of a run folder cannot be opened safely ('' when they can): an entry (or an entry of
+    ``arrays/``, ``checkpoints/``, ``records/``) that is a symlink leading outside the root, a folder where a file
+    belongs or the reverse, or no ``config.json``."""
+    try:
+        entries = {entry.name: entry for entry in os.scandir(folder) if not entry.name.startswith(".")}
+    except OSError as exc:
+        return f"the run folder cannot be read ({_one_line(exc.strerror or exc, 120)})"
+    for name, entry in sorted(entries.items()):
+        if entry.is_symlink() and not _inside(root_real, entry.path):
+            return f"{name} is a symlink leading outside the artifacts root; not read"
+    for name in RUN_FILES:
+        entry = entries.get(name)
+        if entry is not None and not entry.is_file():
+            return f"{name} is a folder, not a file" if entry.is_dir() else f"{name} is not a regular file"
+    if "config.json" not in entries:
+        return "config.json is missing"
+    for name, suffix in RUN_FOLDERS.items():
+        entry = entries.get(name)
+        if entry is None:
+            continue
+        if not entry.is_dir():
+            return f"{name} is a file, not a folder"
+        try:
+            members = sorted(os.scandir(entry.path), key=lambda e: e.name)
+        except OSError as exc:
+            return f"{name}/ cannot be read ({_one_line(exc.strerror or exc, 120)})"
+        for member in members:
+            if member.name.startswith("."):
+                continue
+            if member.is_symlink() and not _inside(root_real, member.path):
+                return f"{name}/{member.name} is a symlink leading outside the artifacts root; not read"
+            if member.name.endswith(suffix) and not member.is_file():
+                return f"{name}/{member.name} is a folder, not a file"
+    return ""
+
+
+# Content checks of the larger files, by path: (signature, problem). A file is checked again only when its identity,
+# size or mtime changed; metrics.jsonl, which only grows while a run writes it, is checked from where it was left.
+_CHECKED: "OrderedDict[tuple[str, str], tuple[tuple, str]]" = OrderedDict()
+_CHECKED_MAX = 100_000
+_CHECKED_LOCK = threading.Lock()
+
+
+def _signature(path: Path) -> tuple | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _remember(key: tuple[str, str], signature: tuple | None, value: Any) -> None:
+    with _CHECKED_LOCK:
+        _CHECKED[key] = (signature, value)
+        _CHECKED.move_to_end(key)
+        while len(_CHECKED) > _CHECKED_MAX:
+            _CHECKED.popitem(last=False)
+
+
+def _cached_problem(path: Path, what: str, check: Callable[[Path], str]) -> str:
+    key, signature = (os.fspath(path), what), _signature(path)
+    with _CHECKED_LOCK:
+        hit = _CHECKED.get(key)
+    if hit is not None and signature is not None and hit[0] == signature:
+        return hit[1]
+    problem = check(path)
+    _remember(key, signature, problem)
+    return problem
+
+
+def _metrics_file_problem(path: Path) -> str:
+    """The first wrong-typed row of ``metrics.jsonl`` as a problem ('' when every row fits); only the complete
+    lines appended since the last check are read when the file grew."""
+    key, signature = (os.fspath(path), "metrics"), _signature(path)
+    if signature is None:
+        return ""
+    with _CHECKED_LOCK:
+        hit = _CHECKED.get(key)
+    if hit is not None and hit[0] == signature:
+        return hit[1][2]
+    offset, line = 0, 1
+    if hit is not None and hit[0] is not None and hit[0][:2] == signature[:2] and not hit[1][2] \
+            and signature[2] >= hit[1][0]:
+        offset, line = hit[1][0], hit[1][1]  # the same file, grown: check only what was appended
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except OSError as exc:
+        return f"metrics.jsonl cannot be read ({_one_line(exc.strerror or exc, 120)})"
+    end = data.rfind(b"\n") + 1  # a last line without its newline may still be being written
+    _, _, problem = _metric_rows(data[:end], line)
+    _remember(key, signature, (offset + end, line + data[:end].count(b"\n"), problem))
+    return problem
+
+
 # ----------------------------------------------------------------------------------------------- records
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _FolderRecord:
@@ -669,10 +1053,11 @@ class _FolderRecord:
 
 @dataclasses.dataclass(frozen=True)
 class RunRecord(_FolderRecord):
-    """What a listing knows about one run folder, read from its small JSON files only.
+    """What a listing knows about one run folder: its small JSON files, and the checks of the others.
 
     ``status`` is one of running, finished, failed, stale (stored as running but its process is gone or silent)
-    and corrupt (see ``reason``). Fields that could not be read are None or empty.
+    and corrupt (see ``reason``). Fields that could not be read are None or empty. ``notice`` says what a readable
+    run lacks (a finished run without an array its stage always writes), '' when nothing.
     """
 
     run_id: str
@@ -683,6 +1068,7 @@ class RunRecord(_FolderRecord):
     tags: dict[str, Any] = dataclasses.field(default_factory=dict)
     study_id: str | None = None
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    notice: str = ""
 
     def row(self, root: Path) -> dict[str, Any]:
         """One flat row for :meth:`RunStore.runs_table`."""
@@ -691,6 +1077,7 @@ class RunRecord(_FolderRecord):
             "kind": self.kind,
             "status": self.status,
             "reason": self.reason,
+            "notice": self.notice,
             "created": self.created,
             "finished": self.finished,
             "heartbeat": self.heartbeat,
@@ -762,6 +1149,7 @@ class Run:
         self.config: dict[str, Any] = config
         self._last_heartbeat = time.monotonic()
         self._metrics_tail_checked = False
+        self._lock_fd: int | None = None
 
     # identity ------------------------------------------------------------------------------------------
     @property
@@ -804,9 +1192,44 @@ class Run:
     def __repr__(self) -> str:
         return f"Run({self.run_id!r}, kind={self.kind!r}, path='{self.path}')"
 
+    # one writer --------------------------------------------------------------------------------------------
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this handle holds the run's writer lock (:meth:`acquire_lock`)."""
+        return self._lock_fd is not None
+
+    def acquire_lock(self) -> None:
+        """Become the run's one writer: take the exclusive lock on ``.writer.lock`` (WorkbenchError naming the pid
+        and host of the process that holds it). :meth:`RunStore.create_run` and :meth:`RunStore.resume_run` take
+        it; :meth:`mark_finished`, :meth:`mark_failed`, :meth:`release_lock` and the death of the process drop it."""
+        if self._lock_fd is None:
+            self._lock_fd = _acquire_writer_lock(self.path, self.run_id)
+
+    def release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # no holder's name left behind for the next writer's rivals to read
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release_lock()
+
+    # path safety -----------------------------------------------------------------------------------------
+    def _checked(self, relative: str) -> Path:
+        """``self.path / relative`` after checking that it resolves inside the artifacts root."""
+        path = self.path / relative
+        if not _inside(os.path.realpath(self.store.root), path):
+            raise WorkbenchError(
+                f"run {self.path.name} is corrupt: {relative} leads outside the artifacts root (a symlink); not read"
+            )
+        return path
+
     # metadata --------------------------------------------------------------------------------------------
     def _read_meta(self) -> dict:
-        meta, reason = _read_json_object(self.path / "run.json", "run.json")
+        meta, reason = _read_json_object(self._checked("run.json"), "run.json")
         if meta is None:
             raise WorkbenchError(f"run {self.path.name} is corrupt: {reason}")
         return meta
@@ -837,25 +1260,30 @@ class Run:
         return True
 
     def mark_running(self) -> None:
-        """Set the run back to running in this process (resuming a failed or stale run from its checkpoint)."""
+        """Set the run back to running in this process (resuming a failed or stale run from its checkpoint); takes
+        the writer lock first (refused while another process holds it)."""
+        self.acquire_lock()
         now = _iso(_now())
         self._update_meta(status="running", reason=None, finished=None, heartbeat=now, **_owner_fields())
         self._last_heartbeat = time.monotonic()
 
     def mark_finished(self, summary: Mapping[str, Any] | None = None) -> None:
-        """Write ``summary`` (if given) and set the status to finished."""
+        """Write ``summary`` (if given), set the status to finished and release the writer lock."""
         if summary is not None:
             self.write_summary(summary)
         now = _iso(_now())
         self._update_meta(status="finished", reason=None, finished=now, heartbeat=now)
+        self.release_lock()
 
     def mark_failed(self, reason: str) -> None:
-        """Set the status to failed with a one-line ``reason`` (whitespace collapsed, at most 500 characters)."""
+        """Set the status to failed with a one-line ``reason`` (whitespace collapsed, at most 500 characters) and
+        release the writer lock."""
         line = _one_line(reason) if reason is not None else ""
         if not line:
             raise WorkbenchError("mark_failed needs a reason, e.g. the exception's message")
         now = _iso(_now())
         self._update_meta(status="failed", reason=line, finished=now, heartbeat=now)
+        self.release_lock()
 
     def __enter__(self) -> "Run":
         return self
@@ -864,12 +1292,14 @@ class Run:
         try:
             status = self.status
         except WorkbenchError:
+            self.release_lock()
             return False
         if status == "running":
             if exc is None:
                 self.mark_finished()
             else:
                 self.mark_failed(_exception_line(exc))
+        self.release_lock()
         return False  # never swallow the exception
 
     # metrics ---------------------------------------------------------------------------------------------
@@ -913,51 +1343,41 @@ class Run:
             with open(path, "ab") as handle:
                 handle.write(b"\n")
 
-    def truncate_metrics(self, after_step: int) -> None:
+    def truncate_metrics(self, after_step: int, drop_stages: tuple[str, ...] = ()) -> None:
         """Drop metric lines of steps after ``after_step`` (written by a process that stopped past its last
-        checkpoint), atomically, so a resumed run does not log those steps twice."""
+        checkpoint), and every line of ``drop_stages`` (those of a final phase that is run again), atomically, so a
+        resumed run does not log those steps twice."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [row for row in self.read_metrics() if int(row.get("step", 0)) <= after_step]
+        rows = [row for row in self.read_metrics()
+                if int(row.get("step", 0)) <= after_step and row.get("stage") not in drop_stages]
         atomic_write_text(path, "".join(json.dumps(row, allow_nan=False, separators=(",", ":")) + "\n" for row in rows))
 
     def read_metrics(self, stage: str | None = None) -> list[dict[str, Any]]:
         """All metric lines (of one ``stage`` if given), in file order.
 
         A torn last line (a process killed while writing) is skipped silently; an unreadable line elsewhere (a
-        torn line from an earlier, resumed process) is skipped with a RuntimeWarning.
+        torn line from an earlier, resumed process) is skipped with a RuntimeWarning. A line that is JSON but not a
+        metrics row (an integer ``step``, a ``stage`` name, numbers or null) makes the run corrupt: WorkbenchError.
         """
         try:
-            data = (self.path / "metrics.jsonl").read_bytes()
+            data = self._checked("metrics.jsonl").read_bytes()
         except FileNotFoundError:
             return []
-        lines = data.split(b"\n")
-        rows: list[dict[str, Any]] = []
-        bad: list[int] = []
-        for number, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                if number == len(lines):  # no newline after it: the write was cut short
-                    continue
-                bad.append(number)
-                continue
-            if not isinstance(obj, dict):
-                bad.append(number)
-                continue
-            if stage is None or obj.get("stage") == stage:
-                rows.append(obj)
-        if bad:
+        except IsADirectoryError:
+            raise WorkbenchError(f"run {self.run_id} is corrupt: metrics.jsonl is a folder, not a file") from None
+        rows, torn, problem = _metric_rows(data)
+        if problem:
+            raise WorkbenchError(f"run {self.run_id} is corrupt: {problem}")
+        if torn:
             warnings.warn(
-                f"{self.path / 'metrics.jsonl'}: skipped {len(bad)} unreadable line(s) (first: {bad[:5]}); "
+                f"{self.path / 'metrics.jsonl'}: skipped {len(torn)} unreadable line(s) (first: {torn[:5]}); "
                 "they are torn writes of a killed process",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return rows
+        return rows if stage is None else [row for row in rows if row.get("stage") == stage]
 
     def metrics_table(self, stage: str | None = None):
         """:meth:`read_metrics` as a pandas DataFrame (columns step, stage, wall_time and the value names)."""
@@ -971,30 +1391,35 @@ class Run:
         """Replace ``summary.json`` with ``summary`` (small, mostly scalar final metrics; NaN/inf -> null)."""
         if not isinstance(summary, Mapping):
             raise WorkbenchError(f"summary must be a dict of metric name -> value, got {type(summary).__name__}")
-        atomic_write_text(self.path / "summary.json", _dumps(summary, nonfinite="null", where="summary"))
+        atomic_write_text(self._checked("summary.json"), _dumps(summary, nonfinite="null", where="summary"))
 
     @property
     def summary(self) -> dict[str, Any]:
         """The content of ``summary.json``, or {} before one was written."""
-        path = self.path / "summary.json"
+        path = self._checked("summary.json")
         if not path.exists():
             return {}
         obj, reason = _read_json_object(path, "summary.json")
         if obj is None:
             raise WorkbenchError(f"run {self.run_id}: {reason}")
+        problem = _summary_problem(obj)
+        if problem:
+            raise WorkbenchError(f"run {self.run_id} is corrupt: {problem}")
         return obj
 
     def save_json(self, name: str, obj: Any) -> Path:
         """Store a small extra record as ``records/<name>.json`` (e.g. the task split, a selection reason)."""
         _check_name(name, "record")
-        path = self.path / "records" / f"{name}.json"
+        path = self._checked(f"records/{name}.json")
         return atomic_write_text(path, _dumps(obj, nonfinite="null", where=name))
 
     def load_json(self, name: str) -> Any:
         _check_name(name, "record")
-        path = self.path / "records" / f"{name}.json"
+        path = self._checked(f"records/{name}.json")
         try:
             return json.loads(path.read_bytes())
+        except IsADirectoryError:
+            raise WorkbenchError(f"run {self.run_id} is corrupt: records/{name}.json is a folder, not a file") from None
         except FileNotFoundError:
             raise WorkbenchError(
                 f"run {self.run_id} has no record {name!r}; it has: {', '.join(self.list_json()) or 'none'}"
@@ -1007,7 +1432,7 @@ class Run:
 
     # arrays and checkpoints ------------------------------------------------------------------------------
     def _list(self, folder: str, suffix: str) -> list[str]:
-        directory = self.path / folder
+        directory = self._checked(folder)
         if not directory.is_dir():
             return []
         return sorted(p.name[: -len(suffix)] for p in directory.iterdir() if p.name.endswith(suffix) and not p.name.startswith("."))
@@ -1016,16 +1441,20 @@ class Run:
         """Store named arrays (numpy or tensors, moved to the CPU; bfloat16 becomes float32) as
         ``arrays/<name>.npz`` atomically, replacing an earlier file of that name; returns the path."""
         _check_name(name, "array file")
-        return atomic_savez(self.path / "arrays" / f"{name}.npz", **arrays)
+        return atomic_savez(self._checked(f"arrays/{name}.npz"), **arrays)
 
     def load_arrays(self, name: str) -> dict[str, np.ndarray]:
-        """The arrays saved under ``name`` (loaded with ``allow_pickle=False``)."""
+        """The arrays saved under ``name`` (loaded with ``allow_pickle=False``), after checking the file's members
+        against the schema of the run's kind (:data:`ARRAY_SCHEMAS`); WorkbenchError if they do not fit."""
         _check_name(name, "array file")
-        path = self.path / "arrays" / f"{name}.npz"
+        path = self._checked(f"arrays/{name}.npz")
         if not path.is_file():
             raise WorkbenchError(
                 f"run {self.run_id} has no arrays {name!r}; it has: {', '.join(self.list_arrays()) or 'none'}"
             )
+        problem = _array_file_problem(path, self.kind, name)
+        if problem:
+            raise WorkbenchError(f"run {self.run_id} is corrupt: {problem}")
         try:
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}
@@ -1036,7 +1465,7 @@ class Run:
         return self._list("arrays", ".npz")
 
     def has_arrays(self, name: str) -> bool:
-        return (self.path / "arrays" / f"{_check_name(name, 'array file')}.npz").is_file()
+        return self._checked(f"arrays/{_check_name(name, 'array file')}.npz").is_file()
 
     def save_checkpoint(self, state: Mapping[str, Any], name: str = "last") -> Path:
         """``torch.save`` ``state`` to ``checkpoints/<name>.pt`` atomically. The state may hold only what
@@ -1045,14 +1474,14 @@ class Run:
         _check_name(name, "checkpoint")
         if not isinstance(state, Mapping):
             raise WorkbenchError(f"checkpoint state must be a dict, got {type(state).__name__}")
-        return atomic_torch_save(state, self.path / "checkpoints" / f"{name}.pt")
+        return atomic_torch_save(state, self._checked(f"checkpoints/{name}.pt"))
 
     def load_checkpoint(self, name: str = "last", map_location: Any = "cpu") -> dict[str, Any]:
         """Load ``checkpoints/<name>.pt`` with ``weights_only=True`` onto ``map_location``."""
         import torch
 
         _check_name(name, "checkpoint")
-        path = self.path / "checkpoints" / f"{name}.pt"
+        path = self._checked(f"checkpoints/{name}.pt")
         if not path.is_file():
             raise WorkbenchError(
                 f"run {self.run_id} has no checkpoint {name!r}; it has: {', '.join(self.list_checkpoints()) or 'none'}"
@@ -1066,7 +1495,7 @@ class Run:
             ) from None
 
     def has_checkpoint(self, name: str = "last") -> bool:
-        return (self.path / "checkpoints" / f"{_check_name(name, 'checkpoint')}.pt").is_file()
+        return self._checked(f"checkpoints/{_check_name(name, 'checkpoint')}.pt").is_file()
 
     def list_checkpoints(self) -> list[str]:
         return self._list("checkpoints", ".pt")
@@ -1221,6 +1650,29 @@ class RunStore:
         if folder.exists() and not _inside(os.path.realpath(self.root), folder):
             raise WorkbenchError(f"{folder} leads outside the artifacts root {self.root} (a symlink?); refusing to use it")
 
+    def _root_problem(self) -> str:
+        """Why the root cannot hold a store ('' when it can, or does not exist yet)."""
+        if os.path.lexists(self.root) and not self.root.is_dir():
+            return (f"the artifacts root {self.root} is a file, not a folder; pass --artifacts DIR (or set "
+                    f"${ENV_VAR}) naming a folder")
+        return ""
+
+    def _make_folder(self, folder: Path, what: str) -> None:
+        """Create ``folder`` (the ``runs`` or ``studies`` folder) if needed; one-line WorkbenchError when the root
+        or the folder is a file, or it cannot be made."""
+        problem = self._root_problem()
+        if problem:
+            raise WorkbenchError(problem)
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise WorkbenchError(f"{folder} is a file, not a folder, so this artifacts root cannot hold {what}; move "
+                                 "the file away or pass --artifacts DIR naming another root")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise WorkbenchError(f"cannot create {folder} ({_one_line(exc.strerror or exc, 120)}); pass --artifacts "
+                                 "DIR naming a folder you can write") from None
+        self._checked_folder(folder, what)
+
     # runs ------------------------------------------------------------------------------------------------
     def create_run(
         self,
@@ -1247,8 +1699,7 @@ class RunStore:
         study = self.open_study(study_id) if study_id is not None else None
         if run_id is not None:
             _check_id(run_id, "run id")
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self._checked_folder(self.runs_dir, "runs folder")
+        self._make_folder(self.runs_dir, "runs")
         created = _now()
         if run_id is not None:
             path = self.runs_dir / run_id
@@ -1286,15 +1737,18 @@ class RunStore:
             "environment": environment_info(),
         }
         # run.json last: a folder without it is a creation that did not complete, and is listed as such.
+        run = Run(self, path, meta, config_json)
         try:
+            run.acquire_lock()  # this process is the run's one writer until it marks it finished or failed
             atomic_write_json(path / "config.json", config_json, nonfinite="error")
             atomic_write_json(path / "run.json", meta, nonfinite="error")
         except BaseException:
+            run.release_lock()
             shutil.rmtree(path, ignore_errors=True)  # the folder was made by this call and holds nothing else
             raise
         if study is not None:
             study.add_run(run_id)
-        return Run(self, path, meta, config_json)
+        return run
 
     def open_run(self, run_id: str) -> Run:
         """Open an existing run (WorkbenchError if it does not exist or is corrupt)."""
@@ -1310,6 +1764,44 @@ class RunStore:
             raise WorkbenchError(f"run {run_id} is corrupt: {reason}")
         return Run(self, folder, meta, config)
 
+    def resume_run(self, run_id: str, kinds: tuple[str, ...] | str, what: str | None = None) -> Run:
+        """Open ``run_id`` to write it again, as its one writer: its kind must be among ``kinds`` (else
+        WorkbenchError naming the command that resumes it; ``what`` names the wanted kind, e.g. "a transfer run"),
+        and no other process may hold its writer lock, nor be alive as its recorded writer (else WorkbenchError
+        naming that process's pid and host). The returned Run holds the lock; marking it finished or failed, or
+        :meth:`Run.release_lock`, releases it."""
+        self.check_resume_kind(run_id, kinds, what)
+        run = self.open_run(run_id)
+        run.acquire_lock()
+        try:
+            meta = run._read_meta()
+            pid, host = meta.get("pid"), meta.get("host")
+            if meta.get("status") == "running" and not (pid == os.getpid() and host == _HOSTNAME) \
+                    and _process_state(pid, host, meta.get("pid_start")) == "alive":
+                raise WorkbenchError(_held_message(run_id, pid, host))  # a writer from before the lock existed
+        except BaseException:
+            run.release_lock()
+            raise
+        return run
+
+    def check_resume_kind(self, run_id: str, kinds: tuple[str, ...] | str, what: str | None = None) -> RunRecord:
+        """The record of ``run_id`` when it can be resumed as one of ``kinds``; WorkbenchError otherwise (no such
+        run, corrupt, or another kind: "RUN is a transfer run, not a meta-train run; resume it with `workbench
+        transfer --resume RUN`")."""
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        _check_id(run_id, "run id")
+        if not os.path.lexists(self.runs_dir / run_id):
+            raise WorkbenchError(f"no run {run_id!r} under {self.runs_dir}; RunStore.list_runs() shows the existing ones")
+        record = self.run_record(run_id)
+        if record.status == "corrupt":
+            raise WorkbenchError(f"run {run_id} is corrupt: {record.reason}")
+        if record.kind not in kinds:
+            wanted = what or RESUME_COMMANDS.get(kinds[0], (f"a {kinds[0]} run", ""))[0]
+            found, command = RESUME_COMMANDS.get(record.kind, (f"a {record.kind} run", ""))
+            advice = f"resume it with `{command} {run_id}`" if command else "it cannot be resumed"
+            raise WorkbenchError(f"{run_id} is {found}, not {wanted}; {advice}")
+        return record
+
     def run_record(self, run_id: str) -> RunRecord:
         """The record of one run; a missing folder is reported as corrupt, never raised."""
         _check_id(run_id, "run id")
@@ -1322,11 +1814,18 @@ class RunStore:
         """Records of all runs, oldest first (corrupt ones included when no filter is given).
 
         ``kind``, ``study_id`` and ``tag=value`` filters select runs; a filter value may be a list/tuple/set of
-        accepted values, and values also match by their string form (``seed="0"`` matches seed 0). Reads only
-        ``run.json`` and ``summary.json`` of each run.
+        accepted values, and values also match by their string form (``seed="0"`` matches seed 0). Reads
+        ``run.json``, ``summary.json`` and ``config.json`` of each run that passes the filters and checks its other
+        files (``metrics.jsonl`` rows, ``arrays/*.npz`` headers, symlinks, entry types; never array data or
+        checkpoints), remembering those checks until a file changes.
         """
+        problem = self._root_problem()
+        if problem:
+            raise WorkbenchError(problem)
         root_real = os.path.realpath(self.root)
         runs_dir = self.runs_dir
+        if os.path.lexists(runs_dir) and not runs_dir.is_dir():
+            return [RunRecord("runs", runs_dir, "corrupt", "the runs folder is a file, not a folder; not read")]
         if not runs_dir.is_dir():
             return []
         if not _inside(root_real, runs_dir):
@@ -1340,8 +1839,7 @@ class RunStore:
             record, _ = self._scan_run(Path(entry.path), entry.name, root_real, now, with_summary=False, entry=entry)
             if filtered and not _matches(record, kind, study_id, tag_filters):
                 continue
-            if record.status != "corrupt":
-                record = self._attach_summary(record)
+            record = self._check_contents(self._attach_summary(record), root_real)
             records.append(record)
         records.sort(key=lambda r: (r.created or "", r.run_id))
         return records
@@ -1371,15 +1869,54 @@ class RunStore:
         return frame
 
     def _attach_summary(self, record: RunRecord) -> RunRecord:
+        if record.status == "corrupt":
+            return record
         path = record.path / "summary.json"
         if not os.path.lexists(path):
             return record
-        if os.path.islink(path) and not _inside(os.path.realpath(self.root), path):
+        if not _inside(os.path.realpath(self.root), path):
             return dataclasses.replace(record, status="corrupt", reason="summary.json is a symlink out of the artifacts root")
         summary, reason = _read_json_object(path, "summary.json")
         if summary is None:
             return dataclasses.replace(record, status="corrupt", reason=reason)
+        reason = _summary_problem(summary)
+        if reason:
+            return dataclasses.replace(record, status="corrupt", reason=reason)
         return dataclasses.replace(record, summary=summary)
+
+    def _check_contents(self, record: RunRecord, root_real: str) -> RunRecord:
+        """``record`` made corrupt when a file a reader opens fails its check (a symlink out of the root, a file
+        where a folder belongs or the reverse, config.json not an object, a metrics row or an npz file of the
+        wrong schema), or given a notice when a finished run lacks an array its stage always writes."""
+        if record.status == "corrupt":
+            return record
+        folder = record.path
+        problem = _folder_problem(folder, root_real)
+        if not problem:
+            problem = _cached_problem(folder / "config.json", "config", _config_problem)
+        if not problem and (folder / "metrics.jsonl").exists():
+            problem = _metrics_file_problem(folder / "metrics.jsonl")
+        arrays = folder / "arrays"
+        try:
+            names = sorted(entry.name[:-4] for entry in os.scandir(arrays)
+                           if entry.name.endswith(".npz") and not entry.name.startswith(".")) if not problem else []
+        except FileNotFoundError:
+            names = []
+        except OSError as exc:
+            problem = f"arrays/ cannot be read ({_one_line(exc.strerror or exc, 120)})"
+            names = []
+        for name in names:
+            problem = problem or _array_file_problem(arrays / f"{name}.npz", record.kind, name)
+        if problem:
+            return dataclasses.replace(record, status="corrupt", reason=problem)
+        missing = [name for name in FINISHED_ARRAYS.get(record.kind or "", ()) if name not in names]
+        if record.stored_status == "finished" and missing:
+            listed = ", ".join(f"arrays/{name}.npz" for name in missing)
+            one = len(missing) == 1
+            return dataclasses.replace(record, notice=(
+                f"{listed} {'is' if one else 'are'} missing although the run finished; the plots that need "
+                f"{'it' if one else 'them'} leave this run out"))
+        return record
 
     def _scan_run(self, folder: Path, name: str, root_real: str, now: float, *, with_summary: bool, entry=None):
         """(RunRecord, meta or None) for one entry of runs/. Never raises for a bad folder."""
@@ -1410,7 +1947,7 @@ class RunStore:
                 reason,
                 kind=meta.get("kind") if isinstance(meta.get("kind"), str) else None,
                 created=meta.get("created") if isinstance(meta.get("created"), str) else None,
-                tags=meta["tags"] if isinstance(meta.get("tags"), dict) else {},
+                tags=_clean_tags(meta.get("tags")),
             ), None
         status, reason = meta["status"], meta.get("reason") or ""
         if status == "running":
@@ -1426,7 +1963,7 @@ class RunStore:
             **RunRecord.fields_from(meta),
         )
         if with_summary:
-            record = self._attach_summary(record)
+            record = self._check_contents(self._attach_summary(record), root_real)
         return record, meta
 
     # studies ---------------------------------------------------------------------------------------------
@@ -1447,8 +1984,7 @@ class RunStore:
         executed = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(notebook).name).lstrip("._-") or "study.ipynb"
         if study_id is not None:
             _check_id(study_id, "study id")
-        self.studies_dir.mkdir(parents=True, exist_ok=True)
-        self._checked_folder(self.studies_dir, "studies folder")
+        self._make_folder(self.studies_dir, "studies")
         created = _now()
         if study_id is not None:
             path = self.studies_dir / study_id
@@ -1514,7 +2050,12 @@ class RunStore:
 
     def list_studies(self) -> list[StudyRecord]:
         """Records of all studies, oldest first, corrupt ones included with their reason."""
+        problem = self._root_problem()
+        if problem:
+            raise WorkbenchError(problem)
         root_real = os.path.realpath(self.root)
+        if os.path.lexists(self.studies_dir) and not self.studies_dir.is_dir():
+            return [StudyRecord("studies", self.studies_dir, "corrupt", "the studies folder is a file, not a folder; not read")]
         if not self.studies_dir.is_dir():
             return []
         if not _inside(root_real, self.studies_dir):
@@ -1604,7 +2145,26 @@ def _run_meta_problem(meta: dict, folder_name: str) -> str:
         return "run.json tags are not an object"
     if meta.get("study_id") is not None and not isinstance(meta.get("study_id"), str):
         return "run.json study_id is not a string"
+    if not _KIND_RE.match(meta["kind"]):
+        return f"run.json kind {_one_line(meta['kind'], 60)!r} is not a kind name"
+    if _parse_iso(meta["created"]) is None:
+        return f"run.json created {_one_line(meta['created'], 60)!r} is not an ISO time"
+    for key, value in (meta.get("tags") or {}).items():
+        problem = _tag_problem(key, value)
+        if problem:
+            return problem
+    for key, kind, what in (("reason", str, "a string"), ("finished", str, "a time"), ("heartbeat", str, "a time"),
+                            ("pid", int, "a process id"), ("pid_start", int, "an integer"), ("host", str, "a host name"),
+                            ("environment", dict, "an object")):
+        problem = _field_problem(meta, "run.json", key, kind, what)
+        if problem:
+            return problem
     return ""
+
+
+def _config_problem(path: Path) -> str:
+    config, reason = _read_json_object(path, "config.json")
+    return reason if config is None else ""
 
 
 def _study_meta_problem(meta: dict, folder_name: str) -> str:

@@ -2,11 +2,12 @@
 
 This is the only module of the dashboard that knows file, array and metric names: if a stage renames an array,
 the fix is here. Everything goes through :class:`workbench.artifacts.RunStore`, so nothing outside the root is
-read (``RunStore.resolve`` refuses ``..``, absolute paths and symlinks leading out), and a corrupt or foreign
-folder becomes a row with a reason instead of an exception.
+read (every reader of the store checks that the file it opens resolves inside the root; ``RunStore.resolve``
+refuses ``..``, absolute paths and symlinks leading out), and a corrupt or foreign folder (a file of the wrong
+schema or types included, e.g. a tag holding a list) becomes a row with a reason instead of an exception.
 
-Listings read only the small JSON files of each run (``RunStore.runs_table``); arrays are loaded one run at a
-time, for the runs a page has selected. No Streamlit here: ``app/ui.py`` wraps these functions in
+Listings read the small JSON files of each run and the store's cached checks of the others
+(``RunStore.runs_table``); arrays are loaded one run at a time, for the runs a page has selected. No Streamlit here: ``app/ui.py`` wraps these functions in
 ``st.cache_data`` and tests call them directly.
 """
 from __future__ import annotations
@@ -132,9 +133,10 @@ def open_store(root: str | os.PathLike) -> RunStore:
 
 # ---------------------------------------------------------------------------------------------- listings
 def runs_frame(root: str | os.PathLike) -> pd.DataFrame:
-    """One row per run of the store (corrupt ones included), from the small JSON files only.
+    """One row per run of the store (corrupt ones included, with the store's reason; the store checks every file
+    a reader opens, and caches those checks).
 
-    Columns: those of ``RunStore.runs_table`` (run_id, kind, status, reason, created, finished, heartbeat,
+    Columns: those of ``RunStore.runs_table`` (run_id, kind, status, reason, notice, created, finished, heartbeat,
     study_id, path, ``tags.*``, ``summary.*``) plus plain tag columns source, target, arch, method, seed, phi
     (None where a run has no such tag) and ``label`` (:func:`workbench.labels.method_label`: which phi a row used,
     and whether our phi learned).
@@ -217,10 +219,12 @@ def filter_runs(runs: pd.DataFrame, **wanted: Iterable[Any]) -> pd.DataFrame:
 
 
 def options(runs: pd.DataFrame, column: str) -> list[Any]:
-    """Distinct non-missing values of a column, numbers sorted numerically."""
+    """Distinct non-missing values of a column, numbers sorted numerically. Only plain values (strings, numbers,
+    booleans) are offered: the store lists a run whose tag holds anything else as corrupt, without that tag."""
     if column not in runs:
         return []
-    values = [v for v in runs[column].dropna().unique().tolist() if v is not None]
+    values = list(dict.fromkeys(_plain(v) for v in runs[column].tolist()
+                                if isinstance(v, (str, bool, int, float, np.generic)) and not pd.isna(v)))
     return sorted(values, key=lambda v: (0, float(v), "") if _is_number(v) else (1, 0.0, str(v)))
 
 
@@ -397,6 +401,7 @@ class RunDetails:
     records: list[str] = field(default_factory=list)
     checkpoints: list[str] = field(default_factory=list)
     path: str = ""
+    notice: str = ""
 
 
 def run_details(root: str | os.PathLike, run_id: str) -> RunDetails:
@@ -409,7 +414,7 @@ def run_details(root: str | os.PathLike, run_id: str) -> RunDetails:
     return RunDetails(run_id=run_id, kind=run.kind, status=record.status, reason=record.reason or "",
                       tags=run.tags, study_id=run.study_id, config=dict(run.config), summary=run.summary,
                       arrays=run.list_arrays(), records=run.list_json(), checkpoints=run.list_checkpoints(),
-                      path=f"runs/{run_id}")
+                      path=f"runs/{run_id}", notice=record.notice)
 
 
 def metrics(root: str | os.PathLike, run_id: str) -> pd.DataFrame:
@@ -421,15 +426,12 @@ def metrics(root: str | os.PathLike, run_id: str) -> pd.DataFrame:
 
 
 def _arrays(root: str | os.PathLike, run_id: str, name: str) -> dict[str, np.ndarray] | None:
+    """The arrays ``name`` of a run, None if it has none; the store checks the file (inside the root, a plain npz
+    file fitting its schema) and says why in a WorkbenchError when it does not fit."""
     run = _open(root, run_id)
     if not run.has_arrays(name):
         return None
-    try:
-        return run.load_arrays(name)
-    except WorkbenchError:
-        # numpy's own message suggests allow_pickle=True, which is no advice for a file from an artifacts folder
-        raise WorkbenchError(f"run {run_id}: arrays/{name}.npz cannot be read (damaged, or not an npz file written "
-                             "by the workbench); the other runs are shown") from None
+    return run.load_arrays(name)
 
 
 def _need(arrays: Mapping[str, np.ndarray], keys: Sequence[str], what: str, run_id: str) -> None:

@@ -13,10 +13,10 @@ Other methods are shown by their registered name.
 """
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Iterable, Mapping, Optional
 
+from .errors import WorkbenchError
 from .phi_diagnostics import DIAGNOSTICS_RECORD, UNLEARNED_NOTE, trained_by
 
 OFFICIAL = "official"
@@ -58,11 +58,12 @@ def phi_verdict(store: Any, phi: Any) -> Optional[dict[str, Any]]:
         trained = trained_by(store, str(phi))
         if trained is None:
             return None
-        path = store.runs_dir / trained / "records" / f"{DIAGNOSTICS_RECORD}.json"
-        if not path.is_file():
+        # through the store's checked readers: a record that leads outside the root, or a corrupt run, is not read
+        run = store.open_run(trained)
+        if DIAGNOSTICS_RECORD not in run.list_json():
             return None
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except Exception:  # a corrupt run is the store's to report; the label just says nothing about it
+        value = run.load_json(DIAGNOSTICS_RECORD)
+    except (WorkbenchError, OSError):  # a corrupt run is the store's to report; the label says nothing about it
         return None
     return value if isinstance(value, dict) and isinstance(value.get("learned"), bool) else None
 

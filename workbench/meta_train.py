@@ -63,18 +63,19 @@ from . import _distributed
 from ._distributed import DistContext
 from .artifacts import Run, RunStore, atomic_write_text, to_jsonable
 from .attach import attach
-from .config import Config, parse_overrides, require
+from .config import Config, parse_overrides, require, require_seed, require_threads
 from .data import (Augment, BatchIterator, ImageDataset, SourceTask, channel_stats, describe_tasks, eval_batches,
                    load_dataset, source_tasks, target_view)
 from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
 from .errors import WorkbenchError
 from .lookahead import lookahead_meta_grad, twice_differentiable
-from .models import build
+from .models import build, model_info
 from .perturb import MetaPerturb
 from .phi_diagnostics import DIAGNOSTICS_RECORD, diagnose, official_phi, trained_by
 
 RUN_KIND = "meta_train"
 SELECT_KIND = "meta_select"
+RESUME_KINDS = (RUN_KIND, SELECT_KIND)  # what `workbench meta-train --resume` continues
 CHECKPOINT_SCHEMA = "workbench.meta_train.checkpoint"
 CHECKPOINT_VERSION = 1
 PHI_FILE = "phi.pt"
@@ -146,21 +147,17 @@ class MetaTrainConfig(Config):
     artifacts_root: Optional[str] = None
     run_name: Optional[str] = None
 
-    @classmethod
-    def from_dict(cls, values: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "MetaTrainConfig":
-        merged = {**(dict(values) if values else {}), **overrides}
-        if merged.get("normalization") == 0.5:  # `--set normalization=0.5` arrives as a number
-            merged["normalization"] = "0.5"
-        return super().from_dict(merged)
-
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "num_tasks", "num_runs", "checkpoint_every", "log_every", "image_size",
+        from .data import check_spec
+        from .models import check_image_size, check_name
+
+        for name in ("steps", "batch_size", "num_tasks", "num_runs", "checkpoint_every", "log_every",
                      "select_steps", "select_per_class", "select_valid_per_class", "select_mc_samples"):
             value = getattr(self, name)
             require(value >= 1, f"{name} must be a positive integer, got {value}; e.g. {name}=1")
         require(self.batch_size >= 2, f"batch_size must be at least 2 (the perturbation uses the batch variance), "
                                       f"got {self.batch_size}")
-        require(self.image_size >= 8, f"image_size must be at least 8 pixels, got {self.image_size}")
+        check_image_size(self.image_size)
         for name in ("lr", "phi_lr"):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, f"{name} must be a positive number, got {value}; e.g. 1e-3")
@@ -173,12 +170,16 @@ class MetaTrainConfig(Config):
                 f"lookahead_lr must be a positive number or null (= lr), got {self.lookahead_lr}")
         require(self.lookahead_lr is None or self.second_order,
                 "lookahead_lr only applies with second_order=true; set second_order=true or drop lookahead_lr")
-        require(self.seed >= 0, f"seed must be a non-negative integer, got {self.seed}")
-        require(self.split_seed >= 0, f"split_seed must be a non-negative integer, got {self.split_seed}")
-        require(self.threads is None or self.threads >= 1, f"threads must be a positive integer or null, got {self.threads}")
+        require_seed("seed", self.seed)
+        require_seed("split_seed", self.split_seed)
+        require_threads(self.threads)
         require(bool(self.source.strip()), "source must name a dataset, e.g. tinyimagenet32")
+        check_spec(self.source, "source")
         require(bool(self.arch.strip()), "arch must name a model, e.g. resnet20")
+        check_name(self.arch)  # an unknown arch fails now, not after the run folder is made
         require(bool(self.select_target.strip()), "select_target must be 'heldout' or a dataset name such as cifar10")
+        if self.select_target.strip() != "heldout":
+            check_spec(self.select_target, "select_target")
         resolve_device(self.device, check_available=False)
         if self.run_name is not None:
             require(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
@@ -617,6 +618,9 @@ def prepare_source(config: MetaTrainConfig, dataset: Optional[ImageDataset] = No
                              f"images in a split, fewer than batch_size={config.batch_size}; use batch_size <= "
                              f"{smallest}, fewer tasks, or use_test=true")
     channels = int(tasks[0].train.x.shape[1])
+    # the task networks are built later, after the run folder exists: check now that this arch builds for this data
+    model_info(config.arch, num_classes=min(t.num_classes for t in tasks), in_channels=channels,
+               image_size=config.image_size)
     if config.normalization == "dataset":
         mean, std = channel_stats(torch.cat([t.train.x for t in tasks]))
     else:
@@ -692,13 +696,15 @@ class _Log:
         self.phi: list[torch.Tensor] = []
         self.last_means = torch.full((num_tasks, 4), float("nan"), dtype=torch.float64)
         self.agreement = torch.zeros(3, dtype=torch.float64)  # sums since the last row: cosine, task norm, count
+        self.seconds = 0.0  # training time up to the last checkpoint, summed over the sessions of a resumed run
+        self.sessions = 1   # processes that trained this run (a resume adds one)
 
     def state_dict(self) -> dict[str, Any]:
         stack = lambda xs: torch.stack(xs) if xs else torch.zeros(0)  # noqa: E731
         return {"sums": self.sums.clone(), "count": self.count, "steps": list(self.steps), "scale": stack(self.scale),
                 "mult_mean": stack(self.mult_mean), "mult_std": stack(self.mult_std),
                 "scale_std": stack(self.scale_std), "phi": stack(self.phi), "last_means": self.last_means.clone(),
-                "agreement": self.agreement.clone()}
+                "agreement": self.agreement.clone(), "seconds": float(self.seconds), "sessions": int(self.sessions)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sums, self.count, self.steps = state["sums"].clone(), int(state["count"]), list(state["steps"])
@@ -710,6 +716,8 @@ class _Log:
                           [torch.full_like(s, float("nan")) for s in self.scale])
         self.agreement = state["agreement"].clone() if "agreement" in state else torch.zeros(3, dtype=torch.float64)
         self.last_means = state["last_means"].clone()
+        # checkpoints written before the time of earlier sessions was kept lack it: their time is unknown (0)
+        self.seconds, self.sessions = float(state.get("seconds", 0.0)), int(state.get("sessions", 1)) + 1
 
 
 def _phi_vector(phi: MetaPerturb) -> torch.Tensor:
@@ -776,9 +784,8 @@ def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore
     if dist.is_main:
         try:
             if resume_id is not None:
-                run = store.open_run(resume_id)
-                if run.kind != RUN_KIND:
-                    raise WorkbenchError(f"run {resume_id} is a {run.kind!r} run, not a meta_train run")
+                # one writer: refused while another process holds the run (its pid and host are named)
+                run = store.resume_run(resume_id, RUN_KIND)
                 checkpoint = _load_resume(run, config)
                 stored_split = run.load_json("task_split") if "task_split" in run.list_json() else {}
                 if (stored_split.get("fingerprint") != data.description["fingerprint"]
@@ -800,6 +807,8 @@ def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore
                                       None if checkpoint is None else int(checkpoint["step"])})
             payload = ("ok", run.run_id, checkpoint)
         except WorkbenchError as exc:
+            if run is not None:
+                run.release_lock()
             payload = ("error", str(exc), None)
     payload = dist.broadcast(payload)
     if payload[0] == "error":
@@ -813,6 +822,9 @@ def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore
             first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
             run.mark_failed(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
         raise
+    finally:
+        if run is not None:
+            run.release_lock()
 
 
 def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: DistContext, device: torch.device,
@@ -825,6 +837,7 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint["trainer"])
         log.load_state_dict(checkpoint["log"])
+    prior_seconds = log.seconds
     layout = trainer.row_layout()
     init_vector = _phi_vector(initial_phi(config.seed, config.phi_init_std))
     reference = official_phi()
@@ -881,6 +894,7 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
                 bar.set_postfix(heldout_acc=f"{float(means[:, 3].mean()):.3f}",
                                 heldout_loss=f"{float(means[:, 2].mean()):.3f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
+                log.seconds = prior_seconds + time.perf_counter() - started
                 _checkpoint(run, trainer, log, config, dist)
                 checkpoint = {"step": step}
             bar.update(1)
@@ -902,8 +916,12 @@ def _train(config: MetaTrainConfig, data: SourceData, progress: bool, dist: Dist
         "final_means": {k: float(v) for k, v in zip(_METRIC_NAMES, log.last_means.mean(dim=0).tolist())},
         "phi_path": PHI_FILE,
         "phi_norm": float(_phi_vector(phi).norm()),
-        "seconds": seconds,
-        "seconds_per_step": seconds / max(config.steps - start_step, 1),
+        # summed over the sessions of a resumed run (each up to its last checkpoint, the last one to the end)
+        "seconds": prior_seconds + seconds,
+        "seconds_per_step": (prior_seconds + seconds) / max(config.steps, 1),
+        "seconds_last_session": seconds,
+        "seconds_per_step_last_session": seconds / max(config.steps - start_step, 1),
+        "sessions": log.sessions,
         "device": str(device),
         "world_size": dist.world_size,
         "second_order": config.second_order,
@@ -958,6 +976,13 @@ def diagnose_run(run_ref: str, store: Optional[RunStore] = None) -> dict[str, An
 
 
 # ============================================================================================ selection
+def _selection_view(config: MetaTrainConfig):
+    """The target view the selection trains and scores on (``select_target``: train and held-out images per class)."""
+    ds = load_dataset(config.select_target, root=config.data_root)
+    return target_view(ds, per_class=config.select_per_class, image_size=config.image_size, channels=3,
+                       seed=derive_seed(config.seed, _SEED_SELECT), valid_per_class=config.select_valid_per_class)
+
+
 def transfer_score(phi: MetaPerturb, config: MetaTrainConfig, device: torch.device, progress: bool = False) -> float:
     """Validation accuracy of a fresh ``config.arch`` trained with the frozen ``phi`` on ``config.select_target``.
 
@@ -970,9 +995,7 @@ def transfer_score(phi: MetaPerturb, config: MetaTrainConfig, device: torch.devi
 
     from .evaluate import mc_predict
 
-    ds = load_dataset(config.select_target, root=config.data_root)
-    view = target_view(ds, per_class=config.select_per_class, image_size=config.image_size, channels=3,
-                       seed=derive_seed(config.seed, _SEED_SELECT), valid_per_class=config.select_valid_per_class)
+    view = _selection_view(config)
     augment = Augment.for_view(view, stats="dataset" if config.normalization == "dataset" else "half")
     frozen_phi = MetaPerturb()
     frozen_phi.load_state_dict(phi.state_dict())
@@ -1044,12 +1067,11 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
               dist: DistContext, device: torch.device, resume_id: Optional[str] = None) -> MetaTrainResult:
     """``num_runs`` independent runs (seeds seed..seed+num_runs-1) under one meta_select run, then selection."""
     payload: Any = None
+    parent: Optional[Run] = None
     if dist.is_main:
         try:
             if resume_id is not None:
-                parent = store.open_run(resume_id)
-                if parent.kind != SELECT_KIND:
-                    raise WorkbenchError(f"run {resume_id} is a {parent.kind!r} run, not a meta_select run")
+                parent = store.resume_run(resume_id, SELECT_KIND)  # one writer (see _run_one)
                 if parent.status == "finished":
                     raise WorkbenchError(f"run {resume_id} already finished (chose {parent.summary.get('chosen_run_id')}); "
                                          f"nothing to resume")
@@ -1069,13 +1091,24 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
                 states = []
             payload = ("ok", parent.run_id, states)
         except WorkbenchError as exc:
+            if parent is not None:
+                parent.release_lock()
             payload = ("error", str(exc), None)
     payload = dist.broadcast(payload)
     if payload[0] == "error":
         raise WorkbenchError(payload[1])
     _, parent_id, states = payload
-    parent = store.open_run(parent_id) if dist.is_main else None
+    try:
+        return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states)
+    finally:
+        if parent is not None:
+            parent.release_lock()
 
+
+def _select_runs(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
+                 dist: DistContext, device: torch.device, parent: Optional[Run], parent_id: str,
+                 states: list) -> MetaTrainResult:
+    """The candidate runs of a ``meta_select`` run (``parent`` on rank 0, holding its writer lock), then selection."""
     results: list[MetaTrainResult] = []
     for index in range(config.num_runs):
         child = config.replace(num_runs=1, seed=config.seed + index, run_name=None)
@@ -1133,6 +1166,7 @@ def meta_train(config: MetaTrainConfig | Mapping[str, Any] | None = None, store:
     """
     if resume is not None:
         store, resume = _locate_run(resume, store, config)
+        store.check_resume_kind(resume, RESUME_KINDS, "a meta-train run")  # before its config is read as ours
         stored = MetaTrainConfig.from_dict(_stored_config(store, resume))
         if config is None:
             config = stored
@@ -1154,6 +1188,8 @@ def meta_train(config: MetaTrainConfig | Mapping[str, Any] | None = None, store:
         device = _process_device(config, dist)
         with _runtime(config, device):
             data = prepare_source(config, dataset)
+            if config.num_runs > 1 and config.select_target != "heldout":
+                _selection_view(config)  # a selection target that cannot be used fails now, not after the runs
             if config.num_runs > 1:
                 result = _run_many(config, data, store, progress, dist, device, resume_id=resume)
             else:
@@ -1198,6 +1234,7 @@ def _cli(args: argparse.Namespace) -> int:
     store = RunStore(args.artifacts) if args.artifacts else None
     if args.resume:
         store, run_id = _locate_run(args.resume, store, overrides)
+        store.check_resume_kind(run_id, RESUME_KINDS, "a meta-train run")  # a transfer run is sent to its command
         stored = _stored_config(store, run_id)
         if args.config:
             config = MetaTrainConfig.from_yaml(args.config, **overrides)

@@ -37,8 +37,8 @@ import torch
 import torch.nn as nn
 
 from .artifacts import Run, RunStore, atomic_write_text
-from .config import Config, parse_overrides, require
-from ._runtime import cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
+from .config import Config, parse_overrides, require, require_seed, require_threads
+from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate
 from .regularizers import (
@@ -58,6 +58,7 @@ OFFICIAL_PHI = "official"
 OFFICIAL_PHI_FILE = "official_perturb_750.pth"
 TRANSFER_KIND = "transfer"
 SOURCE_KIND = "source"
+FINAL_STAGES = ("final", "train_eval")  # metric stages of the final phase, dropped before it runs again on resume
 # Config fields that may differ when resuming (they do not change what is computed).
 RESUME_MUTABLE = ("device", "artifacts_root", "checkpoint_every", "threads", "run_name", "data_root")
 
@@ -149,9 +150,21 @@ class TransferConfig(Config):
     run_name: Optional[str] = None
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "image_size", "eval_batch_size", "checkpoint_every", "log_every",
+        from .data import check_spec
+        from .models import check_image_size, check_name
+
+        for name in ("steps", "batch_size", "eval_batch_size", "checkpoint_every", "log_every",
                      "robust_batch_size", "robust_examples"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.batch_size >= 2, f"batch_size must be at least 2 (BatchNorm and the perturbation use batch "
+                                      f"statistics), got {self.batch_size}")
+        check_image_size(self.image_size)
+        check_spec(self.target, "target")
+        check_name(self.arch)
+        require(bool(self.phi.strip()), "phi must be 'official', a phi file or a meta-train run id, got ''")
+        require_seed("seed", self.seed)
+        require_threads(self.threads)
+        resolve_device(self.device, check_available=False)
         require(self.eval_every >= 0, f"eval_every must be >= 0 (0: evaluate only at the end), got {self.eval_every}")
         require(self.train_eval_examples >= 0, f"train_eval_examples must be >= 0 (0: off), got "
                                                f"{self.train_eval_examples}")
@@ -163,15 +176,17 @@ class TransferConfig(Config):
         require(self.test_per_class is None or self.test_per_class >= 1,
                 f"test_per_class must be >= 1 or null, got {self.test_per_class}")
         require(self.channels in (None, 1, 3), f"channels must be 1, 3 or null (the dataset's), got {self.channels}")
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr}")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         require(0 < self.lr_gamma <= 1, f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         require(all(0 < m < 1 for m in self.lr_milestones),
                 f"lr_milestones are fractions of the steps in (0, 1), got {self.lr_milestones}")
         require(list(self.lr_milestones) == sorted(self.lr_milestones),
                 f"lr_milestones must be increasing, got {self.lr_milestones}")
         require(0 <= self.noise_warmup <= 1, f"noise_warmup is a fraction of the steps in [0, 1], got {self.noise_warmup}")
-        require(self.clip is None or self.clip > 0, f"clip must be > 0 or null (no clamp), got {self.clip}")
+        require(self.clip is None or (math.isfinite(self.clip) and self.clip > 0),
+                f"clip must be a finite number > 0 or null (no clamp), got {self.clip}")
         from .robustness import check_norm
 
         self.robust_norms = [check_norm(n) for n in self.robust_norms]
@@ -443,12 +458,13 @@ def _network_payload(setup: _Setup) -> dict[str, Any]:
     }
 
 
-def _checkpoint(run: Run, setup: _Setup, step: int) -> None:
+def _checkpoint(run: Run, setup: _Setup, step: int, train_seconds: float) -> None:
     run.save_checkpoint({
         "schema": CHECKPOINT_SCHEMA,
         "version": CHECKPOINT_VERSION,
         "config": json.loads(json.dumps(setup.config.to_dict())),
         "step": step,
+        "train_seconds": float(train_seconds),  # training time up to this step, summed over sessions
         "model": cpu_copy(setup.model.state_dict()),
         "optimizer": cpu_copy(setup.optimizer.state_dict()),
         "scheduler": _scheduler_state(setup.scheduler),
@@ -474,12 +490,20 @@ def _load_scheduler_state(scheduler, state: Mapping[str, Any]) -> None:
 
 
 
-def _open_resume(store: RunStore, run_id: str, config: TransferConfig, kind: str) -> tuple[Run, dict[str, Any]]:
-    run = store.open_run(run_id)
-    if run.kind != kind:
-        raise WorkbenchError(f"run {run_id} is a {run.kind!r} run, not a {kind!r} run; resume it with its own command")
-    state = load_resume_checkpoint(run, config, RESUME_MUTABLE, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, "transfer")
-    return run, state
+def _claim_resume(store: RunStore, run_id: str, kind: str, config: TransferConfig) -> Run:
+    """``run_id`` opened to be resumed by this process with ``config``, holding its writer lock: refused when it is
+    of another kind (naming the command that resumes it), another process writes it (naming its pid and host), it
+    was started with another config, or it finished."""
+    run = store.resume_run(run_id, kind)
+    if run.status == "finished":
+        run.release_lock()
+        if config_difference(run.config, config, RESUME_MUTABLE):  # the more useful answer: say what differs
+            load_resume_checkpoint(run, config, RESUME_MUTABLE, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, "transfer")
+        accuracy = run.summary.get("test_accuracy")
+        shown = f" (test accuracy {accuracy:.4f})" if isinstance(accuracy, (int, float)) else ""
+        raise WorkbenchError(f"run {run_id} is finished{shown}; there is nothing to resume: start a new run to train "
+                             "again")
+    return run
 
 
 def _evaluate(setup: _Setup, samples: int, seed: int, progress: bool = False) -> EvalResult:
@@ -577,40 +601,48 @@ def transfer(config: TransferConfig | Mapping[str, Any] | None = None, store: Ru
     """
     if resume is not None and config is None:
         store = store or RunStore()
+        store.check_resume_kind(resume, kind)
         config = TransferConfig.from_dict(store.open_run(resume).config)
     config = _coerce_config(config)
     store = store or RunStore(config.artifacts_root)
     if stop_at is not None and stop_at < 1:
         raise WorkbenchError(f"stop_at must be >= 1, got {stop_at}")
     steady_allocator()  # freed feature maps are reused rather than faulted in again every step ($WORKBENCH_MALLOC)
-    with _threads(config.threads):
-        setup = _build(config, store, dataset)
-        start_step = 0
-        if resume is not None:
-            run, state = _open_resume(store, resume, config, kind)
-            setup.model.load_state_dict(state["model"])
-            setup.optimizer.load_state_dict(state["optimizer"])
-            _load_scheduler_state(setup.scheduler, state["scheduler"])
-            setup.regularizer.load_state_dict(state["regularizer"])
-            setup.batches.load_state_dict(state["batches"])
-            _set_rng_state(state["rng"], setup.device)
-            start_step = int(state["step"])
-            run.truncate_metrics(start_step)
-            run.mark_running()
-        else:
-            run = store.create_run(kind, config, tags=_tags(config, setup, kind), run_id=config.run_name)
-            _write_records(run, setup)
-        try:
-            result = _train(run, setup, start_step, progress, stop_at)
-        except KeyboardInterrupt:
-            run.mark_failed("interrupted; resume with --resume " + run.run_id)
-            raise
-        except Exception as exc:
-            if run.status == "running":
-                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-                run.mark_failed(f"{type(exc).__name__}: {first}")
-            raise
-        return result
+    # A resumed run is claimed before anything is built: a second writer is refused at once.
+    run = _claim_resume(store, resume, kind, config) if resume is not None else None
+    try:
+        with _threads(config.threads):
+            setup = _build(config, store, dataset)
+            start_step, seconds = 0, 0.0
+            if run is not None:
+                state = load_resume_checkpoint(run, config, RESUME_MUTABLE, CHECKPOINT_SCHEMA, CHECKPOINT_VERSION,
+                                               "transfer")
+                setup.model.load_state_dict(state["model"])
+                setup.optimizer.load_state_dict(state["optimizer"])
+                _load_scheduler_state(setup.scheduler, state["scheduler"])
+                setup.regularizer.load_state_dict(state["regularizer"])
+                setup.batches.load_state_dict(state["batches"])
+                _set_rng_state(state["rng"], setup.device)
+                start_step, seconds = int(state["step"]), float(state.get("train_seconds", 0.0))
+                # steps past the checkpoint and a final phase cut short are written again, once
+                run.truncate_metrics(start_step, drop_stages=FINAL_STAGES)
+                run.mark_running()
+            else:
+                run = store.create_run(kind, config, tags=_tags(config, setup, kind), run_id=config.run_name)
+                _write_records(run, setup)
+            try:
+                return _train(run, setup, start_step, progress, stop_at, seconds)
+            except KeyboardInterrupt:
+                run.mark_failed("interrupted; resume with --resume " + run.run_id)
+                raise
+            except Exception as exc:
+                if run.status == "running":
+                    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                    run.mark_failed(f"{type(exc).__name__}: {first}")
+                raise
+    finally:
+        if run is not None:
+            run.release_lock()
 
 
 def _write_records(run: Run, setup: _Setup) -> None:
@@ -627,7 +659,9 @@ def _write_records(run: Run, setup: _Setup) -> None:
                                           "num_classes": setup.source.num_classes})
 
 
-def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Optional[int]) -> TransferResult:
+def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Optional[int],
+           prior_seconds: float = 0.0) -> TransferResult:
+    """Train from ``start_step`` (``prior_seconds``: the training time of earlier sessions up to that step)."""
     cfg, model, reg, opt = setup.config, setup.model, setup.regularizer, setup.optimizer
     total = cfg.steps
     end = total if stop_at is None else min(total, stop_at)
@@ -671,7 +705,7 @@ def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Op
                 result = _evaluate(setup, cfg.eval_mc_samples, seed=cfg.seed + step)
                 run.log_metrics(step, "test", **{k: result.metrics[k] for k in ("accuracy", "nll", "ece", "mc_samples")})
             if step % cfg.checkpoint_every == 0 or step == end:
-                _checkpoint(run, setup, step)
+                _checkpoint(run, setup, step, prior_seconds + time.perf_counter() - started)
     finally:
         if bar is not None:
             bar.close()
@@ -679,10 +713,13 @@ def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Op
     if step < total:
         run.mark_failed(f"stopped at step {step} of {total} (stop_at); resume with --resume {run.run_id}")
         return TransferResult(run.run_id, {"step": step, "stopped": True}, model, reg, run=run)
-    return _finish(run, setup, step, train_seconds, progress)
+    return _finish(run, setup, step, train_seconds, progress, prior_seconds)
 
 
-def _finish(run: Run, setup: _Setup, step: int, train_seconds: float, progress: bool) -> TransferResult:
+def _finish(run: Run, setup: _Setup, step: int, train_seconds: float, progress: bool,
+            prior_seconds: float = 0.0) -> TransferResult:
+    """The final phase: evaluation, arrays, records, summary. Idempotent: a resume after it was cut short runs it
+    again over the same checkpoint, its metric rows (:data:`FINAL_STAGES`) dropped first."""
     cfg, reg = setup.config, setup.regularizer
     final = _evaluate(setup, cfg.final_mc_samples, seed=cfg.seed + 10**9, progress=progress)
     run.log_metrics(step, "final", **{k: final.metrics[k] for k in ("accuracy", "nll", "ece", "mc_samples")})
@@ -721,6 +758,7 @@ def _finish(run: Run, setup: _Setup, step: int, train_seconds: float, progress: 
         "target": cfg.target,
         "stochastic_eval": reg.stochastic_eval,
         "parameters": sum(p.numel() for p in setup.model.parameters()),
+        "train_seconds": round(prior_seconds + train_seconds, 3),
         "train_seconds_last_session": round(train_seconds, 3),
     }
     if on_train is not None:
@@ -779,8 +817,7 @@ def load_network(ref: str, store: RunStore | None = None, device: str | torch.de
     reg = build_regularizer(payload["method"], payload.get("method_options") or {})
     phi = None
     if reg.needs_phi:
-        phi = MetaPerturb()
-        phi.load_state_dict(payload["phi"])
+        phi = MetaPerturb.from_state_dict(payload["phi"], f"network {label}")
     source = None
     if reg.needs_source:  # the convs are overwritten by the saved state below
         source = SourceNetwork(payload["state_dict"], payload["arch"], payload["in_channels"],
@@ -809,10 +846,11 @@ def _config_from_args(args: argparse.Namespace, defaults: Mapping[str, Any] | No
     return TransferConfig.from_dict({**(defaults or {}), **overrides})
 
 
-def _resume_config(args: argparse.Namespace, store: RunStore) -> TransferConfig:
+def _resume_config(args: argparse.Namespace, store: RunStore, kind: str = TRANSFER_KIND) -> TransferConfig:
     overrides = parse_overrides(args.set)
     if args.artifacts:
         overrides["artifacts_root"] = args.artifacts
+    store.check_resume_kind(args.resume, kind)  # a run of another kind is sent to its command, not misread
     stored = dict(store.open_run(args.resume).config)
     if args.config:
         return TransferConfig.from_yaml(args.config, **overrides)
@@ -845,7 +883,7 @@ def _cli_source(args: argparse.Namespace) -> int:
     store = RunStore(args.artifacts) if args.artifacts else None
     if args.resume:
         store = store or RunStore()
-        config = _resume_config(args, store)
+        config = _resume_config(args, store, SOURCE_KIND)
         result = train_source_network(config, store, progress=not args.no_progress, resume=args.resume)
     else:
         config = _config_from_args(args, {"target": "tinyimagenet32", "method": "base"})

@@ -43,6 +43,7 @@ def render() -> None:
     bins_by_run, problems = ui.load_many(ui.load_reliability, ctx.root_str, part["run_id"].tolist())
     conf_by_run, problems_conf = ui.load_many(ui.load_confidences, ctx.root_str, part["run_id"].tolist())
     ui.show_problems(problems + problems_conf, "calibration files")
+    ui.show_notices(part)
     labels = part.set_index("run_id")["label"]
     pooled, confidences, rows = {}, {}, []
     for label in charts.method_order(labels[list(bins_by_run)]) if bins_by_run else []:

@@ -9,8 +9,8 @@ import ui
 from workbench import dashboard_data as dd
 from workbench.errors import WorkbenchError
 
-RUN_COLUMNS = ["run_id", "kind", "status", "reason", "source", "target", "arch", "label", "seed", "study_id",
-               "created", dd.ACCURACY_KEY, dd.ECE_KEY]
+RUN_COLUMNS = ["run_id", "kind", "status", "reason", "notice", "source", "target", "arch", "label", "seed",
+               "study_id", "created", dd.ACCURACY_KEY, dd.ECE_KEY]
 
 
 def _counts(ctx: ui.Context) -> None:
@@ -33,6 +33,19 @@ def _problems(ctx: ui.Context) -> None:
     st.warning(f"{len(rows)} entries of the artifacts root cannot be read as runs or studies; they are listed here "
                "and left out everywhere else.")
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="problems")
+
+
+def _notices(ctx: ui.Context) -> None:
+    """Readable runs that lack files their stage always writes (a finished transfer run without its predictions)."""
+    if "notice" not in ctx.runs:
+        return
+    noted = ctx.runs[(ctx.runs["status"] != "corrupt") & (ctx.runs["notice"].fillna("").astype(str) != "")]
+    if noted.empty:
+        return
+    st.info(f"{len(noted)} runs lack arrays their stage always writes; they are shown where their other files "
+            "suffice and left out of the plots that need the missing ones.")
+    st.dataframe(pd.DataFrame({"where": [f"runs/{r}" for r in noted["run_id"]], "status": noted["status"].tolist(),
+                               "notice": noted["notice"].tolist()}), hide_index=True, key="notices")
 
 
 def _studies(ctx: ui.Context) -> None:
@@ -115,6 +128,8 @@ def _run_details(ctx: ui.Context, view: pd.DataFrame) -> None:
     st.query_params["run"] = run_id
     st.markdown(f"**{details.run_id}** · kind **{details.kind}** · status **{details.status}**"
                 + (f" · {details.reason}" if details.reason else "") + f" · folder `{details.path}`")
+    if details.notice:
+        st.warning(f"runs/{run_id}: {details.notice}")
     if details.study_id:
         st.markdown(f"Produced by study **{details.study_id}** (select it above to see its notebook and runs).")
     cols = st.columns(3)
@@ -142,6 +157,7 @@ def render() -> None:
         return
     _counts(ctx)
     _problems(ctx)
+    _notices(ctx)
     st.plotly_chart(charts.status_overview(ctx.view), key="status_chart")
     _studies(ctx)
     st.header("Runs")
