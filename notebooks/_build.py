@@ -21,8 +21,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from workbench.meta_train import MetaTrainConfig  # noqa: E402
-from workbench.study import (CalibrationStudyConfig, ScalesStudyConfig, TransferStudyConfig,  # noqa: E402
-                             config_path, parameters_source)
+from workbench.study import (CalibrationStudyConfig, ExploreConfig, ScalesStudyConfig,  # noqa: E402
+                             TransferStudyConfig, config_path, parameters_source)
+
+FILTER_NOTE = ("The controls above the figures filter them by target, architecture, method, seed (or run) among "
+               "the runs already made; nothing is re-run. Executed headless (papermill), the figures are the "
+               "unfiltered ones.")
 
 RUNNING = """
 **Run it in JupyterLab** (`make lab`, then open this notebook): the parameters cell holds the defaults of
@@ -131,7 +135,7 @@ error; the same for the expected calibration error.
 Targets listed in `robust_targets` are also attacked with PGD; `03_calibration_robustness` and `04_scales` read
 this study's runs.
 """, TransferStudyConfig,
-        "from workbench import plots, study\nfrom workbench.study import TransferStudyConfig",
+        "from workbench import controls, filters, study\nfrom workbench.study import TransferStudyConfig",
         "seeds \"[0, 1]\"", "config field 'steps' must be an integer, got str 'ten'", defaults_note=" (the paper's target recipe: 10,000 steps, 100 MC samples)")
     cells += [
         new_markdown_cell("## The grid\n\nOne run per target x architecture x seed x method, in that order; "
@@ -151,8 +155,14 @@ this study's runs.
         new_code_cell("study.regime_table(grid)"),
         new_code_cell("accuracy = study.summarize(grid, \"test_accuracy\")\nstudy.wide(accuracy)"),
         new_code_cell("accuracy"),
-        new_code_cell("plots.metric_bars(accuracy, \"test accuracy\")"),
-        new_code_cell("plots.delta_bars(accuracy, \"test accuracy\")"),
+        new_markdown_cell(f"{FILTER_NOTE} The metric control switches between accuracy, NLL and ECE; the second "
+                          "figure keeps Base whatever the method filter picks, since every method is compared with "
+                          "it."),
+        new_code_cell("accuracy_panel = controls.show(\n"
+                      "    lambda metric, **selection: [filters.metric_figure(grid, metric, **selection),\n"
+                      "                                 filters.delta_figure(grid, metric, **selection)],\n"
+                      "    metric=controls.dropdown(filters.metric_choices(), \"test_accuracy\", \"metric\"),\n"
+                      "    **controls.filters(grid, \"target\", \"arch\", \"method\", \"seed\"))"),
         new_markdown_cell("## Calibration at a glance\n\nExpected calibration error (15 bins) of the final "
                           "Monte-Carlo prediction; `03_calibration_robustness` shows the reliability diagrams."),
         new_code_cell("ece = study.summarize(grid, \"test_ece\")\nstudy.wide(ece)"),
@@ -187,7 +197,7 @@ seeds), and the accuracy under PGD against the attack radius for the targets the
 
 No transfer study yet? Run `workbench study run 02_transfer_study --profile demo` (or that notebook) first.
 """, CalibrationStudyConfig,
-        "from workbench import plots, study\nfrom workbench.study import CalibrationStudyConfig",
+        "from workbench import controls, filters, study\nfrom workbench.study import CalibrationStudyConfig",
         "source_study 20260101-120000-02-transfer-study-demo-ab12",
         "config field 'targets' must be a list, got str 'cifar10'")
     cells += [
@@ -198,17 +208,26 @@ No transfer study yet? Run `workbench study run 02_transfer_study --profile demo
                       "transfer runs\")\nruns"),
         new_markdown_cell("## Expected calibration error and NLL (mean ± std over seeds)"),
         new_code_cell("ece = study.summarize(runs, \"test_ece\")\nstudy.wide(ece)"),
-        new_code_cell("plots.metric_bars(ece, \"ECE\", title=\"Expected calibration error (lower is better)\")"),
+        new_markdown_cell(FILTER_NOTE),
+        new_code_cell("calibration_panel = controls.show(\n"
+                      "    lambda metric, **selection: filters.metric_figure(runs, metric, **selection),\n"
+                      "    metric=controls.dropdown(filters.metric_choices(), \"test_ece\", \"metric\"),\n"
+                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\"))"),
         new_code_cell("nll = study.summarize(runs, \"test_nll\")\nstudy.wide(nll)"),
         new_markdown_cell("## Reliability diagrams\n\nAccuracy against confidence in 15 equal-width bins, each "
                           "method's bins pooled over its seeds; marker size grows with the number of test images "
                           "in the bin."),
-        new_code_cell("groups = study.reliability_groups(session.store, runs)\nplots.reliability_diagrams(groups)"),
+        new_code_cell("reliability_panel = controls.show(\n"
+                      "    lambda **selection: filters.reliability_figure(session.store, runs, **selection),\n"
+                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\"))"),
         new_markdown_cell("## Accuracy under PGD\n\nFrom the runs' `arrays/robustness.npz` (the transfer study's "
                           "`robust_*` settings; stochastic methods are attacked with expectation over "
                           "transformation). eps 0 is the clean accuracy of the attacked images."),
         new_code_cell("robust = study.robustness_table(session.store, runs, config.robust_target)\n"
-                      "plots.robustness_curves(robust)"),
+                      "robustness_panel = controls.show(\n"
+                      "    lambda **selection: filters.robustness_figure(session.store, runs, config.robust_target, "
+                      "**selection),\n"
+                      "    **controls.filters(runs, \"arch\", \"method\", \"seed\"))"),
         new_code_cell("robust"),
         new_code_cell("report = study.save_report(session, \"03_calibration_robustness\", {\"ece\": ece, \"nll\": nll, "
                       "\"robustness\": robust},\n                          info={\"source_study\": source.study_id}, "
@@ -230,7 +249,7 @@ of every MetaPerturb run), then averaged over seeds.
 
 No transfer study yet? Run `workbench study run 02_transfer_study --profile demo` (or that notebook) first.
 """, ScalesStudyConfig,
-        "from workbench import plots, study\nfrom workbench.study import ScalesStudyConfig",
+        "from workbench import controls, filters, study\nfrom workbench.study import ScalesStudyConfig",
         "max_heatmaps 2", "config field 'max_heatmaps' must be an integer, got str 'ten'")
     cells += [
         new_markdown_cell("## The transfer study"),
@@ -241,11 +260,17 @@ No transfer study yet? Run `workbench study run 02_transfer_study --profile demo
         new_markdown_cell("## Mean scale per layer\n\nOne panel per architecture, one colour per target, one dash "
                           "per phi (ours, the authors'); error bars are the spread over seeds. A phi that adapts "
                           "to the target gives different profiles on different targets."),
-        new_code_cell("plots.layer_profile(scales.profile)"),
+        new_markdown_cell(FILTER_NOTE),
+        new_code_cell("profile_panel = controls.show(\n"
+                      "    lambda **selection: filters.profile_figure(session.store, runs, **selection),\n"
+                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\", \"run\"))"),
         new_code_cell("scales.profile"),
         new_markdown_cell("## Per-channel scales\n\nSites x channels, averaged over seeds (one heatmap per "
                           "architecture, target and phi; at most `max_heatmaps`)."),
-        new_code_cell("plots.scale_heatmaps(scales.heatmaps)"),
+        new_code_cell("heatmap_panel = controls.show(\n"
+                      "    lambda **selection: filters.heatmap_figure(session.store, runs, config.max_heatmaps, "
+                      "**selection),\n"
+                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\", \"run\"))"),
         new_code_cell("report = study.save_report(session, \"04_scales\", {\"profile\": scales.profile},\n"
                       "                          info={\"source_study\": source.study_id}, "
                       "tags={\"source_study\": source.study_id})\nsession.finish()"),
@@ -253,7 +278,74 @@ No transfer study yet? Run `workbench study run 02_transfer_study --profile demo
     return name, ScalesStudyConfig, cells
 
 
-BUILDERS = [meta_train_notebook, transfer_notebook, calibration_notebook, scales_notebook]
+def explore_notebook() -> tuple[str, type, list]:
+    name = "05_explore_phi"
+    cells = header(
+        name, "05 · Explore phi",
+        """
+Looks inside phi: what it does to one batch's features at one perturbation site of a network, and how a second phi
+does it differently. Pick a phi (ours from any meta-training run of the artifacts root, the authors' released phi,
+the untrained-phi control, or a file given as `phi`), a network (a fresh architecture, or the trained network of a
+finished transfer run), a dataset and a batch of it, an image of the batch, a site and the noise coefficient k. For
+the choice it shows
+
+- the image, the site's input feature maps h, the noise multiplier maps `s·z` (`1 + k(s·z − 1)` for k ≠ 1) and the
+  perturbed maps `h·multiplier` for a few channels, for both phis side by side;
+- the per-channel scale s against the statistics it is computed from (the batch mean m_j and variance v_j of four
+  pooled kernel responses, the logit's mean and variance terms, the logit);
+- the distribution of the multiplier over the whole batch.
+
+Only the chosen site perturbs (the others are off), so both phis see the same features and the same noise draw; the
+site uses the batch's statistics, as in training (`workbench.explore`). Nothing is trained here.
+""", ExploreConfig,
+        "from workbench import controls, explore, study\nfrom workbench.study import ExploreConfig",
+        "site 2", "config field 'site' must be an integer, got str 'two'")
+    cells += [
+        new_markdown_cell("## The selection\n\nThe parameters' choice, computed once: one forward pass of the batch "
+                          "per phi (`explore.PhiExplorer.explore`)."),
+        new_code_cell("explorer = explore.PhiExplorer(session.store, config.data_root)\n"
+                      "exploration = explorer.explore(config)\n"
+                      "print(f\"{exploration.network}, site {exploration.site} of {len(exploration.site_names)}, "
+                      "{exploration.channels} channels\")\n"
+                      "for view in exploration.views:\n"
+                      "    print(f\"{view.label}: multiplier mean {view.multiplier_stats['mean']:.4f}, "
+                      "std {view.multiplier_stats['std']:.4f}; mean scale {float(view.scale.mean()):.4f}\")"),
+        new_markdown_cell("## Explore\n\nMove a control and the three figures follow (in JupyterLab: `make lab`). "
+                          "*network* is a fresh network of *fresh architecture* (seeded) or a trained one, whose "
+                          "architecture then wins; *channels* takes indices like `0, 1, 2, 3` or `0-3` (Enter to "
+                          "apply). A choice that does not fit (a site or channel the network does not have) "
+                          "says so in place of the first figure. Executed headless, the figures are those of the "
+                          "parameters."),
+        new_code_cell(
+            "panel = controls.show(\n"
+            "    lambda channels, **selection: explore.figures(\n"
+            "        explorer.explore(config, channels=explore.parse_channels(channels), **selection)),\n"
+            "    phi=controls.dropdown(explorer.phi_choices(config.phi), config.phi, \"phi (A)\"),\n"
+            "    compare=controls.dropdown(explorer.phi_choices(config.compare, none=True), config.compare, "
+            "\"beside it (B)\"),\n"
+            "    network=controls.dropdown(explorer.network_choices(config.network), config.network, \"network\"),\n"
+            "    arch=controls.dropdown(explore.ARCHS, config.arch, \"fresh architecture\"),\n"
+            "    dataset=controls.dropdown(explorer.dataset_choices(exploration.dataset), exploration.dataset, "
+            "\"dataset\"),\n"
+            "    batch=controls.slider(0, explorer.batch_count(exploration.dataset, config.split, "
+            "config.batch_size) - 1, 1, config.batch, \"batch\"),\n"
+            "    image=controls.slider(0, config.batch_size - 1, 1, config.image, \"image\"),\n"
+            "    site=controls.slider(0, len(exploration.site_names) - 1, 1, config.site, \"site\"),\n"
+            "    channels=controls.text(\", \".join(map(str, config.channels)), \"channels\"),\n"
+            "    noise_coeff=controls.slider(0.0, 2.0, 0.05, config.noise_coeff, \"noise coefficient k\"),\n"
+            "    statistic=controls.dropdown(study.EXPLORE_STATISTICS, config.statistic, \"scale against\"))"),
+        new_markdown_cell("## Per-channel numbers\n\nFor the parameters' selection: each channel's scale and the "
+                          "statistics it comes from, per phi (saved with the study as its report)."),
+        new_code_cell("table = explore.channel_table(exploration)\ntable"),
+        new_code_cell("report = study.save_report(session, \"05_explore_phi\", {\"channels\": table},\n"
+                      "                          info={\"network\": exploration.network, \"site\": exploration.site,\n"
+                      "                                \"phis\": [v.label for v in exploration.views]})\n"
+                      "session.finish()"),
+    ]
+    return name, ExploreConfig, cells
+
+
+BUILDERS = [meta_train_notebook, transfer_notebook, calibration_notebook, scales_notebook, explore_notebook]
 
 
 def build(name: str, cls, cells: list) -> nbformat.NotebookNode:

@@ -13,7 +13,8 @@ from workbench.artifacts import RunStore
 from workbench.cli import main as cli_main
 from workbench.study import REPORT_KIND
 
-NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales"]
+NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales", "05_explore_phi"]
+DEMO_NOTEBOOKS = NOTEBOOKS[:4]  # what `workbench demo` runs (the explorer is for a person at the controls)
 SMOKE_GRID = {"targets": 2, "archs": 1, "seeds": 2, "methods": 5}  # notebooks/profiles/smoke.yaml
 
 
@@ -105,6 +106,17 @@ def test_runs_are_linked_to_their_studies_and_carry_their_artifacts(smoke):
     assert {row["label"] for row in profile} == {ours, "metaperturb (authors' phi)", "metaperturb (untrained control)"}
     assert {row["site_index"] for row in profile} == {0, 1, 2, 3}, "Conv-4 has four perturbation sites"
 
+    # the explorer read the newest transfer run's network and showed our phi beside its untrained control
+    [explorer] = store.list_runs(kind=REPORT_KIND, study_id=studies["05_explore_phi"].study_id)
+    explored = store.open_run(explorer.run_id)
+    info = explored.load_json("info")
+    newest = max(transfers, key=lambda r: r.run_id).run_id
+    assert info["network"].startswith(f"the trained conv4_8 of run …{newest[-4:]}")
+    assert info["site"] == "1: features.1.act"
+    assert info["phis"] == [ours, f"metaperturb (untrained control): …{meta.run_id[-4:]}"]
+    channels = explored.load_json("channels")
+    assert len(channels) == 2 * 8 and all(0 < row["scale"] < 1 for row in channels)
+
 
 def test_rerunning_the_smoke_study_gives_identical_numbers(smoke, tmp_path):
     root, _ = smoke
@@ -175,7 +187,7 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
         assert "demo studies done in" in text and "test accuracy (mean ± std over seeds)" in text
         assert "does Base overfit?" in text and "test_nll: difference to Base of the same seed" in text
         studies = RunStore(root).list_studies()
-        assert [Path(s.notebook).stem for s in studies] == NOTEBOOKS
+        assert [Path(s.notebook).stem for s in studies] == DEMO_NOTEBOOKS
         assert all(s.status == "finished" and s.profile == "smoke" for s in studies)
         grid = studies[1]
         assert grid.parameters["phi"] == RunStore(root).list_runs(kind="meta_train")[0].run_id
@@ -216,7 +228,9 @@ def test_results_report_tables_and_provenance(smoke):
     assert len(rows) == SMOKE_GRID["methods"] and rows[0].startswith("| base |")
     assert all(line.count("±") == SMOKE_GRID["targets"] * SMOKE_GRID["archs"] for line in rows)
     prov = json.loads((root / "provenance.json").read_text())
-    assert {s["study_id"] for s in prov["studies"]} == {str(s.study_id) for s in studies.values()}
+    # the studies its numbers rest on: not the explorer's, which reports none
+    assert {s["study_id"] for s in prov["studies"]} == {str(s.study_id) for name, s in studies.items()
+                                                        if name in module.NOTEBOOKS}
     assert all(len(s["git_revision"] or "") == 40 for s in prov["studies"]) and prov["wall_minutes"] is not None
     assert len(runs) == int(np.prod(list(SMOKE_GRID.values())))
 

@@ -27,7 +27,8 @@ from workbench.study import (CalibrationStudyConfig, ParameterError, ScalesStudy
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-STUDY_NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales"]
+STUDY_NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales",
+                   "05_explore_phi"]
 
 
 def _parameters_cell(nb) -> nbformat.NotebookNode:

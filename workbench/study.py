@@ -3,10 +3,10 @@
 A *study* is one executed notebook of ``notebooks/`` with one set of parameters. Each notebook declares its typed
 config in its metadata (``metadata.workbench.config``): ``01_meta_train`` uses
 :class:`workbench.meta_train.MetaTrainConfig`, the others the study configs defined here
-(:class:`TransferStudyConfig`, :class:`CalibrationStudyConfig`, :class:`ScalesStudyConfig`). The notebook's cell
-tagged ``parameters`` lists exactly that config's fields with their defaults; the next cell validates whatever
-papermill injected (:func:`notebook_config`): an unknown name or an ill-typed value stops the notebook with one
-line, even under plain ``papermill``, which only warns about unknown names.
+(:class:`TransferStudyConfig`, :class:`CalibrationStudyConfig`, :class:`ScalesStudyConfig`, :class:`ExploreConfig`).
+The notebook's cell tagged ``parameters`` lists exactly that config's fields with their defaults; the next cell
+validates whatever papermill injected (:func:`notebook_config`): an unknown name or an ill-typed value stops the
+notebook with one line, even under plain ``papermill``, which only warns about unknown names.
 
 A *profile* (``notebooks/profiles/<name>.yaml``) maps notebook names to parameters: ``smoke`` (seconds, for the
 tests), ``demo`` (minutes on a laptop CPU), ``paper`` (the paper's budgets, for a GPU) and ``results`` (the results
@@ -269,6 +269,62 @@ class ScalesStudyConfig(Config):
     def validate(self) -> None:
         require(self.source_study.strip() != "", "source_study must be a study id or 'latest'")
         require(self.max_heatmaps >= 0, f"max_heatmaps must be >= 0, got {self.max_heatmaps}")
+
+
+EXPLORE_STATISTICS = ("mean term", "variance term", "logit", "m1", "m2", "m3", "m4", "v1", "v2", "v3", "v4")
+
+
+@dataclass
+class ExploreConfig(Config):
+    """``05_explore_phi``: what phi does at one site of a network, for one batch (``workbench.explore``).
+
+    phi / compare: ``official`` (the authors' phi), ``latest`` (the newest finished meta-training run), a meta-train
+        run id or a phi file; ``untrained`` (the untrained control of ``phi``: the phi its run started from, a fresh
+        seed-0 phi for the authors') or ``untrained:<spec>``. compare: the phi shown beside it (null: none).
+    network: the trained network of a finished run (``latest``: the newest finished transfer run; a run id; a
+        ``checkpoints/model.pt`` file), or null for a fresh ``arch`` initialised from ``seed``.
+    dataset: the images (null: the network's target, else ``cifar10``); split, batch_size and batch pick the batch
+        (images ``batch * batch_size`` onward), image the one whose maps are shown; image_size: the side images are
+        resized to for a fresh network (a trained one uses its own).
+    site: the perturbation site (forward order); channels: the channels whose maps are shown.
+    noise_coeff: k in ``h * (1 + k (s z - 1))``. statistic: the channel statistic the scale is plotted against.
+    seed: the fresh network's initialisation and the noise draw (both phis get the same noise).
+    """
+
+    phi: str = "official"
+    compare: Optional[str] = "untrained"
+    network: Optional[str] = None
+    arch: str = "resnet20"
+    dataset: Optional[str] = None
+    split: str = "test"
+    image_size: int = 32
+    batch_size: int = 16
+    batch: int = 0
+    image: int = 0
+    site: int = 0
+    channels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    noise_coeff: float = 1.0
+    statistic: str = "mean term"
+    seed: int = 0
+    data_root: Optional[str] = None
+    artifacts_root: Optional[str] = None
+
+    def validate(self) -> None:
+        require(self.phi.strip() != "", "phi must be 'official', 'latest', 'untrained', a meta-train run id or a file")
+        require(self.split in ("train", "test"), f"split must be 'train' or 'test', got {self.split!r}")
+        require(self.batch_size >= 2, f"batch_size must be >= 2 (phi's scale uses the batch variance), got "
+                                      f"{self.batch_size}")
+        require(self.batch >= 0, f"batch must be >= 0, got {self.batch}")
+        require(0 <= self.image < self.batch_size, f"image must be an index into the batch (0 .. "
+                                                   f"{self.batch_size - 1}), got {self.image}")
+        require(self.site >= 0, f"site must be >= 0, got {self.site}")
+        require(len(self.channels) > 0 and all(c >= 0 for c in self.channels),
+                f"channels must list at least one channel index >= 0, got {self.channels}")
+        require(0.0 <= self.noise_coeff <= 2.0, f"noise_coeff must be in [0, 2], got {self.noise_coeff}")
+        require(self.statistic in EXPLORE_STATISTICS,
+                f"statistic must be one of {', '.join(EXPLORE_STATISTICS)}; got {self.statistic!r}")
+        require(self.image_size >= 4, f"image_size must be >= 4, got {self.image_size}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
 
 # ================================================================================= notebooks and profiles
@@ -1236,7 +1292,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 __all__ = [
-    "CalibrationStudyConfig", "MetaHistory", "ParameterError", "PreparedStudy", "ScaleData", "ScalesStudyConfig",
+    "CalibrationStudyConfig", "EXPLORE_STATISTICS", "ExploreConfig", "MetaHistory", "ParameterError",
+    "PreparedStudy", "ScaleData", "ScalesStudyConfig",
     "StudyError", "StudyOutcome", "StudyRunStore", "StudySession", "TransferStudyConfig", "available_notebooks",
     "describe_meta",
     "available_profiles", "execute_study", "find_study", "grid_cells", "latest_phi_run", "limit_test",
