@@ -27,11 +27,12 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import dashboard_fixtures as fixtures  # noqa: E402
+from test_meta_train import synthetic_dataset  # noqa: E402  (the same learnable images as there)
+from test_transfer import synthetic  # noqa: E402
 
 from workbench import dashboard_data as dd  # noqa: E402
 from workbench.artifacts import LOCK_FILE, RunStore, atomic_savez  # noqa: E402
 from workbench.cli import main  # noqa: E402
-from workbench.data import ImageDataset  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 from workbench.labels import labels_for, phi_verdict  # noqa: E402
 from workbench.meta_train import MetaTrainConfig, MetaTrainer, meta_train  # noqa: E402
@@ -43,39 +44,12 @@ HOST = socket.gethostname()
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def synthetic(classes: int = 3, per_class: int = 12, test_per_class: int = 4, size: int = 16) -> ImageDataset:
-    """Gray images whose class brightens one horizontal band (as in test_transfer)."""
-    g = torch.Generator().manual_seed(0)
-
-    def make(count):
-        y = torch.arange(classes).repeat_interleave(count)
-        x = torch.randint(0, 120, (len(y), 1, size, size), generator=g).to(torch.uint8)
-        band = size // classes
-        for c in range(classes):
-            x[y == c, :, c * band:(c + 1) * band] += 120
-        return x, y
-
-    (xtr, ytr), (xte, yte) = make(per_class), make(test_per_class)
-    return ImageDataset("synthetic", xtr, ytr, xte, yte, [f"c{i}" for i in range(classes)], flip=False)
-
-
 def transfer_config(root, **changes) -> TransferConfig:
     values = dict(target="synthetic", arch="conv4_4", image_size=16, steps=6, batch_size=8, eval_every=0,
                   eval_mc_samples=2, final_mc_samples=2, eval_batch_size=16, train_eval_examples=12, log_every=1,
                   checkpoint_every=2, device="cpu", method="base", threads=1, artifacts_root=str(root))
     values.update(changes)
     return TransferConfig.from_dict(values)
-
-
-def meta_dataset(num_classes: int = 4, per_class: int = 24, size: int = 16) -> ImageDataset:
-    """Images whose class shifts the mean brightness (as in test_meta_train)."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(num_classes).repeat_interleave(per_class)
-    base = (y.float() * 40 + 40).view(-1, 1, 1, 1)
-    x = (base + torch.randn(len(y), 3, size, size, generator=g) * 30).clamp(0, 255).to(torch.uint8)
-    yt = torch.arange(num_classes).repeat_interleave(4)
-    xt = (yt.float().view(-1, 1, 1, 1) * 40 + 40).expand(-1, 3, size, size).to(torch.uint8).contiguous()
-    return ImageDataset("synthetic", x, y, xt, yt, [f"class{i}" for i in range(num_classes)])
 
 
 META = dict(arch="conv4_8", num_tasks=2, image_size=16, batch_size=8, steps=4, checkpoint_every=2, log_every=1,
@@ -379,7 +353,7 @@ from pathlib import Path
 from workbench.artifacts import RunStore
 from workbench.errors import WorkbenchError
 from workbench.transfer import transfer
-from test_store_hardening import synthetic, transfer_config
+from test_store_hardening import synthetic, transfer_config  # synthetic: test_transfer's
 root, run_id, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 data = synthetic()
 print("ready", flush=True)
@@ -470,7 +444,7 @@ def test_a_kill_in_the_final_phase_then_resume_leaves_one_final_row(tmp_path):
 
 def test_a_resumed_meta_train_run_times_all_its_sessions(tmp_path, monkeypatch):
     store = RunStore(tmp_path / "artifacts")
-    data = meta_dataset()
+    data = synthetic_dataset()
     original = MetaTrainer.train_step
 
     def interrupted(self, record=False):
@@ -498,7 +472,7 @@ def test_a_resumed_meta_train_run_times_all_its_sessions(tmp_path, monkeypatch):
 
 def test_meta_train_refuses_to_resume_a_run_another_process_writes(tmp_path):
     store = RunStore(tmp_path / "artifacts")
-    data = meta_dataset()
+    data = synthetic_dataset()
     done = meta_train(MetaTrainConfig.from_dict({**META, "steps": 2}), store=store, progress=False, dataset=data)
     holder = child(HOLD, str(store.root), done.run_id, "meta_train", stdin=True)
     try:

@@ -38,7 +38,6 @@ import copy
 import dataclasses
 import datetime as _dt
 import functools
-import io
 import json
 import math
 import numbers
@@ -855,35 +854,18 @@ def _metric_rows(data: bytes, first_line: int = 1) -> tuple[list[dict], list[int
 _KIND_WORDS = {_NUMBER: "a number type", _INTEGER: "an integer type", _TEXT: "a string type", _BOOL: "bool"}
 
 
-# The header numpy writes for a plain dtype; anything else (structured dtypes) goes through numpy's own parser.
-_NPY_HEADER_RE = re.compile(r"^\{'descr': '([^']+)', 'fortran_order': (?:True|False), 'shape': \(([0-9, ]*)\), \}\s*$")
-
-
 def _npy_header(handle: IO[bytes]) -> tuple[tuple[int, ...], np.dtype]:
-    """(shape, dtype) from the header of a ``.npy`` member, without reading its data."""
+    """(shape, dtype) from the header of a ``.npy`` member, without reading its data (numpy's own header readers;
+    version 3, utf-8 field names, has no public one)."""
     version = np.lib.format.read_magic(handle)
-    if version not in ((1, 0), (2, 0), (3, 0)):
-        raise ValueError(f"unknown .npy format version {version}")
-    size_bytes = 2 if version == (1, 0) else 4
-    raw = handle.read(size_bytes)
-    if len(raw) != size_bytes:
-        raise ValueError("the .npy header is cut short")
-    length = int.from_bytes(raw, "little")
-    header = handle.read(length)
-    if len(header) != length:
-        raise ValueError("the .npy header is cut short")
-    text = header.decode("utf-8" if version == (3, 0) else "latin1")
-    match = _NPY_HEADER_RE.match(text)
-    if match:  # numpy's usual header, parsed without ast.literal_eval (listing reads thousands of them)
-        shape = tuple(int(part) for part in match.group(2).replace(" ", "").split(",") if part)
-        return shape, np.dtype(match.group(1))
-    again = io.BytesIO(raw + header)
     if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(again)
+        shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
     elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(again)
-    else:  # version 3 (utf-8 field names) has no public reader
-        shape, _, dtype = getattr(np.lib, "_format_impl", np.lib.format)._read_array_header(again, version)
+        shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    elif version == (3, 0):
+        shape, _, dtype = getattr(np.lib, "_format_impl", np.lib.format)._read_array_header(handle, version)
+    else:
+        raise ValueError(f"unknown .npy format version {version}")
     return shape, dtype
 
 

@@ -35,7 +35,7 @@ from plotly.subplots import make_subplots
 from . import plots
 from .artifacts import RunStore
 from .errors import WorkbenchError
-from .labels import CONTROL_METHOD, labels_for, method_label, phi_learned
+from .labels import CONTROL_METHOD, labels_for, method_label, phi_learned, short_id
 from .perturb import MetaPerturb
 from .study import EXPLORE_STATISTICS, LATEST, OFFICIAL, ExploreConfig, StudyError, latest_phi_run
 
@@ -92,10 +92,6 @@ class Exploration:
         return int(self.views[0].h.shape[1])
 
 
-def _tail(run_id: str) -> str:
-    return "…" + run_id[-4:] if len(run_id) > 5 else run_id
-
-
 class PhiExplorer:
     """Loads phis, networks and batches (cached) and computes :class:`Exploration` results for selections."""
 
@@ -122,10 +118,10 @@ class PhiExplorer:
         out.append((f"{method_label(CONTROL_METHOD)} of the first phi", UNTRAINED))
         for r in runs:
             out.append((method_label("metaperturb", r.run_id, verdicts.get(r.run_id)), r.run_id))
-            out.append((f"{method_label(CONTROL_METHOD)}: {_tail(r.run_id)}", f"{UNTRAINED}:{r.run_id}"))
+            out.append((f"{method_label(CONTROL_METHOD)}: {short_id(r.run_id)}", f"{UNTRAINED}:{r.run_id}"))
         newest = latest_phi_run(self.store)
         if newest is not None:
-            out.append((f"latest meta-training run ({_tail(newest.run_id)})", LATEST))
+            out.append((f"latest meta-training run ({short_id(newest.run_id)})", LATEST))
         for spec in keep:
             if spec is not None and spec not in [v for _, v in out]:
                 out.append((self.phi_label(spec), spec))
@@ -139,9 +135,9 @@ class PhiExplorer:
         names = labels_for(self.store, [r.tags.get("method") for r in records], [r.tags.get("phi") for r in records])
         out: list[tuple[str, Optional[str]]] = [("fresh network (seeded)", FRESH)]
         out += [(f"{r.tags.get('target')} / {r.tags.get('arch')} / {name} / seed {r.tags.get('seed')} "
-                 f"({_tail(r.run_id)})", r.run_id) for r, name in zip(records, names)]
+                 f"({short_id(r.run_id)})", r.run_id) for r, name in zip(records, names)]
         if records:
-            out.append((f"latest transfer run ({_tail(records[0].run_id)})", LATEST))
+            out.append((f"latest transfer run ({short_id(records[0].run_id)})", LATEST))
         for spec in keep:
             if spec is not None and spec not in [v for _, v in out]:
                 out.append((Path(str(spec)).name, spec))
@@ -164,7 +160,7 @@ class PhiExplorer:
             base = spec.partition(":")[2]
             if not base or base in (OFFICIAL, LATEST):
                 return method_label(CONTROL_METHOD)
-            return f"{method_label(CONTROL_METHOD)}: {_tail(self._phi_name(base))}"
+            return f"{method_label(CONTROL_METHOD)}: {short_id(self._phi_name(base))}"
         if spec == LATEST:
             record = latest_phi_run(self.store)
             spec = record.run_id if record is not None else spec
@@ -267,7 +263,7 @@ class PhiExplorer:
         saved_config = payload.get("config") or {}
         target = saved_config.get("target")
         is_run = (self.store.runs_dir / origin).is_dir() or Path(str(config.network)).expanduser().is_dir()
-        name = f"run {_tail(origin)}" if is_run else origin
+        name = f"run {short_id(origin)}" if is_run else origin
         seed = saved_config.get("seed")
         trained = ", ".join(str(v) for v in (payload.get("method"), target, None if seed is None else f"seed {seed}")
                             if v is not None)

@@ -16,13 +16,10 @@ import plotly.graph_objects as go
 from . import plots
 from .artifacts import RunStore
 from .errors import WorkbenchError
+from .labels import short_id
 from .study import StudyError
 
 ALL = "all"
-
-
-def _tail(run_id: str) -> str:
-    return "…" + run_id[-4:] if len(run_id) > 5 else run_id
 
 
 METRICS = {"test_accuracy": "test accuracy", "test_nll": "NLL", "test_ece": "ECE"}
@@ -46,7 +43,7 @@ def run_choices(runs: pd.DataFrame, column: str) -> list[tuple[str, Any]]:
         return out
     if column == "run":
         for row in runs.sort_values(["target", "arch", "label", "seed"]).itertuples():
-            out.append((f"{row.target} / {row.arch} / {row.label} / seed {row.seed} ({_tail(row.run_id)})",
+            out.append((f"{row.target} / {row.arch} / {row.label} / seed {row.seed} ({short_id(row.run_id)})",
                         row.run_id))
         return out
     source = "label" if column == "method" else column
@@ -71,7 +68,7 @@ def select_runs(runs: pd.DataFrame, target: Any = ALL, arch: Any = ALL, method: 
 
 
 def _describe(selection: Mapping[str, Any]) -> str:
-    parts = [f"{k} = {_tail(str(v)) if k == 'run' else v}" for k, v in selection.items() if v not in (ALL, None)]
+    parts = [f"{k} = {short_id(str(v)) if k == 'run' else v}" for k, v in selection.items() if v not in (ALL, None)]
     return f" ({', '.join(parts)})" if parts else ""
 
 

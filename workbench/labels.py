@@ -30,6 +30,11 @@ def _missing(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
+def short_id(run_id: str) -> str:
+    """A run id as rows and menus show it: ``…`` and the random suffix that ends it (short ids stay whole)."""
+    return run_id if len(run_id) <= _TAIL + 1 else "…" + run_id[-_TAIL:]
+
+
 def method_label(method: Any, phi: Any = None, learned: Optional[bool] = None) -> str:
     """The row name of a run of ``method`` with phi tag ``phi`` (``learned``: that phi's verdict, None if unknown)."""
     name = "?" if _missing(method) else str(method)
@@ -40,7 +45,7 @@ def method_label(method: Any, phi: Any = None, learned: Optional[bool] = None) -
     phi = str(phi)
     if phi == OFFICIAL:
         return f"{name} ({AUTHORS})"
-    tail = phi if len(phi) <= _TAIL + 1 else "…" + phi[-_TAIL:]
+    tail = short_id(phi)
     if learned is False:
         return f"{name} (ours, {UNLEARNED_NOTE}: {tail})"
     return f"{name} (ours: {tail})"
