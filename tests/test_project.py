@@ -21,7 +21,7 @@ def test_environment_yml_lists_every_runtime_dependency_with_the_same_bounds():
     for entry in env["dependencies"]:
         if isinstance(entry, str):
             conda[_name(entry)] = entry.replace(" ", "")
-    assert any(isinstance(e, dict) and "-e .[dev]" in e.get("pip", []) for e in env["dependencies"])
+    assert any(isinstance(e, dict) and "-e .[dev,ray]" in e.get("pip", []) for e in env["dependencies"])
     assert conda.get("python", "").startswith("python=3.11")
     for requirement in project["dependencies"]:
         name = _name(requirement)

@@ -177,22 +177,28 @@ def _fake_grid(monkeypatch, base_train_accuracy: float):
     return trained
 
 
+def _study_store(root) -> study.StudyRunStore:
+    made = RunStore(root).create_study("notebooks/02_transfer_study.ipynb", "test", {})
+    return study.StudyRunStore(root, made.study_id)
+
+
 def _pilot_config(check: str) -> TransferStudyConfig:
     return TransferStudyConfig.from_dict({"targets": ["cifar10", "fashion_mnist"], "archs": ["conv4_8"],
-                                          "methods": ["base", "dropblock"], "seeds": [0, 1], "regime_check": check})
+                                          "methods": ["base", "dropblock"], "seeds": [0, 1], "regime_check": check,
+                                          "workers": 1})
 
 
 def test_an_underfit_pilot_stops_the_grid_before_the_other_methods_run(tmp_path, monkeypatch):
     trained = _fake_grid(monkeypatch, base_train_accuracy=0.52)
     with pytest.raises(study.StudyError, match=r"Base on cifar10 / conv4_8 \(seed 0\) ends at 52.0% on its training "
                                                r"images and 50.0% on test.*underfit.*per_class"):
-        study.run_transfer_grid(_pilot_config("stop"), RunStore(tmp_path), progress=False)
+        study.run_transfer_grid(_pilot_config("stop"), _study_store(tmp_path), progress=False)
     assert trained == [("cifar10", "conv4_8", 0, "base")]
 
 
 def test_an_underfit_pilot_warns_once_per_target_and_arch_and_the_grid_goes_on(tmp_path, monkeypatch, capsys):
     trained = _fake_grid(monkeypatch, base_train_accuracy=0.52)
-    grid = study.run_transfer_grid(_pilot_config("warn"), RunStore(tmp_path), progress=False)
+    grid = study.run_transfer_grid(_pilot_config("warn"), _study_store(tmp_path), progress=False)
     assert len(trained) == len(grid) == 8
     warnings = grid.attrs["regime_warnings"]
     assert [w.split(" (seed")[0] for w in warnings] == ["Base on cifar10 / conv4_8", "Base on fashion_mnist / conv4_8"]
@@ -202,7 +208,7 @@ def test_an_underfit_pilot_warns_once_per_target_and_arch_and_the_grid_goes_on(t
 @pytest.mark.parametrize("check, train", [("stop", 0.56), ("off", 0.5)])
 def test_an_overfitting_pilot_or_no_check_lets_the_whole_grid_run(tmp_path, monkeypatch, check, train):
     trained = _fake_grid(monkeypatch, base_train_accuracy=train)
-    grid = study.run_transfer_grid(_pilot_config(check), RunStore(tmp_path), progress=False)
+    grid = study.run_transfer_grid(_pilot_config(check), _study_store(tmp_path), progress=False)
     assert len(trained) == 8 and grid.attrs["regime_warnings"] == []
 
 

@@ -83,6 +83,7 @@ __all__ = [
     "RunRecord",
     "Study",
     "StudyRecord",
+    "slug",
 ]
 
 SCHEMA_VERSION = 1
@@ -226,6 +227,11 @@ def _exception_line(exc: BaseException) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+
+
+def slug(text: str) -> str:
+    """``text`` as it may appear inside a run or study id (what generated ids use for their tags)."""
+    return _slug(text)
 
 
 def _inside(root_real: str, path: str | os.PathLike) -> bool:
@@ -1573,6 +1579,24 @@ class Study:
 
         self._update(change)
 
+    def reopen(self) -> None:
+        """Set a failed, interrupted or stale study back to running in this process, to run its notebook again
+        (``workbench study resume``). Refused when it finished, or while the process that runs it is alive."""
+        record = self.record()
+        if record.status == "finished":
+            raise WorkbenchError(f"study {self.study_id} is finished; there is nothing to resume (a new study runs "
+                                 f"the notebook again: `workbench study run {Path(self.notebook).stem} --profile "
+                                 f"{self.profile}`)")
+        if record.status == "running":
+            meta = self._read_meta()
+            raise WorkbenchError(f"study {self.study_id} is running in process {meta.get('pid')} on host "
+                                 f"{meta.get('host')}; wait for it to end (or stop it), then resume")
+        if record.status == "corrupt":
+            raise WorkbenchError(f"study {self.study_id} is corrupt: {record.reason}")
+        now = _iso(_now())
+        self._update(lambda meta: meta.update(status="running", reason=None, finished=None, heartbeat=now,
+                                              **_owner_fields()))
+
     def mark_finished(self) -> None:
         now = _iso(_now())
         self._update(lambda meta: meta.update(status="finished", reason=None, finished=now, heartbeat=now))
@@ -1765,6 +1789,28 @@ class RunStore:
             run.release_lock()
             raise
         return run
+
+    def discard_run(self, run_id: str) -> None:
+        """Delete an unfinished run that no live process writes: a study's grid cell cut short before its first
+        checkpoint, made again under the same id. Refused for a finished run and while another process holds it."""
+        _check_id(run_id, "run id")
+        folder = self.runs_dir / run_id
+        if not _inside(os.path.realpath(self.root), folder) or os.path.islink(folder) or not folder.is_dir():
+            raise WorkbenchError(f"cannot discard run {run_id!r}: no such run folder under {self.runs_dir}")
+        record = self.run_record(run_id)
+        if record.status == "finished":
+            raise WorkbenchError(f"run {run_id} is finished; it is kept, not discarded")
+        fd = _acquire_writer_lock(folder, run_id)  # refused, naming the holder, while a writer has it
+        try:
+            meta, _ = _read_json_object(folder / "run.json", "run.json")
+            if meta and meta.get("status") == "running" and _process_state(
+                    meta.get("pid"), meta.get("host"), meta.get("pid_start")) == "alive" \
+                    and meta.get("pid") != os.getpid():
+                raise WorkbenchError(_held_message(run_id, meta.get("pid"), meta.get("host")))
+            shutil.rmtree(folder)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def check_resume_kind(self, run_id: str, kinds: tuple[str, ...] | str, what: str | None = None) -> RunRecord:
         """The record of ``run_id`` when it can be resumed as one of ``kinds``; WorkbenchError otherwise (no such

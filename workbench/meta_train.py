@@ -49,6 +49,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ CHECKPOINT_SCHEMA = "workbench.meta_train.checkpoint"
 CHECKPOINT_VERSION = 1
 PHI_FILE = "phi.pt"
 # Config fields that may differ when a run is resumed: where things are and how fast, never what is computed.
-RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoint_every", "run_name")
+RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoint_every", "run_name", "workers",
+                  "executor", "ray_address", "retries")
 # Purposes of the per-task seeds derived from the run seed (see derive_seed).
 _SEED_PHI, _SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID, _SEED_EVAL, _SEED_SELECT, _SEED_PROBE = range(8)
 PHI_INIT_FILE = "phi_init.pt"  # the run's phi at step 0: the untrained-phi control and the diagnostics compare with it
@@ -110,6 +112,9 @@ class MetaTrainConfig(Config):
     device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     deterministic: deterministic kernels (``torch.use_deterministic_algorithms``); threads: torch CPU threads (the
         noise draw depends on it: give the same value to compare runs across machines or process counts).
+    workers / executor / ray_address / retries: how the ``num_runs`` candidates fan out before the selection
+        (see ``TransferStudyConfig`` and :mod:`workbench.fanout`; null workers: one per core, or per GPU).
+        Under torchrun the candidates run one after another, each across all processes.
     """
 
     source: str = "tinyimagenet32"
@@ -144,12 +149,19 @@ class MetaTrainConfig(Config):
     device: str = "auto"
     deterministic: bool = False
     threads: Optional[int] = None
+    workers: Optional[int] = None
+    executor: str = "local"
+    ray_address: Optional[str] = None
+    retries: int = 1
     artifacts_root: Optional[str] = None
     run_name: Optional[str] = None
 
     def validate(self) -> None:
         from .data import check_spec
+        from .fanout import check_execution
         from .models import check_image_size, check_name
+
+        check_execution(self.workers, self.executor, self.retries)
 
         for name in ("steps", "batch_size", "num_tasks", "num_runs", "checkpoint_every", "log_every",
                      "select_steps", "select_per_class", "select_valid_per_class", "select_mc_samples"):
@@ -1064,7 +1076,8 @@ def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistC
 
 
 def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
-              dist: DistContext, device: torch.device, resume_id: Optional[str] = None) -> MetaTrainResult:
+              dist: DistContext, device: torch.device, resume_id: Optional[str] = None,
+              dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
     """``num_runs`` independent runs (seeds seed..seed+num_runs-1) under one meta_select run, then selection."""
     payload: Any = None
     parent: Optional[Run] = None
@@ -1081,8 +1094,10 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
                                          f"resume it without --config/--set")
                 parent.mark_running()
                 children = parent.load_json("children") if "children" in parent.list_json() else []
-                children = [store.open_run(c) for c in children]
-                states = [(c.run_id, c.status, c.has_checkpoint("last")) for c in children]
+                states = [_child_state(store, c) for c in children]
+                # candidates are named after their parent: ones begun but not yet listed are found by name
+                states += [_child_state(store, candidate_run_id(resume_id, i))
+                           for i in range(len(states), config.num_runs)]
             else:
                 parent = store.create_run(SELECT_KIND, config, tags={"source": config.source, "arch": config.arch,
                                                                      "num_runs": config.num_runs,
@@ -1099,26 +1114,111 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
         raise WorkbenchError(payload[1])
     _, parent_id, states = payload
     try:
-        return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states)
+        return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states, dataset)
     finally:
         if parent is not None:
             parent.release_lock()
 
 
+def candidate_run_id(parent_id: str, index: int) -> str:
+    """The run id of candidate ``index`` of a ``meta_select`` run: fixed, so that a resumed selection finds the
+    candidates an interrupted one began, whichever process ran them."""
+    return f"{parent_id[:120]}-r{index}"
+
+
+def _child_state(store: RunStore, run_id: str) -> tuple[str, Optional[str], bool]:
+    """(run id, status or None when there is no such run, whether it has a checkpoint to resume from)."""
+    if not (store.runs_dir / run_id).is_dir():
+        return run_id, None, False
+    record = store.run_record(run_id)
+    if record.status == "corrupt":
+        return run_id, "corrupt", False
+    return run_id, record.status, store.open_run(run_id).has_checkpoint("last")
+
+
+def _candidate_config(config: MetaTrainConfig, parent_id: str, index: int) -> MetaTrainConfig:
+    return config.replace(num_runs=1, seed=config.seed + index, run_name=candidate_run_id(parent_id, index),
+                          workers=None, executor="local", ray_address=None, retries=1)
+
+
+def run_candidate(payload: Mapping[str, Any], context: Any) -> str:
+    """One candidate of a fanned-out ``meta_select`` run, in a worker (:mod:`workbench.fanout`): made, resumed from
+    its checkpoint, or started again; returns its run id."""
+    values = {**payload["config"], "threads": context.threads}
+    if str(values.get("device")) in ("auto", "cuda") or str(values.get("device")).startswith("cuda"):
+        values["device"] = context.device
+    config = MetaTrainConfig.from_dict(values)
+    store = RunStore(payload["root"])
+    device = resolve_device(config.device)
+    with _runtime(config, device):
+        data = prepare_source(config, payload.get("dataset"))
+        run_id, status, resumable = payload["state"]
+        if resumable:
+            result = _run_one(config.replace(run_name=None), data, store, False, DistContext(), device,
+                              resume_id=run_id)
+        else:
+            if status is not None:
+                store.discard_run(run_id)  # begun, cut short before its first checkpoint: start again
+            result = _run_one(config, data, store, False, DistContext(), device, run_id=config.run_name,
+                              tags={"parent": payload["parent"], "run_index": payload["index"]})
+    return result.run_id
+
+
+def _fan_out_candidates(config: MetaTrainConfig, store: RunStore, progress: bool, parent_id: str, states: list,
+                        dataset: Optional[ImageDataset]) -> None:
+    """Run the unfinished candidates in worker processes (or on Ray); a candidate that still fails stops the
+    selection with its error, the finished ones kept for a resume."""
+    from .fanout import Cell, plan_workers, run_cells
+
+    cells = []
+    for index in range(config.num_runs):
+        state = states[index] if index < len(states) else (candidate_run_id(parent_id, index), None, False)
+        if state[1] == "finished":
+            continue
+        child = _candidate_config(config, parent_id, index)
+        payload = {"root": str(store.root), "config": child.to_dict(), "state": state, "parent": parent_id,
+                   "index": index, "dataset": dataset}
+        cells.append(Cell(child.run_name, f"candidate {index} (seed {child.seed})", payload))
+    if not cells:
+        return
+    plan = plan_workers(config.workers, config.threads, config.device, len(cells), executor=config.executor,
+                        address=config.ray_address)
+    if not plan.parallel:
+        return
+    print(f"{len(cells)} candidate run(s); {plan.describe()}", file=sys.stderr)
+    outcomes = run_cells(cells, run_candidate, plan, retries=config.retries, progress=progress,
+                         desc="meta-train candidates")
+    failed = [(key, o) for key, o in outcomes.items() if o.status != "finished"]
+    if failed:
+        raise WorkbenchError(f"{len(failed)} of {len(cells)} candidate runs did not finish ({failed[0][0]}: "
+                             f"{failed[0][1].error}); resume the selection with --resume {parent_id}")
+
+
 def _select_runs(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
                  dist: DistContext, device: torch.device, parent: Optional[Run], parent_id: str,
-                 states: list) -> MetaTrainResult:
-    """The candidate runs of a ``meta_select`` run (``parent`` on rank 0, holding its writer lock), then selection."""
+                 states: list, dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
+    """The candidate runs of a ``meta_select`` run (``parent`` on rank 0, holding its writer lock), then selection.
+
+    In one process the unfinished candidates fan out first (``workers``, ``executor``); every candidate is then
+    read back, or run here, in index order."""
+    if not dist.enabled and config.num_runs > 1 and (config.workers != 1 or config.executor == "ray"):
+        _fan_out_candidates(config, store, progress, parent_id, states, dataset)
+        states = [_child_state(store, candidate_run_id(parent_id, i)) if i >= len(states) or states[i][1] != "finished"
+                  else states[i] for i in range(config.num_runs)]
     results: list[MetaTrainResult] = []
     for index in range(config.num_runs):
-        child = config.replace(num_runs=1, seed=config.seed + index, run_name=None)
-        if index < len(states) and states[index][1] == "finished":
-            results.append(_finished_result(store, states[index][0], dist))
-        elif index < len(states) and states[index][2]:
-            results.append(_run_one(child, data, store, progress, dist, device, resume_id=states[index][0]))
+        child = _candidate_config(config, parent_id, index)
+        state = states[index] if index < len(states) else (child.run_name, None, False)
+        if state[1] == "finished":
+            results.append(_finished_result(store, state[0], dist))
+        elif state[2]:
+            results.append(_run_one(child.replace(run_name=None), data, store, progress, dist, device,
+                                    resume_id=state[0]))
         else:
+            if state[1] is not None and dist.is_main:
+                store.discard_run(state[0])  # begun, cut short before its first checkpoint: start again
             results.append(_run_one(child, data, store, progress, dist, device,
-                                    tags={"parent": parent_id, "run_index": index}))
+                                    tags={"parent": parent_id, "run_index": index}, run_id=child.run_name))
         if parent is not None:
             parent.save_json("children", [r.run_id for r in results])
 
@@ -1191,7 +1291,7 @@ def meta_train(config: MetaTrainConfig | Mapping[str, Any] | None = None, store:
             if config.num_runs > 1 and config.select_target != "heldout":
                 _selection_view(config)  # a selection target that cannot be used fails now, not after the runs
             if config.num_runs > 1:
-                result = _run_many(config, data, store, progress, dist, device, resume_id=resume)
+                result = _run_many(config, data, store, progress, dist, device, resume_id=resume, dataset=dataset)
             else:
                 result = _run_one(config, data, store, progress, dist, device, resume_id=resume,
                                   run_id=config.run_name if resume is None else None)

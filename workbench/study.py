@@ -107,6 +107,12 @@ class TransferStudyConfig(Config):
     seeds: one run per seed. steps ... final_mc_samples: the training recipe (see ``TransferConfig``).
     robust_targets: targets whose runs are also attacked with PGD (robust_* settings, see ``TransferConfig``).
     transfer_options: any other ``TransferConfig`` field, for every run (e.g. ``{noise_warmup: 0.4}``).
+    workers: cells run at once (null: what is fastest here: one worker per core, one thread each, on a CPU; one
+        per GPU on GPUs); 1 runs them one after another in the notebook's own process. executor: ``local``
+        (worker processes on this machine) or ``ray`` (tasks on the Ray cluster at ``ray_address``, else
+        ``$RAY_ADDRESS``, else a local Ray instance; every node must see the artifacts root at the same path).
+        retries: further attempts for a cell that fails or whose worker dies, before it is reported as failed.
+        These four choose where cells run, never what they compute; a resumed study may change them.
     regime_check: what the grid does when the first Base run of an (arch, target) ends underfit (train-test gap
         under ``OVERFIT_GAP``): ``warn`` (print and go on), ``stop`` (end the study there, before the other
         methods spend their time) or ``off``. That run is the pilot: list ``base`` first in ``methods`` so it
@@ -139,15 +145,21 @@ class TransferStudyConfig(Config):
     robust_examples: int = 500
     transfer_options: dict[str, Any] = field(default_factory=dict)
     regime_check: str = "warn"
+    workers: Optional[int] = None
+    executor: str = "local"
+    ray_address: Optional[str] = None
+    retries: int = 1
     data_root: Optional[str] = None
     device: str = "auto"
     threads: Optional[int] = None
     artifacts_root: Optional[str] = None
 
     def validate(self) -> None:
+        from .fanout import check_execution
         from .regularizers import build_regularizer
         from .transfer import TransferConfig
 
+        check_execution(self.workers, self.executor, self.retries)
         require(self.regime_check in REGIME_CHECKS,
                 f"regime_check must be one of {', '.join(REGIME_CHECKS)}, got {self.regime_check!r}")
 
@@ -722,16 +734,91 @@ def grid_cells(config: TransferStudyConfig) -> list[tuple[str, str, int, str]]:
     return [(t, a, s, m) for t in config.targets for a in config.archs for s in config.seeds for m in config.methods]
 
 
-def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bool = True):
-    """Train every cell of the grid (one transfer run each, written to ``store``) and return one row per run:
-    run_id, target, arch, seed, method, phi, label, test_accuracy, test_nll, test_ece, mc_samples,
-    train_examples, test_examples, train_seconds. A failing run stops the grid with its error."""
-    import pandas as pd
-    from tqdm.auto import tqdm
+def cell_run_id(study_id: str, target: str, arch: str, seed: int, spec: str) -> str:
+    """The run id of one grid cell: fixed by the study and the cell, so that a resumed study finds the run an
+    earlier session made (or began) instead of starting another. Readable like a generated id: the study's
+    creation time, ``transfer``, target, arch, method and seed, and four hex digits of a hash of the rest."""
+    import hashlib
 
+    from .artifacts import slug
+
+    name, phi = _parse_method(spec)
+    digest = hashlib.sha1(f"{study_id}|{target}|{arch}|{seed}|{spec}".encode()).hexdigest()[:4]
+    stamp = study_id[:15] if re.match(r"\d{8}-\d{6}", study_id) else slug(study_id)[:24]
+    method = name + (f"-{slug(phi)[:12]}" if phi else "")
+    parts = [stamp, "transfer", slug(target)[:24], slug(arch)[:24], slug(method)[:36], f"s{seed}"]
+    return f"{'-'.join(p.strip('-') for p in parts)[:110]}-{digest}"
+
+
+#: Seconds per million (training step x image x pixel) of a Conv-4 cell on one CPU thread here: the demo's cells
+#: (600 steps of 64 images of 32x32, 30 MC samples) took about 40 s.
+SECONDS_PER_MEGA_PIXEL_STEP = 1.0
+
+
+def estimated_grid_seconds(config: TransferStudyConfig) -> float:
+    """A rough serial time of the grid on one CPU thread, only to decide whether worker processes would pay for
+    their start-up (:func:`workbench.fanout.plan_workers`); a GPU or a deeper network shifts it, not the choice."""
+    work = config.steps * config.batch_size * config.image_size ** 2 / 1e6
+    return len(grid_cells(config)) * work * SECONDS_PER_MEGA_PIXEL_STEP
+
+
+_CELL_DATA: dict[tuple, Any] = {}  # the target dataset of this process's last cell: one target in memory at a time
+
+
+def _cell_dataset(target: str, data_root: Optional[str], test_per_class: Optional[int]) -> Any:
     from .data import load_dataset
+
+    key = (target, data_root, test_per_class)
+    if key not in _CELL_DATA:
+        _CELL_DATA.clear()
+        _CELL_DATA[key] = limit_test(load_dataset(target, root=data_root), test_per_class)
+    return _CELL_DATA[key]
+
+
+def transfer_cell(payload: Mapping[str, Any], context: Any) -> dict[str, Any]:
+    """One grid cell, in whichever process runs it: its run made, resumed from its checkpoint, started again (a
+    run cut short before its first checkpoint), or read when an earlier session finished it. Returns the run id,
+    its summary and which of those happened."""
+    from .transfer import TransferConfig, transfer
+
+    store = StudyRunStore(payload["root"], payload["study_id"])
+    run_id = payload["run_id"]
+    values = {**payload["config"], "run_name": run_id, "threads": context.threads}
+    if values.get("device") in ("auto", "cuda") or str(values.get("device")).startswith("cuda"):
+        values["device"] = context.device
+    config = TransferConfig.from_dict(values)
+    dataset = _cell_dataset(config.target, config.data_root, payload["test_per_class"])
+    progress = bool(payload.get("progress"))
+    if not os.path.lexists(store.runs_dir / run_id):
+        how = "new"
+        result = transfer(config, store, progress=progress, dataset=dataset)
+    else:
+        record = store.run_record(run_id)
+        if record.status == "finished":
+            return {"run_id": run_id, "summary": store.open_run(run_id).summary, "how": "done"}
+        if record.status != "corrupt" and store.open_run(run_id).has_checkpoint("last"):
+            how = "resumed"
+            result = transfer(config, store, progress=progress, resume=run_id, dataset=dataset)
+        else:
+            how = "restarted"
+            store.discard_run(run_id)  # cut short before its first checkpoint: nothing to keep
+            result = transfer(config, store, progress=progress, dataset=dataset)
+    return {"run_id": result.run_id, "summary": result.summary, "how": how}
+
+
+def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bool = True):
+    """Train every cell of the grid (one transfer run each, written to ``store``) and return one row per run, in
+    grid order: run_id, target, arch, seed, method, phi, label, test_accuracy, test_nll, test_ece, mc_samples,
+    train_examples, test_examples, train_seconds.
+
+    Cells run as ``config.workers`` / ``executor`` say (see :mod:`workbench.fanout`). Each writes the run id
+    :func:`cell_run_id` gives, so a grid run again in the same study (``workbench study resume``, or the cell run
+    again in JupyterLab) keeps the finished runs and resumes or restarts the others. A cell that still fails
+    after ``retries`` further attempts does not stop the others; the grid then ends with a StudyError naming it."""
+    import pandas as pd
+
+    from .fanout import Cell, plan_workers, run_cells
     from .regularizers import build_regularizer
-    from .transfer import transfer
 
     uses_ours = any(_parse_method(m)[1] is None and build_regularizer(_parse_method(m)[0]).needs_phi
                     for m in config.methods)
@@ -742,45 +829,72 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
         print(f"our phi: {ours}" + (f" (phi='latest')" if config.phi == LATEST else ""))
         if verdict is not None and not verdict["learned"]:
             print(f"warning: our phi {verdict['message']}; its rows are labelled so")
-    cells = grid_cells(config)
+    study_id = getattr(store, "study_id", None)
+    if not study_id:
+        raise StudyError("run_transfer_grid needs the study's store (session.store): its cells are runs of a study")
+    plan = plan_workers(config.workers, config.threads, config.device, len(grid_cells(config)),
+                        executor=config.executor, address=config.ray_address,
+                        serial_seconds=estimated_grid_seconds(config))
+    print(f"{len(grid_cells(config))} cells; {plan.describe()}")
+    cells: list[Cell] = []
+    meta: dict[str, tuple[str, str, int, str]] = {}
+    pilots: dict[tuple[str, str], str] = {}
+    for target, arch, seed, spec in grid_cells(config):
+        run_id = cell_run_id(study_id, target, arch, seed, spec)
+        meta[run_id] = (target, arch, seed, spec)
+        if _parse_method(spec)[0] == "base" and config.regime_check != "off":
+            pilots.setdefault((target, arch), run_id)
+        # with regime_check=stop the other methods of an (arch, target) wait for its pilot's verdict
+        pilot = pilots.get((target, arch))
+        after = (pilot,) if config.regime_check == "stop" and pilot and pilot != run_id else ()
+        payload = {"root": str(store.root), "study_id": study_id, "run_id": run_id,
+                   "config": config.transfer_config(target, arch, spec, seed, phi=ours or OFFICIAL).to_dict(),
+                   "test_per_class": config.test_per_class, "progress": progress and not plan.parallel}
+        cells.append(Cell(run_id, f"{target} {arch} {spec} seed {seed}", payload, after))
+    # A pilot listed after other methods of its (arch, target) still gates nothing it comes after, as serially.
+    pilot_ids = set(pilots.values())
+    regime_warnings: dict[str, str] = {}  # by pilot; listed in grid order whatever order the cells finish in
+
+    def on_result(cell: Cell, value: Mapping[str, Any]) -> None:
+        if cell.key not in pilot_ids:
+            return
+        target, arch, seed, _ = meta[cell.key]
+        s = value["summary"]
+        message = underfit_message(target, arch, seed, s.get("train_eval_accuracy"), s["test_accuracy"])
+        if message and config.regime_check == "stop":
+            raise StudyError(f"{message}; stopped (regime_check=stop; regime_check=warn runs the grid anyway)")
+        if message:
+            regime_warnings[cell.key] = message
+            print(f"warning: {message}")
+
+    outcomes = run_cells(cells, transfer_cell, plan, retries=config.retries, on_result=on_result,
+                         progress=progress, desc="transfer grid")
+    kept = sum(o.status == "finished" and o.value["how"] == "done" for o in outcomes.values())
+    if kept:
+        print(f"{kept} of {len(cells)} cells were finished by an earlier session of this study and kept")
+    failed = [(meta[k], o) for k, o in outcomes.items() if o.status != "finished"]
+    if failed:
+        shown = "; ".join(f"{t} {a} {m} seed {s}: {o.error}" for (t, a, s, m), o in failed[:3])
+        raise StudyError(f"{len(failed)} of {len(cells)} cells did not finish ({shown}"
+                         f"{'; ...' if len(failed) > 3 else ''}); the others are kept: resume the study "
+                         f"(`workbench study resume {study_id}`) to try these again")
     rows = []
-    regime_warnings: list[str] = []
-    piloted: set[tuple[str, str]] = set()
-    datasets: dict[str, Any] = {}
-    bar = tqdm(total=len(cells), desc="transfer grid", unit="run", disable=not progress)
-    try:
-        for target, arch, seed, spec in cells:
-            if target not in datasets:
-                datasets.clear()  # one target in memory at a time
-                datasets[target] = limit_test(load_dataset(target, root=config.data_root), config.test_per_class)
-            cfg = config.transfer_config(target, arch, spec, seed, phi=ours or OFFICIAL)
-            bar.set_postfix_str(f"{target} {arch} {spec} seed {seed}")
-            result = transfer(cfg, store, progress=progress, dataset=datasets[target])
-            s = result.summary
-            name, own = _parse_method(spec)
-            phi = (own or ours) if result.regularizer.needs_phi else None
-            rows.append({"run_id": result.run_id, "target": target, "arch": arch, "seed": int(seed), "method": name,
-                         "phi": phi, "label": method_label(name, phi, learned.get(phi)),
-                         "test_accuracy": s["test_accuracy"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
-                         "train_eval_accuracy": s.get("train_eval_accuracy"),
-                         "generalization_gap": s.get("generalization_gap"),
-                         "mc_samples": s["mc_samples"], "train_examples": s["train_examples"],
-                         "test_examples": s["test_examples"], "train_seconds": s["train_seconds_last_session"]})
-            bar.update(1)
-            if name == "base" and config.regime_check != "off" and (target, arch) not in piloted:
-                piloted.add((target, arch))
-                message = underfit_message(target, arch, seed, s.get("train_eval_accuracy"), s["test_accuracy"])
-                if message and config.regime_check == "stop":
-                    raise StudyError(f"{message}; stopped (regime_check=stop; regime_check=warn runs the grid "
-                                     f"anyway)")
-                if message:
-                    regime_warnings.append(message)
-                    bar.write(f"warning: {message}")
-    finally:
-        bar.close()
+    for key, outcome in outcomes.items():
+        target, arch, seed, spec = meta[key]
+        s = outcome.value["summary"]
+        name, own = _parse_method(spec)
+        phi = (own or ours) if build_regularizer(name, config.method_options.get(name) or {}).needs_phi else None
+        rows.append({"run_id": outcome.value["run_id"], "target": target, "arch": arch, "seed": int(seed),
+                     "method": name, "phi": phi, "label": method_label(name, phi, learned.get(phi)),
+                     "test_accuracy": s["test_accuracy"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
+                     "train_eval_accuracy": s.get("train_eval_accuracy"),
+                     "generalization_gap": s.get("generalization_gap"),
+                     "mc_samples": s["mc_samples"], "train_examples": s["train_examples"],
+                     "test_examples": s["test_examples"], "train_seconds": s["train_seconds_last_session"]})
     frame = pd.DataFrame(rows)
     frame.attrs["our_phi"] = ours
-    frame.attrs["regime_warnings"] = regime_warnings
+    frame.attrs["regime_warnings"] = [regime_warnings[c.key] for c in cells if c.key in regime_warnings]
+    frame.attrs["workers"] = plan.describe()
     return frame
 
 
@@ -1141,15 +1255,18 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
-def execute_study(prepared: PreparedStudy, store: RunStore, stream: bool = True) -> StudyOutcome:
-    """Create the study record, execute the notebook with papermill, save it into the study folder, and mark the
-    study finished or failed (the executed notebook keeps the failing cell's error)."""
+def execute_study(prepared: PreparedStudy, store: RunStore, stream: bool = True,
+                  study: Optional[Study] = None) -> StudyOutcome:
+    """Create the study record (or continue ``study``, reopened), execute the notebook with papermill, save it into
+    the study folder, and mark the study finished or failed (the executed notebook keeps the failing cell's
+    error)."""
     import nbformat
     import papermill
 
     parameters = prepared.parameters
-    study = store.create_study(os.path.relpath(prepared.path, REPO) if _inside_repo(prepared.path)
-                               else str(prepared.path), prepared.profile, parameters)
+    if study is None:
+        study = store.create_study(os.path.relpath(prepared.path, REPO) if _inside_repo(prepared.path)
+                                   else str(prepared.path), prepared.profile, parameters)
     final = study.executed_notebook_path
     partial = final.with_name(f".{final.stem}.partial.ipynb")
     env = {STUDY_ENV: study.study_id, ARTIFACTS_ENV: str(store.root),
@@ -1220,6 +1337,38 @@ def run_studies(notebooks: Sequence[str | os.PathLike], profile: str | os.PathLi
     return outcomes
 
 
+def resume_study(study_id: str, artifacts: str | os.PathLike | None = None,
+                 execution: Mapping[str, Any] | None = None, stream: bool = True) -> StudyOutcome:
+    """Run an interrupted or failed study's notebook again, in the same study and with the same parameters: the
+    grid cells it finished are kept, the others resumed or started again. ``execution`` may change where cells
+    run (workers, executor, ray_address, retries), nothing else."""
+    from .fanout import EXECUTION_FIELDS
+
+    store = RunStore(artifacts)
+    study = store.open_study(study_id)
+    path = Path(study.notebook)
+    if not path.is_absolute():
+        path = REPO / path
+    if not path.is_file():
+        raise WorkbenchError(f"study {study_id} ran {study.notebook}, which is not here any more; it cannot be resumed")
+    cls = notebook_config_class(path)
+    changes = dict(execution or {})
+    wrong = sorted(set(changes) - set(EXECUTION_FIELDS))
+    if wrong:
+        raise WorkbenchError(f"a resumed study keeps its parameters; only {', '.join(EXECUTION_FIELDS)} may change "
+                             f"(got {', '.join(wrong)})")
+    unknown = sorted(k for k in changes if k not in cls.field_names())
+    if unknown:
+        raise WorkbenchError(f"{path.stem} has no parameter {', '.join(unknown)}: its cells do not fan out")
+    try:
+        config = cls.from_dict({**study.parameters, **changes})
+    except WorkbenchError as exc:
+        raise WorkbenchError(f"study {study_id}: {exc}") from None
+    study.reopen()
+    prepared = PreparedStudy(path, path.stem, cls, config, study.profile)
+    return execute_study(prepared, store, stream=stream, study=study)
+
+
 # ================================================================================================== the CLI
 def _parse_value(raw: str) -> Any:
     try:
@@ -1228,10 +1377,27 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
+def _execution_flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {"workers": args.workers, "executor": args.executor, "ray_address": args.address,
+             "retries": args.retries}
+    return {key: value for key, value in flags.items() if value is not None}
+
+
 def _cli_run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     for key, raw in args.parameter or []:
         overrides[key] = _parse_value(raw)
+    execution = _execution_flags(args)
+    if execution:
+        paths = [resolve_notebook(n) for n in args.notebooks]
+        fanning = [p.stem for p in paths if set(execution) <= set(notebook_config_class(p).field_names())]
+        if not fanning:
+            raise WorkbenchError(f"--{next(iter(execution)).replace('ray_address', 'address')} applies to the "
+                                 f"notebooks whose cells fan out (01_meta_train, 02_transfer_study), none of which "
+                                 f"is run here")
+        for name in fanning:
+            for key, value in execution.items():
+                overrides.setdefault(f"{name}.{key}", value)
     outcomes = run_studies(args.notebooks, args.profile, overrides, artifacts=args.artifacts, stream=not args.quiet)
     failed = [o for o in outcomes if o.status != "finished"]
     skipped = len(args.notebooks) - len(outcomes)
@@ -1242,6 +1408,27 @@ def _cli_run(args: argparse.Namespace) -> int:
               + (f"; {skipped} later notebook(s) not run" if skipped else ""), file=sys.stderr)
         return 1
     return 0
+
+
+def _cli_resume(args: argparse.Namespace) -> int:
+    outcome = resume_study(args.study, args.artifacts, _execution_flags(args), stream=not args.quiet)
+    print(f"{outcome.status:<9} {outcome.study_id}  {outcome.executed_notebook}")
+    if outcome.status != "finished":
+        print(f"error: study {outcome.study_id} ({outcome.notebook}) failed: {outcome.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
+    from .fanout import EXECUTORS, RAY_ADDRESS_ENV
+
+    group = parser.add_argument_group("fan-out (01_meta_train's num_runs, 02_transfer_study's grid)")
+    group.add_argument("--workers", type=int, metavar="N", help="cells at once (default: one per core, one thread "
+                                                                "each; one per GPU); 1: one after another")
+    group.add_argument("--executor", choices=EXECUTORS, help="local worker processes (default) or a Ray cluster")
+    group.add_argument("--address", metavar="HOST:PORT", help=f"the Ray cluster (default ${RAY_ADDRESS_ENV}, else a "
+                                                              "local Ray instance)")
+    group.add_argument("--retries", type=int, metavar="N", help="further attempts for a failed cell (default 1)")
 
 
 def _cli_list(args: argparse.Namespace) -> int:
@@ -1283,7 +1470,18 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or the "
                                                         "checkout's artifacts/)")
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
+    _add_execution_flags(run)
     run.set_defaults(func=_cli_run)
+    resume = sub.add_parser(
+        "resume", help="continue an interrupted or failed study",
+        description="Execute a study's notebook again in the same study, with its parameters: grid cells it "
+                    "finished are kept, the others resume from their checkpoints or start again. Only the fan-out "
+                    "settings may change.")
+    resume.add_argument("study", metavar="STUDY", help="the study id (`workbench study list`)")
+    resume.add_argument("--artifacts", metavar="DIR", help="artifacts root")
+    resume.add_argument("--quiet", action="store_true", help="do not stream the notebook's output and progress")
+    _add_execution_flags(resume)
+    resume.set_defaults(func=_cli_resume)
     listing = sub.add_parser("list", help="list the studies of an artifacts root")
     listing.add_argument("--artifacts", metavar="DIR", help="artifacts root")
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
@@ -1299,6 +1497,6 @@ __all__ = [
     "available_profiles", "execute_study", "find_study", "grid_cells", "latest_phi_run", "limit_test",
     "load_profile", "meta_history", "method_label", "paired_differences", "regime_table", "notebook_config", "notebook_config_class", "open_session",
     "parameters_source", "prepare_studies", "read_profile", "register_cli", "reliability_groups",
-    "resolve_notebook", "resolve_study_phi", "robustness_table", "run_studies", "run_transfer_grid", "save_report",
+    "resolve_notebook", "resolve_study_phi", "resume_study", "transfer_cell", "cell_run_id", "robustness_table", "run_studies", "run_transfer_grid", "save_report",
     "scale_data", "study_runs", "summarize", "tidy_outputs", "wide",
 ]
