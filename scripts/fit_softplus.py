@@ -1,4 +1,4 @@
-"""Fit the table behind the AVX-512 kernel's softplus (``kSoftplusTable`` in workbench/_native_src/perturb_kernel.cpp)
+"""Fit the table behind the AVX-512 kernel's softplus (``kSoftplusTable`` in workbench/_native_src/avx512_math.h)
 and measure its error in float32, evaluated exactly as the kernel does.
 
     python scripts/fit_softplus.py            # prints the error and the C++ table rows

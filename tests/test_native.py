@@ -1,4 +1,7 @@
 """The fused C++ perturbation kernel (workbench._native) against the eager path and the authors' reference output."""
+import contextlib
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +12,52 @@ from workbench import MetaPerturb, PerturbSite, WorkbenchError, _native
 from workbench import perturb as perturb_module
 from workbench.perturb import reference_perturb
 
-if _native.load() is None:
-    pytest.skip("the native perturbation kernel could not be built (see the logged warning)", allow_module_level=True)
+
+def _missing_build_tools() -> list:
+    """What building the kernel needs and this machine lacks: a C++ compiler, and ninja (the pip package's counts)."""
+    _native._put_ninja_on_path()
+    missing = [] if shutil.which("c++") or shutil.which("g++") else ["a C++ compiler (c++ or g++)"]
+    return missing + ([] if shutil.which("ninja") else ["ninja"])
+
+
+BUILT = _native.load() is not None
+if not BUILT and _missing_build_tools():  # only a machine without the tools may skip the kernel's tests
+    pytest.skip(f"no native kernel: this machine lacks {' and '.join(_missing_build_tools())}",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _needs_the_kernel(request):
+    """A kernel that fails to build where the tools are fails test_kernel_builds_where_the_tools_are, with the build
+    error; the tests that need the kernel are skipped then, not failed one by one."""
+    if not BUILT and request.node.name != "test_kernel_builds_where_the_tools_are":
+        pytest.skip("the native kernel did not build: see test_kernel_builds_where_the_tools_are")
+
+
+def test_kernel_builds_where_the_tools_are():
+    assert BUILT, ("the native perturbation kernel did not build although a C++ compiler and ninja are present:\n"
+                   f"{_native.build_error()}")
+
+
+def _native_must_not_run(*args, **kwargs):
+    raise AssertionError("the eager case reached the native kernel")
+
+
+@contextlib.contextmanager
+def _eager_only():
+    """The eager path for real: WORKBENCH_NATIVE=0 (read on every call) turns the kernel off for perturb.perturb, and
+    _native.perturb, replaced by a failure meanwhile, proves that nothing inside reaches the kernel."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_NATIVE", "0")
+        patch.setattr(_native, "perturb", _native_must_not_run)
+        yield
+
+
+def eager_perturb(*args, **kwargs):
+    """perturb.perturb on its eager path (see _eager_only); its backward is plain autograd, no kernel either."""
+    with _eager_only():
+        return perturb_module.perturb(*args, **kwargs)
+
 
 SHAPES = [(3, 5, 9, 7), (2, 3, 1, 6), (2, 1, 1, 1), (4, 7, 6, 10), (2, 16, 5, 5)]
 
@@ -71,7 +118,7 @@ def test_gradients_match_eager_autograd(shape, training):
     eps, weight = torch.randn(shape), torch.randn(shape)
     params = list(phi.parameters())
     grads = []
-    for fn in (perturb_module.perturb, _native.perturb):
+    for fn in (eager_perturb, _native.perturb):
         rm, rv = _stats(shape[1])
         out, _, _ = _call(fn, h, phi, rm, rv, training, eps)
         grads.append(torch.autograd.grad((out * weight).sum(), [h, *params], allow_unused=True))
@@ -95,7 +142,8 @@ def test_frozen_phi_layouts_and_site_dispatch(monkeypatch, layout):
             monkeypatch.setattr(perturb_module, "perturb", _native.perturb)
         site = PerturbSite(phi, 6, channel_norm=64, spatial_norm=8)
         site.noise_coeff, site.clip = 0.5, 2.0
-        out = site(h, eps=eps)
+        with contextlib.nullcontext() if native else _eager_only():
+            out = site(h, eps=eps)
         outs.append(out)
         grads.append(torch.autograd.grad(out.pow(2).sum(), h)[0])
         sites.append(site)
@@ -166,13 +214,32 @@ def test_switch_off_and_unsupported_inputs(monkeypatch):
     assert not _native.available(h, phi)
 
 
-def test_unfused_request_goes_to_the_twice_differentiable_eager_path():
+def test_unfused_request_goes_to_the_twice_differentiable_eager_path(monkeypatch):
+    """perturb.perturb keeps fused=False on its eager path, the kernel built or not (dispatch goes one way: _native
+    never calls back into perturb), and _native.perturb refuses it with the way out."""
+    monkeypatch.setattr(_native, "perturb", _native_must_not_run)
     phi = MetaPerturb(init_std=0.3)
-    h = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    out, _, _ = _call(_native.perturb, h, phi.double(), *(t.double() for t in _stats(4)), True, torch.randn(h.shape,
-                      dtype=torch.float64), fused=False)
+    h = torch.randn(3, 4, 5, 5, requires_grad=True)
+    assert _native.available(h, phi)  # float32 on the CPU: a fused call would take the kernel
+    out, _, _ = _call(perturb_module.perturb, h, phi, *_stats(4), True, torch.randn(h.shape), fused=False)
     (grad,) = torch.autograd.grad(out.square().sum(), h, create_graph=True)
     assert grad.requires_grad  # a second derivative exists
+    monkeypatch.undo()
+    with pytest.raises(WorkbenchError, match="differentiable once.*workbench.perturb.perturb"):
+        _call(_native.perturb, h, phi, *_stats(4), True, None, fused=False)
+
+
+def test_the_eager_case_runs_the_eager_path(monkeypatch):
+    """With the kernel built perturb.perturb dispatches to it; the tests' eager case (eager_perturb) never does."""
+    calls = []
+    native = _native.perturb
+    monkeypatch.setattr(_native, "perturb", lambda *a, **kw: calls.append(1) or native(*a, **kw))
+    phi = MetaPerturb(init_std=0.3)
+    h, eps = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    _call(perturb_module.perturb, h, phi, *_stats(4), True, eps)
+    assert calls == [1]
+    out, _, multiplier = _call(eager_perturb, h, phi, *_stats(4), True, eps)
+    assert calls == [1] and multiplier.shape == h.shape and torch.isfinite(out).all()
 
 
 def test_training_needs_a_batch_of_two():
@@ -207,7 +274,7 @@ def test_output_takes_an_inplace_relu_like_the_next_layer_does():
     phi = MetaPerturb(init_std=0.3)
     h = torch.randn(2, 4, 5, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     eps = torch.randn(h.shape)
-    out, _, _ = _call(perturb_module.perturb, h, phi, *_stats(4), True, eps)
+    out, _, _ = _call(eager_perturb, h, phi, *_stats(4), True, eps)
     expected = torch.autograd.grad(torch.relu(out).sum(), h)[0]
     out, _, multiplier = _call(_native.perturb, h, phi, *_stats(4), True, eps)
     assert out._base is None and multiplier._base is None  # real tensors, not views of the kernel's buffers
@@ -234,13 +301,13 @@ def test_large_maps_are_recycled_and_stay_correct():
     assert held >= 4 * 256 * 1024  # the freed maps went back to the pool
     second = run(_native.perturb)  # served from the pool
     assert _native.pooled_bytes() == held
-    reference = run(perturb_module.perturb)
+    reference = run(eager_perturb)
     assert _rel(first[0], reference[0]) < 1e-5 and _rel(first[1], reference[1]) < 1e-4
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert _native.release_pool() == held and _native.pooled_bytes() == 0
 
 
-needs_avx512 = pytest.mark.skipif(not _native.load().cpu_has_avx512(), reason="this CPU has no AVX-512")
+needs_avx512 = pytest.mark.skipif(not BUILT or not _native.load().cpu_has_avx512(), reason="this CPU has no AVX-512")
 
 
 @pytest.fixture
@@ -334,7 +401,7 @@ def test_avx512_rows_match_the_reference_and_eager_gradients(isa_restored):
     shape = (3, 20, 7, 6)
     h, eps, weight = (3 * torch.randn(shape)).requires_grad_(True), torch.randn(shape), torch.randn(shape)
     outs, grads = [], []
-    for fn in (perturb_module.perturb, _native.perturb):
+    for fn in (eager_perturb, _native.perturb):
         out, _, _ = _call(fn, h, phi, *_stats(20), True, eps)
         outs.append(out)
         grads.append(torch.autograd.grad((out * weight).sum(), [h])[0])
@@ -493,7 +560,7 @@ def _site_function(path: str):
         pytest.skip("the fused site needs AVX-512")
     _native.set_isa("avx512" if path == "fused" else "generic")
     _native.fuse_frozen_sites = path == "fused"
-    return perturb_module.perturb if path == "eager" else _native.perturb
+    return eager_perturb if path == "eager" else _native.perturb
 
 
 def _with_the_same_noise(fn, path, h, phi, training, seed, **kw):

@@ -11,6 +11,10 @@ and gradients), but with far fewer passes over the feature map, in its own memor
 * :func:`standard_normal` - the noise draw, split over threads on the CPU (``torch.randn`` fills serially; it is
   the largest single cost of a perturbed step). Each chunk's generator is seeded from the global torch RNG, so
   ``torch.manual_seed`` still makes a run reproducible.
+
+It also holds what the eager path (``perturb``) and the native kernel (``_native``) both use: :func:`site_scale`
+(the per-channel scale from the scale features), :func:`batch_norm` and :func:`relu_and_pool`. So dispatch goes one
+way: ``perturb`` chooses ``_native`` or the eager ops, and ``_native`` depends on this module, never on ``perturb``.
 """
 from __future__ import annotations
 
@@ -32,6 +36,23 @@ def relu_and_pool(x: torch.Tensor, relu: bool, pool: bool) -> torch.Tensor:
     """The layers a site can stand in for, in their order: the ReLU, then the 2x2 max-pool of stride 2."""
     x = torch.relu(x) if relu else x
     return torch.nn.functional.max_pool2d(x, 2) if pool else x
+
+
+def site_scale(phi, features: Optional[torch.Tensor], running_mean: torch.Tensor, running_var: torch.Tensor,
+               channel_ratio: float, size_ratio: float, momentum: float, double_bessel: bool) -> torch.Tensor:
+    """The per-channel scale s (C,) of phi (a ``MetaPerturb``) at a site: from the batch statistics of ``features``
+    (B, C, 4), updating the running ones in place (training), or from the running statistics when ``features`` is
+    None (evaluation). Shared by the eager path and the native kernel's two sweeps."""
+    if features is None:
+        mean, var = running_mean, running_var
+    else:
+        b = features.shape[0]
+        mean, var = features.mean(dim=0), features.var(dim=0)
+        with torch.no_grad():
+            correction = b / (b - 1) if double_bessel else 1.0
+            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
+    return phi.channel_scale(mean, var, channel_ratio, size_ratio)
 
 _NOISE_CHUNKS = 8
 _pool: Optional[ThreadPoolExecutor] = None

@@ -38,14 +38,16 @@ and page zeroing as the sweep that fills it); :func:`release_pool` frees what th
 Each sweep is a ``torch.autograd.Function`` whose backward is the transposed stencils in the same fused style,
 including the gradients of phi's kernels when phi requires grad; the fused site is one C++ autograd node
 (``FusedSiteFunction``: no Python between its kernels, either way), differentiable once. The kernel builds on first
-use with ``torch.utils.cpp_extension.load`` (cached in torch's extension directory); when it cannot be built, one
-warning is logged and :func:`available` returns False, so callers keep the eager path. ``WORKBENCH_NATIVE=0``
-disables it.
+use with ``torch.utils.cpp_extension.load`` from the sources in ``_native_src/`` (``common.h`` lists the parts;
+cached in torch's extension directory under a hash of the sources and the CPU); when it cannot be built, one warning
+is logged, :func:`build_error` says why and :func:`available` returns False, so callers keep the eager path.
+``WORKBENCH_NATIVE=0`` disables it.
 
-Dispatch from ``perturb.perturb``::
+Dispatch goes one way, from ``perturb.perturb``, which holds the eager path (and ``fused=False``); this module
+depends only on the lower-level ``_fused`` (the pieces both paths share, ``site_scale`` among them)::
 
     if fused and _native.available(h, phi):
-        return _native.perturb(h, phi, running_mean, running_var, ...same keyword arguments...)
+        return _native.perturb(h, phi, running_mean, running_var, ...same keyword arguments but fused...)
 """
 from __future__ import annotations
 
@@ -60,13 +62,15 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._fused import batch_norm as apply_batch_norm, relu_and_pool
+from ._fused import batch_norm as apply_batch_norm, relu_and_pool, site_scale
 from .errors import WorkbenchError
 
 _log = logging.getLogger(__name__)
-_SOURCE = Path(__file__).with_name("_native_src") / "perturb_kernel.cpp"
+# The kernel's sources: translation units (*.cpp) and the headers they share (*.h); see common.h for the parts.
+_SOURCE_DIR = Path(__file__).with_name("_native_src")
 _module = None
 _build_failed = False
+_build_error: Optional[str] = None  # why the build failed (the compiler's output included), once it has
 # Frozen phi on an AVX-512 CPU (transfer, evaluation): the fused site (two passes over h each way, ~40% less memory
 # traffic). False keeps the two sweeps everywhere (tests compare the two).
 fuse_frozen_sites = True
@@ -74,18 +78,26 @@ fuse_frozen_sites = True
 # applies it first with its own forward (the benchmark compares the two; tests too).
 fuse_batch_norm = True
 _NONE = torch.empty(0)  # the kernels' "no tensor" argument (never written)
-_NO_BATCH_NORM = (False, _NONE, _NONE, _NONE, _NONE, 0.0, 0.0)
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU's feature flags: -march=native objects must not be reused on another CPU."""
-    flags = platform.machine()
+def _sources() -> list[Path]:
+    """The kernel's translation units, in a fixed order."""
+    return sorted(_SOURCE_DIR.glob("*.cpp"))
+
+
+def _build_tag() -> str:
+    """Short hash of the CPU's feature flags and of every source and header: the extension's name, so that
+    -march=native objects are never reused on another CPU and a build of other sources is never loaded (torch's own
+    check rebuilds on a changed .cpp only, not on a changed header)."""
+    digest = hashlib.sha1(platform.machine().encode())
     try:
         with open("/proc/cpuinfo") as handle:
-            flags += next((line for line in handle if line.startswith(("flags", "Features"))), "")
+            digest.update(next((line for line in handle if line.startswith(("flags", "Features"))), "").encode())
     except OSError:
         pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    for path in _sources() + sorted(_SOURCE_DIR.glob("*.h")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def enabled() -> bool:
@@ -107,8 +119,9 @@ def _put_ninja_on_path() -> None:
 
 
 def load(verbose: bool = False):
-    """Build (first time) and import the extension; returns the module or None when it cannot be built."""
-    global _module, _build_failed
+    """Build (first time) and import the extension; returns the module or None when it cannot be built
+    (:func:`build_error` then says why)."""
+    global _module, _build_failed, _build_error
     if _module is not None or _build_failed:
         return _module
     try:
@@ -123,17 +136,23 @@ def load(verbose: bool = False):
             extension_log.setLevel(level)
 
         _module = load_extension(
-            name=f"workbench_perturb_native_{_cpu_tag()}",
-            sources=[str(_SOURCE)],
+            name=f"workbench_perturb_native_{_build_tag()}",
+            sources=[str(path) for path in _sources()],
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-math-errno"],
             extra_ldflags=["-fopenmp"],
             verbose=verbose,
         )
     except Exception as exc:  # no compiler, no ninja, unsupported flags...: keep the eager path
         _build_failed = True
+        _build_error = f"{type(exc).__name__}: {exc}"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _log.warning("workbench: native perturbation kernel unavailable (%s); using the eager path", first[:200])
     return _module
+
+
+def build_error() -> Optional[str]:
+    """Why the kernel could not be built (the exception, with the compiler's output when it ran), or None."""
+    return _build_error
 
 
 def available(h: torch.Tensor, phi) -> bool:
@@ -167,7 +186,7 @@ class _Sweep1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, kid, kall, kscale, training: bool, handoff: _Handoff):
         x = _nhwc(h.detach())
-        r1, mr, f, mh, mask = _module.sweep1_forward(x, kid.detach(), kall.detach(), kscale.detach(), training)
+        r1, mr, f, mh, mask = _module.sweep1_forward(x, (kid.detach(), kall.detach()), kscale.detach(), training)
         ctx.handoff = handoff
         ctx.save_for_backward(x, mh, mask, kid, kall, kscale)
         ctx.mark_non_differentiable(*(() if training else (f,)))
@@ -185,8 +204,8 @@ class _Sweep1(torch.autograd.Function):
         g_mr = torch.zeros_like(mh) if g_mr is None else g_mr.contiguous()
         g_f = torch.empty(0) if g_f is None or g_f.numel() == 0 else g_f.contiguous()
         gx, gkid, gkall, gks = _module.sweep1_backward(
-            x, mh, mask, g_r1, g_mr, g_f, kid.detach(), kall.detach(), kscale.detach(),
-            bool(need_x), bool(need_kid or need_kall), bool(need_ks and g_f.numel() > 0),
+            (x, mh, mask), (g_r1, g_mr, g_f), (kid.detach(), kall.detach()), kscale.detach(),
+            (bool(need_x), bool(need_kid or need_kall), bool(need_ks and g_f.numel() > 0)),
             handed if handed is not None and need_x else torch.empty(0))
         return (gx if need_x else None, gkid if need_kid else None, gkall if need_kall else None,
                 gks if need_ks and g_f.numel() > 0 else None, None, None)
@@ -200,9 +219,9 @@ class _Sweep2(torch.autograd.Function):
                 clip: Optional[float], handoff: _Handoff):
         x = _nhwc(h.detach())
         e = torch.empty(0) if eps is None else _nhwc(eps.detach().to(torch.float32))
-        out, mult, a = _module.sweep2_forward(x, r1.detach(), mr.detach(), scale.detach(), kid.detach(),
-                                              kall.detach(), e, int(seed), float(noise_coeff), clip is not None,
-                                              0.0 if clip is None else float(clip))
+        out, mult, a = _module.sweep2_forward(
+            x, r1.detach(), mr.detach(), scale.detach(), (kid.detach(), kall.detach()),
+            (e, int(seed), float(noise_coeff), None if clip is None else float(clip)))
         ctx.noise_coeff, ctx.clip, ctx.handoff = float(noise_coeff), clip, handoff
         ctx.save_for_backward(x, r1, mr, a, mult, scale, kid, kall)
         ctx.mark_non_differentiable(mult)
@@ -218,9 +237,9 @@ class _Sweep2(torch.autograd.Function):
             return (None,) * 11
         clip = ctx.clip
         gx, gr1, gmr, gscale, gkid, gkall = _module.sweep2_backward(
-            x, r1.detach(), mr.detach(), a, mult, scale.detach(), _nhwc(g_out), kid.detach(), kall.detach(),
-            ctx.noise_coeff, clip is not None, 0.0 if clip is None else float(clip),
-            bool(need_x), bool(need_r1 or need_mr), bool(need_scale), bool(need_kid or need_kall))
+            (x, r1.detach(), mr.detach(), a, mult, scale.detach()), _nhwc(g_out), (kid.detach(), kall.detach()),
+            (ctx.noise_coeff, None if clip is None else float(clip)),
+            (bool(need_x), bool(need_r1 or need_mr), bool(need_scale), bool(need_kid or need_kall)))
         grad_h = gx if need_x else None
         if need_x and need_r1:
             # r1 = relu(E1(h)) needs grad, so sweep 1's backward runs next and adds its terms into this map
@@ -230,16 +249,17 @@ class _Sweep2(torch.autograd.Function):
 
 
 def _batch_norm_arguments(bn) -> tuple:
-    """The fused site's BatchNorm arguments for ``bn`` in training mode, counting the batch as BatchNorm2d.forward
-    does (``num_batches_tracked``, and with ``momentum=None`` the cumulative average's factor)."""
+    """The fused site's arguments for ``bn`` in training mode: its weight and bias (inputs of the autograd node) and
+    (running_mean, running_var, eps, factor), counting the batch as BatchNorm2d.forward does
+    (``num_batches_tracked``, and with ``momentum=None`` the cumulative average's factor)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
     tracked = bn.track_running_stats and bn.running_mean is not None
-    return (True, _NONE if bn.weight is None else bn.weight, _NONE if bn.bias is None else bn.bias,
-            bn.running_mean if tracked else _NONE, bn.running_var if tracked else _NONE, float(bn.eps), float(factor))
+    return (_NONE if bn.weight is None else bn.weight, _NONE if bn.bias is None else bn.bias,
+            (bn.running_mean if tracked else _NONE, bn.running_var if tracked else _NONE, float(bn.eps), float(factor)))
 
 
 def _fusable_batch_norm(bn, h, training: bool) -> bool:
@@ -267,12 +287,14 @@ def _fused_site(h, phi, running_mean, running_var, *, channel_norm, spatial_norm
     # may want a gradient when h does not (a frozen layer before it)
     keep = torch.is_grad_enabled() and (h.requires_grad or (batch_norm is not None and any(
         t is not None and t.requires_grad for t in (batch_norm.weight, batch_norm.bias))))
-    # one C++ autograd node (FusedSiteFunction in the kernel source): differentiable once
+    bn_weight, bn_bias, bn_options = (_NONE, _NONE, None) if batch_norm is None else _batch_norm_arguments(batch_norm)
+    # one C++ autograd node (FusedSiteFunction, _native_src/autograd.cpp): differentiable once. Each tuple is one of
+    # the kernel's parameter structs (see fused_site_py in _native_src/bindings.cpp)
     out, scale, multiplier_stats = _module.fused_site(
-        h, *phi.function_tensors(), running_mean, running_var, _NONE if eps is None else eps, seed,
-        float(noise_coeff), clip is not None, 0.0 if clip is None else float(clip), bool(training), c / channel_norm,
-        height / spatial_norm, float(momentum), bool(double_bessel), keep, bool(relu), bool(pool),
-        *(_NO_BATCH_NORM if batch_norm is None else _batch_norm_arguments(batch_norm)))
+        h, bn_weight, bn_bias, phi.function_tensors(), (running_mean, running_var),
+        (_NONE if eps is None else eps, seed, float(noise_coeff), None if clip is None else float(clip)),
+        (bool(training), keep, bool(relu), bool(pool)),
+        (c / channel_norm, height / spatial_norm, float(momentum), bool(double_bessel)), bn_options)
     return out, scale, multiplier_stats
 
 
@@ -327,14 +349,15 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
             spatial_norm: float, training: bool, momentum: float = 0.1, noise_coeff: float = 1.0,
             clip: Optional[float] = None, eps: Optional[torch.Tensor] = None, double_bessel: bool = True,
             fused: bool = True, relu: bool = False, pool: bool = False, batch_norm=None):
-    """Same contract as :func:`workbench.perturb.perturb`: returns ``(out, scale, multiplier)``; ``relu`` applies
+    """Same contract as :func:`workbench.perturb.perturb` (which chooses this path; this module never calls back
+    into it): returns ``(out, scale, multiplier)``; ``relu`` applies
     the layer's ReLU to ``out`` and ``pool`` then its 2x2 max-pool (in-kernel on the fused site, saving those
     layers' own passes). With ``batch_norm`` (a BatchNorm2d), ``h`` is its input: the fused site of a training pass
     folds it into its own passes (its batch statistics in one more pass over h, the normalised map never written);
     elsewhere it is applied first.
 
     The kernel's backward is hand-written (differentiable once): ``fused=False`` (twice-differentiable plain ops,
-    for second-order meta-training) is handed to the eager ``perturb`` unchanged.
+    for second-order meta-training) is the eager path's, which ``perturb.perturb`` keeps; here it is an error.
 
     ``out`` keeps the input's layout (NCHW in, NCHW out; channels_last in, channels_last out); the multiplier is
     a channels_last tensor, except on the fused site (frozen phi, AVX-512, see ``fuse_frozen_sites``), which never
@@ -342,11 +365,8 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     in-kernel (not the same numbers as the eager path's ``torch.randn`` draw, but the same distribution).
     """
     if not fused:
-        from .perturb import perturb as eager_perturb
-
-        return eager_perturb(h, phi, running_mean, running_var, channel_norm=channel_norm, spatial_norm=spatial_norm,
-                             training=training, momentum=momentum, noise_coeff=noise_coeff, clip=clip, eps=eps,
-                             double_bessel=double_bessel, fused=False, relu=relu, pool=pool, batch_norm=batch_norm)
+        raise WorkbenchError("the native kernel is differentiable once; fused=False (twice-differentiable) is the "
+                             "eager path's: call workbench.perturb.perturb")
     if load() is None:
         raise WorkbenchError("the native perturbation kernel is not built; check available() before calling it")
     b, c, height, width = h.shape
@@ -371,8 +391,6 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     handoff = _Handoff()
     r1, mr, features = _Sweep1.apply(h, phi.noise1.w_identity, phi.noise1.w_all, phi.scale_kernels, bool(training),
                                      handoff)
-    from .perturb import site_scale
-
     scale = site_scale(phi, features if training else None, running_mean, running_var, c / channel_norm,
                        height / spatial_norm, momentum, double_bessel)
     seed = draw_seed() if eps is None else 0
@@ -384,5 +402,5 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     return out, scale, multiplier
 
 
-__all__ = ["available", "enabled", "load", "perturb", "standard_normal", "draw_seed", "pooled_bytes", "release_pool",
-           "isa", "set_isa"]
+__all__ = ["available", "build_error", "enabled", "load", "perturb", "standard_normal", "draw_seed", "pooled_bytes",
+           "release_pool", "isa", "set_isa"]

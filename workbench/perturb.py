@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _native
-from ._fused import NoiseTail, ReluMean, batch_norm as apply_batch_norm, relu_and_pool, standard_normal
+from ._fused import NoiseTail, ReluMean, batch_norm as apply_batch_norm, relu_and_pool, site_scale, standard_normal
 from .errors import WorkbenchError
 
 FORMAT_NAME = "workbench.metaperturb"
@@ -253,23 +253,6 @@ def _load_state(path, map_location) -> dict:
     if not isinstance(state, dict):
         raise WorkbenchError(f"{path} holds a {type(state).__name__}, not a state dict of phi")
     return state
-
-
-def site_scale(phi: MetaPerturb, features: Optional[torch.Tensor], running_mean: torch.Tensor,
-               running_var: torch.Tensor, channel_ratio: float, size_ratio: float, momentum: float,
-               double_bessel: bool) -> torch.Tensor:
-    """The per-channel scale s (C,): from the batch statistics of ``features`` (B, C, 4), updating the running ones
-    in place (training), or from the running statistics when ``features`` is None (evaluation)."""
-    if features is None:
-        mean, var = running_mean, running_var
-    else:
-        b = features.shape[0]
-        mean, var = features.mean(dim=0), features.var(dim=0)
-        with torch.no_grad():
-            correction = b / (b - 1) if double_bessel else 1.0
-            running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.detach() * correction, alpha=momentum)
-    return phi.channel_scale(mean, var, channel_ratio, size_ratio)
 
 
 def perturb(
