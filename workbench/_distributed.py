@@ -53,6 +53,20 @@ class DistContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def run_on_main(self, step: Callable[[], Any]) -> Any:
+        """``step()`` on rank 0 only (what touches the run store), its result given to every rank; a WorkbenchError
+        it raises is raised on every rank alike, so all leave together instead of some waiting at a collective."""
+        payload: Any = None
+        if self.is_main:
+            try:
+                payload = ("ok", step())
+            except WorkbenchError as exc:
+                payload = ("error", str(exc))
+        payload = self.broadcast(payload)
+        if payload[0] == "error":
+            raise WorkbenchError(payload[1])
+        return payload[1]
+
     def gather(self, obj: Any) -> Optional[list]:
         """Every rank's ``obj`` as a list on rank 0 (None elsewhere). Tensors should be on the CPU."""
         if not self.enabled:

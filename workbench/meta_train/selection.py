@@ -1,0 +1,286 @@
+"""``num_runs`` candidates under one ``meta_select`` run: fanned out or run in turn, then the best phi chosen on
+the selection target (or the held-out source splits)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .._distributed import DistContext
+from ..artifacts import Run, RunStore
+from ..attach import attach
+from ..data import Augment, BatchIterator, ImageDataset, eval_batches, load_dataset, target_view
+from .._runtime import config_difference, cpu_copy, resolve_device
+from ..errors import WorkbenchError
+from ..models import build
+from ..perturb import MetaPerturb
+from ..regularizers import NOISE_WARMUP
+from .config import MetaTrainConfig, PHI_FILE, RESUME_MUTABLE, SELECT_KIND, _SEED_SELECT
+from .trainer import SourceData, derive_seed, prepare_source
+from .runs import MetaTrainResult, _run_one, _runtime
+
+
+# ============================================================================================ selection
+def _selection_view(config: MetaTrainConfig):
+    """The target view the selection trains and scores on (``select_target``: train and held-out images per class)."""
+    ds = load_dataset(config.select_target, root=config.data_root)
+    return target_view(ds, per_class=config.select_per_class, image_size=config.image_size, channels=3,
+                       seed=derive_seed(config.seed, _SEED_SELECT), valid_per_class=config.select_valid_per_class)
+
+
+def transfer_score(phi: MetaPerturb, config: MetaTrainConfig, device: torch.device, progress: bool = False) -> float:
+    """Validation accuracy of a fresh ``config.arch`` trained with the frozen ``phi`` on ``config.select_target``.
+
+    The recipe is the target recipe of the original code, shortened: Adam (lr, weight_decay), noise coefficient
+    annealed over the first 40 % of ``select_steps``, clip during training; then Monte-Carlo prediction
+    (``select_mc_samples``) without clip on ``select_valid_per_class`` held-out *training* images per class. Every
+    candidate phi sees the same network initialisation and batches (seeded from the selection seed).
+    """
+    from tqdm.auto import tqdm
+
+    from ..evaluate import mc_predict
+
+    view = _selection_view(config)
+    augment = Augment.for_view(view, stats="dataset" if config.normalization == "dataset" else "half")
+    frozen_phi = MetaPerturb()
+    frozen_phi.load_state_dict(phi.state_dict())
+    frozen_phi.to(device).requires_grad_(False)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(derive_seed(config.seed, _SEED_SELECT, 1))
+        model = build(config.arch, view.num_classes, in_channels=view.channels, image_size=config.image_size)
+        model.to(device)
+        handle = attach(model, frozen_phi, image_size=config.image_size)
+        handle.set_clip(config.clip)
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        batches = BatchIterator(view.train, min(config.batch_size, len(view.train)), augment,
+                                seed=derive_seed(config.seed, _SEED_SELECT, 2), device=device)
+        anneal = max(1.0, NOISE_WARMUP * config.select_steps)
+        model.train()
+        for step in tqdm(range(config.select_steps), desc=f"select on {config.select_target}", leave=False,
+                         disable=not progress):
+            handle.set_noise_coeff(min(1.0, step / anneal))
+            x, y = next(batches)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        handle.set_noise_coeff(1.0)
+        handle.set_clip(None)
+        correct = total = 0
+        for x, y in eval_batches(view.valid, 256, augment.eval, device):
+            probs = mc_predict(model, x, samples=config.select_mc_samples)
+            correct += int((probs.argmax(1) == y).sum())
+            total += int(y.numel())
+    return correct / max(total, 1)
+
+
+def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistContext, device: torch.device,
+            progress: bool) -> dict[str, Any]:
+    """Score every run's phi on the selection target and pick the best (ties: the earliest run)."""
+    if config.select_target == "heldout":
+        scores = [float(r.summary["heldout_acc_mean"]) for r in results]
+        metric = "mean accuracy of the final task networks on their whole held-out source splits"
+    else:
+        # candidates are dealt over the processes like tasks; the scores are summed back
+        local = torch.zeros(len(results), dtype=torch.float64, device=device)
+        for index, result in enumerate(results):
+            if index % dist.world_size == dist.rank:
+                local[index] = transfer_score(result.phi, config, device, progress and dist.is_main)
+        scores = dist.all_reduce_sum_(local).cpu().tolist()
+        metric = (f"validation accuracy on {config.select_target} ({config.select_valid_per_class} held-out training "
+                  f"images per class, {config.select_mc_samples} MC samples) of a fresh {config.arch} trained "
+                  f"{config.select_steps} steps on {config.select_per_class} images per class with the frozen phi")
+    best = int(np.argmax(scores))
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    runner_up = scores[order[1]] if len(order) > 1 else None
+    reason = (f"run {best} ({results[best].run_id}, seed {results[best].summary['seed']}) has the highest {metric}: "
+              f"{scores[best]:.4f}" + (f" (next best {runner_up:.4f})" if runner_up is not None else ""))
+    return {
+        "select_target": config.select_target,
+        "metric": metric,
+        "candidates": [{"index": i, "run_id": r.run_id, "seed": r.summary["seed"], "score": s,
+                        "heldout_acc_mean": r.summary["heldout_acc_mean"]}
+                       for i, (r, s) in enumerate(zip(results, scores))],
+        "chosen_index": best,
+        "chosen_run_id": results[best].run_id,
+        "chosen_score": scores[best],
+        "reason": reason,
+    }
+
+
+def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
+              dist: DistContext, device: torch.device, resume_id: Optional[str] = None,
+              dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
+    """``num_runs`` independent runs (seeds seed..seed+num_runs-1) under one meta_select run, then selection."""
+    parent: Optional[Run] = None
+
+    def open_parent() -> tuple[str, list]:
+        nonlocal parent
+        try:
+            if resume_id is not None:
+                parent = store.resume_run(resume_id, SELECT_KIND)  # one writer (see _run_one)
+                if parent.status == "finished":
+                    raise WorkbenchError(f"run {resume_id} already finished (chose {parent.summary.get('chosen_run_id')}); "
+                                         f"nothing to resume")
+                differ = config_difference(parent.config, config, RESUME_MUTABLE)
+                if differ:
+                    raise WorkbenchError(f"run {resume_id} was started with a different config ({', '.join(differ)}); "
+                                         f"resume it without --config/--set")
+                parent.mark_running()
+                children = parent.load_json("children") if "children" in parent.list_json() else []
+                states = [_child_state(store, c) for c in children]
+                # candidates are named after their parent: ones begun but not yet listed are found by name
+                states += [_child_state(store, candidate_run_id(resume_id, i))
+                           for i in range(len(states), config.num_runs)]
+            else:
+                parent = store.create_run(SELECT_KIND, config, tags={"source": config.source, "arch": config.arch,
+                                                                     "num_runs": config.num_runs,
+                                                                     "select_target": config.select_target},
+                                          run_id=config.run_name)
+                states = []
+            return parent.run_id, states
+        except WorkbenchError:
+            if parent is not None:
+                parent.release_lock()
+            raise
+
+    parent_id, states = dist.run_on_main(open_parent)
+    try:
+        return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states, dataset)
+    finally:
+        if parent is not None:
+            parent.release_lock()
+
+
+def candidate_run_id(parent_id: str, index: int) -> str:
+    """The run id of candidate ``index`` of a ``meta_select`` run: fixed, so that a resumed selection finds the
+    candidates an interrupted one began, whichever process ran them."""
+    return f"{parent_id[:120]}-r{index}"
+
+
+def _child_state(store: RunStore, run_id: str) -> tuple[str, Optional[str], bool]:
+    """(run id, status or None when there is no such run, whether it has a checkpoint to resume from)."""
+    if not (store.runs_dir / run_id).is_dir():
+        return run_id, None, False
+    record = store.run_record(run_id)
+    if record.status == "corrupt":
+        return run_id, "corrupt", False
+    return run_id, record.status, store.open_run(run_id).has_checkpoint("last")
+
+
+def _candidate_config(config: MetaTrainConfig, parent_id: str, index: int) -> MetaTrainConfig:
+    return config.replace(num_runs=1, seed=config.seed + index, run_name=candidate_run_id(parent_id, index),
+                          workers=None, executor="local", ray_address=None, retries=1)
+
+
+def run_candidate(payload: Mapping[str, Any], context: Any) -> str:
+    """One candidate of a fanned-out ``meta_select`` run, in a worker (:mod:`workbench.fanout`): made, resumed from
+    its checkpoint, or started again; returns its run id."""
+    values = {**payload["config"], "threads": context.threads}
+    if str(values.get("device")) in ("auto", "cuda") or str(values.get("device")).startswith("cuda"):
+        values["device"] = context.device
+    config = MetaTrainConfig.from_dict(values)
+    store = RunStore(payload["root"])
+    device = resolve_device(config.device)
+    with _runtime(config, device):
+        data = prepare_source(config, payload.get("dataset"))
+        run_id, status, resumable = payload["state"]
+        if resumable:
+            result = _run_one(config.replace(run_name=None), data, store, False, DistContext(), device,
+                              resume_id=run_id)
+        else:
+            if status is not None:
+                store.discard_run(run_id)  # begun, cut short before its first checkpoint: start again
+            result = _run_one(config, data, store, False, DistContext(), device, run_id=config.run_name,
+                              tags={"parent": payload["parent"], "run_index": payload["index"]})
+    return result.run_id
+
+
+def _fan_out_candidates(config: MetaTrainConfig, store: RunStore, progress: bool, parent_id: str, states: list,
+                        dataset: Optional[ImageDataset]) -> None:
+    """Run the unfinished candidates in worker processes (or on Ray); a candidate that still fails stops the
+    selection with its error, the finished ones kept for a resume."""
+    from ..fanout import Cell, plan_workers, run_cells
+
+    cells = []
+    for index in range(config.num_runs):
+        state = states[index] if index < len(states) else (candidate_run_id(parent_id, index), None, False)
+        if state[1] == "finished":
+            continue
+        child = _candidate_config(config, parent_id, index)
+        payload = {"root": str(store.root), "config": child.to_dict(), "state": state, "parent": parent_id,
+                   "index": index, "dataset": dataset}
+        cells.append(Cell(child.run_name, f"candidate {index} (seed {child.seed})", payload))
+    if not cells:
+        return
+    plan = plan_workers(config.workers, config.threads, config.device, len(cells), executor=config.executor,
+                        address=config.ray_address)
+    if not plan.parallel:
+        return
+    print(f"{len(cells)} candidate run(s); {plan.describe()}", file=sys.stderr)
+    outcomes = run_cells(cells, run_candidate, plan, retries=config.retries, progress=progress,
+                         desc="meta-train candidates")
+    failed = [(key, o) for key, o in outcomes.items() if o.status != "finished"]
+    if failed:
+        raise WorkbenchError(f"{len(failed)} of {len(cells)} candidate runs did not finish ({failed[0][0]}: "
+                             f"{failed[0][1].error}); resume the selection with --resume {parent_id}")
+
+
+def _select_runs(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
+                 dist: DistContext, device: torch.device, parent: Optional[Run], parent_id: str,
+                 states: list, dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
+    """The candidate runs of a ``meta_select`` run (``parent`` on rank 0, holding its writer lock), then selection.
+
+    In one process the unfinished candidates fan out first (``workers``, ``executor``); every candidate is then
+    read back, or run here, in index order."""
+    if not dist.enabled and config.num_runs > 1 and (config.workers != 1 or config.executor == "ray"):
+        _fan_out_candidates(config, store, progress, parent_id, states, dataset)
+        states = [_child_state(store, candidate_run_id(parent_id, i)) if i >= len(states) or states[i][1] != "finished"
+                  else states[i] for i in range(config.num_runs)]
+    results: list[MetaTrainResult] = []
+    for index in range(config.num_runs):
+        child = _candidate_config(config, parent_id, index)
+        state = states[index] if index < len(states) else (child.run_name, None, False)
+        if state[1] == "finished":
+            results.append(_finished_result(store, state[0], dist))
+        elif state[2]:
+            results.append(_run_one(child.replace(run_name=None), data, store, progress, dist, device,
+                                    resume_id=state[0]))
+        else:
+            if state[1] is not None and dist.is_main:
+                store.discard_run(state[0])  # begun, cut short before its first checkpoint: start again
+            results.append(_run_one(child, data, store, progress, dist, device,
+                                    tags={"parent": parent_id, "run_index": index}, run_id=child.run_name))
+        if parent is not None:
+            parent.save_json("children", [r.run_id for r in results])
+
+    selection = _select(config, results, dist, device, progress)
+    chosen = results[selection["chosen_index"]]
+    summary = {"chosen_run_id": chosen.run_id, "chosen_score": selection["chosen_score"],
+               "select_target": config.select_target, "reason": selection["reason"], "phi_path": PHI_FILE,
+               "run_ids": [r.run_id for r in results], "scores": [c["score"] for c in selection["candidates"]]}
+    phi_path = None
+    if parent is not None:
+        parent.save_json("selection", selection)
+        phi_path = chosen.phi.save(parent.path / PHI_FILE, chosen_run_id=chosen.run_id, reason=selection["reason"])
+        parent.mark_finished(summary)
+    return MetaTrainResult(run_id=chosen.run_id, phi=chosen.phi, phi_path=phi_path, summary=summary,
+                           run_ids=[r.run_id for r in results], selection_run_id=parent_id, selection=selection)
+
+
+def _finished_result(store: Optional[RunStore], run_id: str, dist: DistContext) -> MetaTrainResult:
+    """A finished child run's phi and summary, read by rank 0 and shared with every process."""
+    def read() -> tuple:
+        run = store.open_run(run_id)
+        phi = MetaPerturb.load(run.path / PHI_FILE)
+        return cpu_copy(phi.state_dict()), run.summary, str(run.path / PHI_FILE)
+
+    state, summary, path = dist.run_on_main(read)
+    phi = MetaPerturb()
+    phi.load_state_dict(state)
+    return MetaTrainResult(run_id=run_id, phi=phi, phi_path=Path(path) if dist.is_main else None, summary=summary,
+                           run_ids=[run_id])
