@@ -1,6 +1,6 @@
 """Plotly figures of the dashboard, as plain functions of tidy tables (no Streamlit, no file access).
 
-Each function takes the pandas frames built by :mod:`workbench.dashboard_data` and returns a
+Each function takes the pandas frames built by :mod:`workbench.results` and returns a
 ``plotly.graph_objects.Figure``, so tests can call them directly. The figures the notebooks draw too, and the
 shared helpers (colours, method order, placeholder, layout), live in :mod:`workbench.plots`.
 """

@@ -1,8 +1,9 @@
 """Entry point of the dashboard: ``streamlit run app/main.py -- --artifacts DIR`` (or ``workbench dashboard``).
 
-The pages (``app/views/``) only read artifacts, through ``workbench.dashboard_data``; nothing here trains. The
-shared sidebar (run store, reload, filters by source, target, arch, method, seed and status) is drawn here, before
-the page, so its widgets are the same on every page and keep their values; pages get it with ``ui.context()``.
+The pages (``app/views/``) only read artifacts, through ``workbench.results`` and ``workbench.dashboard_data``;
+nothing here trains. The shared sidebar (run store, reload, filters by source, target, arch, method, seed and
+status) is drawn here, before the page, so its widgets are the same on every page and keep their values; pages get
+it with ``ui.context()``.
 
 The pages folder is deliberately not called ``pages/``: Streamlit treats a ``pages/`` folder beside the entry point
 as the old file-based navigation until the entry point has run once in the server (so a fresh server opened on a

@@ -1,7 +1,8 @@
 """Streamlit plumbing shared by the pages: the artifacts root, cached readers, sidebar filters, run pickers.
 
-Reading is done by :mod:`workbench.dashboard_data`; this module only caches it (``st.cache_data`` with a TTL, so
-new runs appear by themselves) and turns its one-line errors into messages on the page.
+Reading is done by :mod:`workbench.results` (runs, arrays, tables, labels) and :mod:`workbench.dashboard_data`
+(the root, studies, filters); this module only caches it (``st.cache_data`` with a TTL, so new runs appear by
+themselves) and turns its one-line errors into messages on the page.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench import dashboard_data as dd
+from workbench import results
 from workbench.errors import WorkbenchError
 
 LIST_TTL = 15      # seconds: listings (run.json / summary.json of every run) are re-read this often
@@ -25,7 +27,7 @@ FILTERS = ("source", "target", "arch", "method", "seed", "status")
 # ------------------------------------------------------------------------------------------ cached readers
 @st.cache_data(ttl=LIST_TTL, show_spinner=False, max_entries=8)
 def load_runs(root: str) -> pd.DataFrame:
-    return dd.runs_frame(root)
+    return results.runs_frame(root)
 
 
 @st.cache_data(ttl=LIST_TTL, show_spinner=False, max_entries=8)
@@ -39,38 +41,38 @@ def load_foreign(root: str) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=256)
-def load_details(root: str, run_id: str) -> dd.RunDetails:
-    return dd.run_details(root, run_id)
+def load_details(root: str, run_id: str) -> results.RunDetails:
+    return results.run_details(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=512)
 def load_metrics(root: str, run_id: str) -> pd.DataFrame:
-    return dd.metrics(root, run_id)
+    return results.metrics(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=2048)
 def load_reliability(root: str, run_id: str):
-    return dd.reliability(root, run_id)
+    return results.reliability(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=512)
 def load_confidences(root: str, run_id: str):
-    return dd.confidences(root, run_id)
+    return results.confidences(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=2048)
 def load_site_scales(root: str, run_id: str):
-    return dd.site_scales(root, run_id)
+    return results.site_scales(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=1024)
 def load_robustness(root: str, run_id: str):
-    return dd.robustness(root, run_id)
+    return results.robustness(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=128)
 def load_meta_site_stats(root: str, run_id: str):
-    return dd.meta_site_stats(root, run_id)
+    return results.meta_site_stats(root, run_id)
 
 
 @st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=16)
@@ -145,7 +147,7 @@ def artifacts_root() -> Path:
 
 def _empty_runs() -> pd.DataFrame:
     return pd.DataFrame(columns=["run_id", "kind", "status", "reason", "notice", "created", "study_id", "path", "label",
-                                 *dd.TAG_COLUMNS])
+                                 *results.TAG_COLUMNS])
 
 
 def sidebar() -> Context:
@@ -234,7 +236,7 @@ def query_id(name: str, what: str) -> str | None:
     if raw is None or raw == "":
         return None
     try:
-        return dd.check_id(raw, what)
+        return results.check_id(raw, what)
     except WorkbenchError as exc:
         st.error(f"Refused `?{name}=`: {exc}")
         return None
@@ -261,7 +263,7 @@ def meta_section(ctx: Context, title: str, key: str, reader: Callable[[str, str]
     """The opening of a page's meta-training section: a header and a picker over the readable meta-training runs
     (newest first), then ``reader(root, run_id)`` of the chosen one. :data:`NOTHING` when there is no such run or
     the read failed (said on the page)."""
-    meta = latest_first(ctx.view[(ctx.view["kind"] == dd.KIND_META) & (ctx.view["status"] != "corrupt")])
+    meta = latest_first(ctx.view[(ctx.view["kind"] == results.KIND_META) & (ctx.view["status"] != "corrupt")])
     if meta.empty:
         return NOTHING
     st.header(title)
@@ -278,4 +280,4 @@ def latest_first(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_names(columns: Sequence[str]) -> dict[str, str]:
-    return {c: c[len(dd.SUMMARY):] if c.startswith(dd.SUMMARY) else c for c in columns}
+    return {c: c[len(results.SUMMARY):] if c.startswith(results.SUMMARY) else c for c in columns}

@@ -80,16 +80,16 @@ layers**: the mean per-channel scale phi gives each perturbation site (layer) of
 The meta-trained phi is what `02_transfer_study` transfers as *our phi* (`phi="latest"` picks the newest finished
 meta-training run).
 """, MetaTrainConfig,
-        "from workbench import plots, study\nfrom workbench.meta_train import MetaTrainConfig, meta_train",
+        "from workbench import plots, results, study\nfrom workbench.meta_train import MetaTrainConfig, meta_train",
         "steps 100", "config field 'steps' must be an integer, got str 'ten'",
         defaults_note=" (the released code's setting: hours on a CPU)")
     cells += [
         new_markdown_cell("## Meta-training\n\nOne progress bar per run (and one per candidate when `num_runs > 1`, "
                           "followed by the selection of the best phi)."),
-        new_code_cell("result = meta_train(config, store=session.store)\nprint(study.describe_meta(result))"),
+        new_code_cell("result = meta_train(config, store=session.store)\nprint(results.describe_meta(result))"),
         new_markdown_cell("## Curves\n\nMeans over the tasks of the task networks' train loss/accuracy (perturbed "
                           "training batches) and held-out loss/accuracy (the batches phi's gradient comes from)."),
-        new_code_cell("history = study.meta_history(session.store, result)\nplots.meta_curves(history.curves)"),
+        new_code_cell("history = results.meta_history(session.store, result)\nplots.meta_curves(history.curves)"),
         new_markdown_cell("## Did phi learn?\n\nA phi whose weights moved can still compute what it computed at its "
                           "initialisation (a scale of about 0.5 everywhere, noise independent of the features): such "
                           "a phi is an untrained phi, not ours. The run probes phi's *function* at the end: a fresh "
@@ -135,7 +135,7 @@ error; the same for the expected calibration error.
 Targets listed in `robust_targets` are also attacked with PGD; `03_calibration_robustness` and `04_scales` read
 this study's runs.
 """, TransferStudyConfig,
-        "from workbench import controls, filters, study\nfrom workbench.study import TransferStudyConfig",
+        "from workbench import controls, filters, results, study\nfrom workbench.study import TransferStudyConfig",
         "seeds \"[0, 1]\"", "config field 'steps' must be an integer, got str 'ten'", defaults_note=" (the paper's target recipe: 10,000 steps, 100 MC samples)")
     cells += [
         new_markdown_cell("## The grid\n\nOne run per target x architecture x seed x method, in that order; "
@@ -151,9 +151,9 @@ this study's runs.
         new_markdown_cell("## Does Base overfit here?\n\nA regularizer can only help where Base overfits. Base's "
                           "accuracy on a fixed set of its training images (the final network, as on the test split), "
                           "on the test split, and the gap, means over seeds; a cell whose gap is below "
-                          "`dashboard_data.OVERFIT_GAP` (5 points) is marked underfit."),
-        new_code_cell("study.regime_table(grid)"),
-        new_code_cell("accuracy = study.summarize(grid, \"test_accuracy\")\nstudy.wide(accuracy)"),
+                          "`results.OVERFIT_GAP` (5 points) is marked underfit."),
+        new_code_cell("results.regime_table(grid)"),
+        new_code_cell("accuracy = results.summarize(grid, \"test_accuracy\")\nresults.wide(accuracy)"),
         new_code_cell("accuracy"),
         new_markdown_cell(f"{FILTER_NOTE} The metric control switches between accuracy, NLL and ECE; the second "
                           "figure keeps Base whatever the method filter picks, since every method is compared with "
@@ -165,18 +165,18 @@ this study's runs.
                       "    **controls.filters(grid, \"target\", \"arch\", \"method\", \"seed\"))"),
         new_markdown_cell("## Calibration at a glance\n\nExpected calibration error (15 bins) of the final "
                           "Monte-Carlo prediction; `03_calibration_robustness` shows the reliability diagrams."),
-        new_code_cell("ece = study.summarize(grid, \"test_ece\")\nstudy.wide(ece)"),
+        new_code_cell("ece = results.summarize(grid, \"test_ece\")\nresults.wide(ece)"),
         new_markdown_cell("## Paired differences\n\nEach method minus Base of the same seed (same initialisation and "
                           "batches), mean over seeds ± its standard error; `beyond_2se` marks differences of more than "
                           "two standard errors. With the untrained control in the grid, the second table compares our "
                           "phi with it: what meta-learning added beyond the noise."),
-        new_code_cell("paired = {metric: study.paired_differences(grid, metric) for metric in (\"test_accuracy\", "
+        new_code_cell("paired = {metric: results.paired_differences(grid, metric) for metric in (\"test_accuracy\", "
                       "\"test_nll\", \"test_ece\")}\npaired[\"test_nll\"]"),
         new_code_cell("controls = [m for m in config.methods if m == \"metaperturb_untrained\"]\n"
-                      "(study.paired_differences(grid, \"test_nll\", reference=controls[0]) if controls else\n"
+                      "(results.paired_differences(grid, \"test_nll\", reference=controls[0]) if controls else\n"
                       " \"no untrained control in this grid (add metaperturb_untrained to methods)\")"),
         new_code_cell("report = study.save_report(session, \"02_transfer_study\", {\"runs\": grid, \"accuracy\": "
-                      "accuracy, \"ece\": ece, \"regime\": study.regime_table(grid),\n"
+                      "accuracy, \"ece\": ece, \"regime\": results.regime_table(grid),\n"
                       "                          **{f\"paired_{k}\": v for k, v in paired.items()}},\n                          info={\"our_phi\": "
                       "grid.attrs.get(\"our_phi\"),\n                                \"regime_warnings\": "
                       "grid.attrs.get(\"regime_warnings\", [])})\nsession.finish()"),
@@ -197,23 +197,23 @@ seeds), and the accuracy under PGD against the attack radius for the targets the
 
 No transfer study yet? Run `workbench study run 02_transfer_study --profile demo` (or that notebook) first.
 """, CalibrationStudyConfig,
-        "from workbench import controls, filters, study\nfrom workbench.study import CalibrationStudyConfig",
+        "from workbench import controls, filters, results, study\nfrom workbench.study import CalibrationStudyConfig",
         "source_study 20260101-120000-02-transfer-study-demo-ab12",
         "config field 'targets' must be a list, got str 'cifar10'")
     cells += [
         new_markdown_cell("## The transfer study"),
-        new_code_cell("source = study.find_study(session.store, config.source_study)\n"
-                      "runs = study.study_runs(session.store, source, config.targets, config.archs, config.methods)\n"
+        new_code_cell("source = results.find_study(session.store, config.source_study)\n"
+                      "runs = results.study_runs(session.store, source, config.targets, config.archs, config.methods)\n"
                       "print(f\"source study {source.study_id} (profile {source.profile}): {len(runs)} finished "
                       "transfer runs\")\nruns"),
         new_markdown_cell("## Expected calibration error and NLL (mean ± std over seeds)"),
-        new_code_cell("ece = study.summarize(runs, \"test_ece\")\nstudy.wide(ece)"),
+        new_code_cell("ece = results.summarize(runs, \"test_ece\")\nresults.wide(ece)"),
         new_markdown_cell(FILTER_NOTE),
         new_code_cell("calibration_panel = controls.show(\n"
                       "    lambda metric, **selection: filters.metric_figure(runs, metric, **selection),\n"
                       "    metric=controls.dropdown(filters.metric_choices(), \"test_ece\", \"metric\"),\n"
                       "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\"))"),
-        new_code_cell("nll = study.summarize(runs, \"test_nll\")\nstudy.wide(nll)"),
+        new_code_cell("nll = results.summarize(runs, \"test_nll\")\nresults.wide(nll)"),
         new_markdown_cell("## Reliability diagrams\n\nAccuracy against confidence in 15 equal-width bins, each "
                           "method's bins pooled over its seeds; marker size grows with the number of test images "
                           "in the bin."),
@@ -223,7 +223,7 @@ No transfer study yet? Run `workbench study run 02_transfer_study --profile demo
         new_markdown_cell("## Accuracy under PGD\n\nFrom the runs' `arrays/robustness.npz` (the transfer study's "
                           "`robust_*` settings; stochastic methods are attacked with expectation over "
                           "transformation). eps 0 is the clean accuracy of the attacked images."),
-        new_code_cell("robust = study.robustness_table(session.store, runs, config.robust_target)\n"
+        new_code_cell("robust = results.robustness_table(session.store, runs, config.robust_target)\n"
                       "robustness_panel = controls.show(\n"
                       "    lambda **selection: filters.robustness_figure(session.store, runs, config.robust_target, "
                       "**selection),\n"
@@ -249,13 +249,13 @@ of every MetaPerturb run), then averaged over seeds.
 
 No transfer study yet? Run `workbench study run 02_transfer_study --profile demo` (or that notebook) first.
 """, ScalesStudyConfig,
-        "from workbench import controls, filters, study\nfrom workbench.study import ScalesStudyConfig",
+        "from workbench import controls, filters, results, study\nfrom workbench.study import ScalesStudyConfig",
         "max_heatmaps 2", "config field 'max_heatmaps' must be an integer, got str 'ten'")
     cells += [
         new_markdown_cell("## The transfer study"),
-        new_code_cell("source = study.find_study(session.store, config.source_study)\n"
-                      "runs = study.study_runs(session.store, source, config.targets, config.archs, config.methods)\n"
-                      "scales = study.scale_data(session.store, runs, config.max_heatmaps)\n"
+        new_code_cell("source = results.find_study(session.store, config.source_study)\n"
+                      "runs = results.study_runs(session.store, source, config.targets, config.archs, config.methods)\n"
+                      "scales = results.scale_data(session.store, runs, config.max_heatmaps)\n"
                       "print(f\"source study {source.study_id}: {scales.profile['n'].max()} seed(s) per curve\")"),
         new_markdown_cell("## Mean scale per layer\n\nOne panel per architecture, one colour per target, one dash "
                           "per phi (ours, the authors'); error bars are the spread over seeds. A phi that adapts "

@@ -1,7 +1,7 @@
 """Synthetic artifacts for the dashboard's tests and benchmark, written through the real run store.
 
 Every run is created with :class:`workbench.artifacts.RunStore` and carries the files, array names and metric
-stages that ``workbench/transfer.py`` and ``workbench/meta_train.py`` write (see ``workbench/dashboard_data.py``),
+stages that ``workbench/transfer.py`` and ``workbench/meta_train.py`` write (see ``workbench/results.py``),
 with made-up numbers: a method/target/arch-dependent accuracy plus seed noise, miscalibrated confidences, per-site
 scales that vary with depth and target. :func:`add_corrupt` adds the broken and foreign entries a real root can
 collect (half-written, foreign, newer-schema, symlinks out of the root, files of the wrong types, a finished run

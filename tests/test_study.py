@@ -137,10 +137,10 @@ def test_notebook_config_refuses_unknown_and_ill_typed_names_and_ignores_the_not
     ({"methods": ["base", "dropblock@official"]}, "only methods that use phi take '@phi'"),
     ({"methods": ["base", "nosuchmethod"]}, "nosuchmethod"),
     ({"per_class_by_target": {"svhn": 3}}, "per_class_by_target names 'svhn', which is neither among targets"),
-    ({"transfer_options": {"run_name": "x"}}, "cannot set run_name"),
+    ({"run_name": "x"}, "unknown TransferStudyConfig parameter"),
     ({"robust_targets": ["svhn"]}, "robust_targets names 'svhn'"),
-    ({"transfer_options": {"steps": 3}}, "is a field of the study itself"),
-    ({"transfer_options": {"nonsense": 3}}, "is not a TransferConfig field"),
+    ({"noise_warmup": 3}, "noise_warmup is a fraction of the steps"),
+    ({"nonsense": 3}, "unknown TransferStudyConfig parameter"),
     ({"seeds": [0, 0]}, "seeds lists an entry twice"),
     ({"archs": []}, "archs must list at least one entry"),
     ({"archs": ["resnet7"]}, "resnet7"),
@@ -222,11 +222,15 @@ def test_transfer_config_of_a_grid_cell():
         "targets": ["cifar10", "fashion_mnist"], "per_class": 20, "per_class_by_target": {"fashion_mnist": None},
         "archs": ["conv4_8"], "methods": ["base", "metaperturb", "metaperturb@official", "dropblock"],
         "method_options": {"dropblock": {"drop_prob": 0.2}}, "robust_targets": ["cifar10"], "steps": 7,
-        "transfer_options": {"noise_warmup": 0.5}})
+        "noise_warmup": 0.5, "lr_gamma": 0.5})
     cell = config.transfer_config("cifar10", "conv4_8", "metaperturb", 3, phi="run-x")
     assert (cell.target, cell.per_class, cell.method, cell.phi, cell.seed, cell.steps) == \
         ("cifar10", 20, "metaperturb", "run-x", 3, 7)
-    assert cell.robust_norms == ["linf"] and cell.noise_warmup == 0.5
+    assert cell.robust_norms == ["linf"] and cell.noise_warmup == 0.5 and cell.lr_gamma == 0.5
+    # every recipe field reaches the cell as the study has it, apart from the per-target ones
+    per_target = {"per_class", "robust_norms", "test_per_class"}
+    assert {k: v for k, v in cell.recipe().items() if k not in per_target} == \
+        {k: v for k, v in config.recipe().items() if k not in per_target}
     official = config.transfer_config("fashion_mnist", "conv4_8", "metaperturb@official", 0, phi="run-x")
     assert official.phi == "official" and official.per_class is None and official.robust_norms == []
     assert config.transfer_config("cifar10", "conv4_8", "dropblock", 0, "x").method_options == {"drop_prob": 0.2}

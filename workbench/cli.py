@@ -11,6 +11,26 @@ from .errors import WorkbenchError
 COMMAND_MODULES = ["meta_train", "transfer", "data", "study", "dashboard", "demo"]
 
 
+ARTIFACTS_HELP = "artifacts root (default: $WORKBENCH_ARTIFACTS or the checkout's artifacts/)"
+
+
+def add_artifacts_flag(parser: argparse.ArgumentParser) -> None:
+    """``--artifacts DIR``: every command that reads or writes the run store."""
+    parser.add_argument("--artifacts", metavar="DIR", help=ARTIFACTS_HELP)
+
+
+def add_run_flags(parser: argparse.ArgumentParser, config_name: str, example: str = "--set steps=100",
+                  config_file: str = "") -> None:
+    """The flags of every stage that makes one run: ``--config``, ``--set``, ``--resume``, ``--artifacts`` and
+    ``--no-progress``."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML file of {config_name} fields{config_file}")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        help=f"override one config field, e.g. {example} (repeatable)")
+    parser.add_argument("--resume", metavar="RUN", help="continue a run (its id or folder) from its last checkpoint")
+    add_artifacts_flag(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="workbench",

@@ -75,8 +75,9 @@ def _chosen_phi(store: RunStore, study_id: str) -> str:
 
 def _print_table(store: RunStore, study_id: str) -> None:
     """The accuracy table of the transfer study (from its report run), as text."""
-    from .dashboard_data import wide_table
     import pandas as pd
+
+    from .results import wide_table
 
     reports = store.list_runs(kind="study_report", study_id=study_id)
     if not reports:
@@ -178,6 +179,8 @@ def _cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench demo [--no-dashboard] [--port N] [--artifacts DIR] [--profile demo] [-p KEY VALUE]``."""
+    from .cli import add_artifacts_flag
+
     parser = subparsers.add_parser(
         "demo", help="the main job: meta-train, transfer, evaluate on offline data, then open the dashboard",
         description="Run the demo study with no network (the notebooks 01-04 with the demo profile: meta-train phi "
@@ -187,8 +190,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-dashboard", action="store_true", help="stop after the studies")
     parser.add_argument("--port", type=int, default=None, help="dashboard port (default 8501, or a free one if "
                                                                "8501 is taken)")
-    parser.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or the "
-                                                           "checkout's artifacts/)")
+    add_artifacts_flag(parser)
     parser.add_argument("--profile", default="demo", help="parameter profile (default demo; smoke for a check "
                                                           "in seconds)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),

@@ -35,8 +35,8 @@ from plotly.subplots import make_subplots
 from . import plots
 from .artifacts import RunStore
 from .errors import WorkbenchError
-from .labels import CONTROL_METHOD, labels_for, method_label, phi_learned, short_id
 from .perturb import MetaPerturb
+from .results import CONTROL_METHOD, labels_for, method_label, phi_learned, short_id
 from .study import EXPLORE_STATISTICS, LATEST, OFFICIAL, ExploreConfig, StudyError, latest_phi_run
 
 UNTRAINED = "untrained"

@@ -1,7 +1,7 @@
 """Filter a study's figures by target, architecture, method, seed or run: the logic behind the controls of the
 reading notebooks (``02_transfer_study``, ``03_calibration_robustness``, ``04_scales``).
 
-Each function takes a study's run frame (``study.study_runs`` / ``study.run_transfer_grid``) and a selection
+Each function takes a study's run frame (``results.study_runs`` / ``study.run_transfer_grid``) and a selection
 (``all`` or one value per filter) and returns a plotly figure; with nothing selected it is exactly the figure the
 notebook showed before it had controls, so an executed study keeps the same static record. ``workbench.controls``
 builds the widgets; a notebook cell only connects the two.
@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 from . import plots
 from .artifacts import RunStore
 from .errors import WorkbenchError
-from .labels import short_id
+from .results import reliability_groups, robustness_table, scale_data, short_id, summarize
 from .study import StudyError
 
 ALL = "all"
@@ -75,9 +75,7 @@ def _describe(selection: Mapping[str, Any]) -> str:
 def metric_figure(runs: pd.DataFrame, metric: str = "test_accuracy", title: str | None = None,
                   **selection: Any) -> go.Figure:
     """Mean ± std over the selected runs' seeds of ``metric`` per target, method and architecture
-    (``plots.metric_bars`` of ``study.summarize``; with nothing selected, the notebook's static figure)."""
-    from .study import summarize
-
+    (``plots.metric_bars`` of ``results.summarize``; with nothing selected, the notebook's static figure)."""
     if metric not in METRICS:
         raise WorkbenchError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     title = title or METRIC_TITLES.get(metric)
@@ -92,8 +90,6 @@ def metric_figure(runs: pd.DataFrame, metric: str = "test_accuracy", title: str 
 def delta_figure(runs: pd.DataFrame, metric: str = "test_accuracy", **selection: Any) -> go.Figure:
     """The difference to Base of the same arch and target over the selected runs (``plots.delta_bars``); Base
     stays in the comparison whatever the method filter (each method is compared with it)."""
-    from .study import summarize
-
     method = selection.pop("method", ALL)
     chosen = select_runs(runs, **selection)
     table = summarize(chosen, metric) if not chosen.empty else pd.DataFrame()
@@ -110,8 +106,6 @@ def delta_figure(runs: pd.DataFrame, metric: str = "test_accuracy", **selection:
 
 def reliability_figure(store: RunStore, runs: pd.DataFrame, **selection: Any) -> go.Figure:
     """Reliability diagrams of the selected runs (bins pooled over their seeds; ``plots.reliability_diagrams``)."""
-    from .study import reliability_groups
-
     fig = plots.reliability_diagrams(reliability_groups(store, select_runs(runs, **selection)))
     if _describe(selection):
         fig.update_layout(title_text=fig.layout.title.text + _describe(selection))
@@ -121,8 +115,6 @@ def reliability_figure(store: RunStore, runs: pd.DataFrame, **selection: Any) ->
 def robustness_figure(store: RunStore, runs: pd.DataFrame, robust_target: Optional[str] = None,
                       **selection: Any) -> go.Figure:
     """Accuracy under PGD of the selected runs (``plots.robustness_curves``)."""
-    from .study import robustness_table
-
     fig = plots.robustness_curves(robustness_table(store, select_runs(runs, **selection), robust_target))
     if _describe(selection):
         fig.update_layout(title_text=fig.layout.title.text + _describe(selection))
@@ -130,8 +122,6 @@ def robustness_figure(store: RunStore, runs: pd.DataFrame, robust_target: Option
 
 
 def _scales(store: RunStore, runs: pd.DataFrame, max_heatmaps: int, selection: Mapping[str, Any]):
-    from .study import scale_data
-
     chosen = select_runs(runs, **selection)
     try:
         return scale_data(store, chosen, max_heatmaps) if not chosen.empty else None

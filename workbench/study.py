@@ -49,6 +49,7 @@ from .artifacts import RunRecord, RunStore, Study, StudyRecord, default_root, to
 from .config import Config, require
 from .errors import WorkbenchError
 from .labels import labels_for, method_label, phi_verdict
+from .transfer import TransferConfig, TransferRecipe
 
 STUDY_ENV = "WORKBENCH_STUDY_ID"
 ARTIFACTS_ENV = "WORKBENCH_ARTIFACTS"
@@ -85,28 +86,24 @@ def _parse_method(spec: str) -> tuple[str, Optional[str]]:
     return name.strip(), (phi.strip() or None) if _ else None
 
 
-# TransferConfig fields the grid sets itself (everything else may go through transfer_options).
-_GRID_FIELDS = ("target", "per_class", "image_size", "arch", "method", "method_options", "phi", "seed", "steps",
-                "batch_size", "lr", "weight_decay", "eval_every", "eval_mc_samples", "final_mc_samples",
-                "robust_norms", "robust_eps_linf", "robust_steps", "robust_eot_samples", "robust_mc_samples",
-                "robust_examples", "data_root", "device", "threads", "artifacts_root")
-
-
 @dataclass
-class TransferStudyConfig(Config):
-    """The grid of ``02_transfer_study``: targets x archs x methods x seeds, one transfer run each.
+class TransferStudyConfig(TransferRecipe):
+    """The grid of ``02_transfer_study``: targets x archs x methods x seeds, one transfer run each, every run with
+    this config's recipe (the :class:`~workbench.transfer.TransferRecipe` fields: steps, batch_size, lr, ...,
+    documented there), so any recipe setting is a study parameter. The study's own defaults differ from a single
+    run's in four: per_class 200, eval_every 0, robust_norms ``[linf]`` (for ``robust_targets`` only) and
+    checkpoint_every null (one checkpoint, at the end of training).
 
     targets: dataset specs (``cifar10``, ``fashion_mnist``, ``imagenette64``, ``mnist_test10k``, ``omniglot_small``
-        ...). per_class: training images per class (null: all), per_class_by_target: exceptions by target.
-    test_per_class: evaluate on the first N test images of each class (null: the whole test split); the same
+        ...). per_class_by_target: exceptions to per_class by target. test_per_class: evaluate on the first N test
+        images of each class (null: the whole test split; a class with fewer keeps all of its own); the same
         images for every method and seed.
-    image_size: side every image is resized to. archs: registered models (``resnet20``, ``conv4``, ``conv4_32``).
+    archs: registered models (``resnet20``, ``conv4``, ``conv4_32``).
     methods: registered regularizers; a method that uses phi takes the study's ``phi`` unless written
         ``name@phi`` (``metaperturb@official``: the authors' released phi). method_options: per method name.
     phi: our phi: ``latest`` (the newest finished meta-training run of the artifacts root), a run id or a file.
-    seeds: one run per seed. steps ... final_mc_samples: the training recipe (see ``TransferConfig``).
-    robust_targets: targets whose runs are also attacked with PGD (robust_* settings, see ``TransferConfig``).
-    transfer_options: any other ``TransferConfig`` field, for every run (e.g. ``{noise_warmup: 0.4}``).
+    seeds: one run per seed.
+    robust_targets: targets whose runs are also attacked with PGD (``robust_norms`` and the robust_* settings).
     workers: cells run at once (null: what is fastest here: one worker per core, one thread each, on a CPU; one
         per GPU on GPUs); 1 runs them one after another in the notebook's own process. executor: ``local``
         (worker processes on this machine) or ``ray`` (tasks on the Ray cluster at ``ray_address``, else
@@ -119,46 +116,29 @@ class TransferStudyConfig(Config):
         comes before the others.
     """
 
-    targets: list[str] = field(default_factory=lambda: ["cifar10", "fashion_mnist"])
     per_class: Optional[int] = 200
+    eval_every: int = 0
+    robust_norms: list[str] = field(default_factory=lambda: ["linf"])
+    checkpoint_every: Optional[int] = None
+    targets: list[str] = field(default_factory=lambda: ["cifar10", "fashion_mnist"])
     per_class_by_target: dict[str, Any] = field(default_factory=lambda: {"fashion_mnist": 500})
-    test_per_class: Optional[int] = None
-    image_size: int = 32
     archs: list[str] = field(default_factory=lambda: ["resnet20"])
     methods: list[str] = field(default_factory=lambda: ["base", "metaperturb", "metaperturb@official"])
     method_options: dict[str, Any] = field(default_factory=dict)
     phi: str = LATEST
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    steps: int = 10000
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 5e-4
-    eval_every: int = 0
-    eval_mc_samples: int = 5
-    final_mc_samples: int = 100
     robust_targets: list[str] = field(default_factory=list)
-    robust_norms: list[str] = field(default_factory=lambda: ["linf"])
-    robust_eps_linf: list[float] = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
-    robust_steps: int = 200
-    robust_eot_samples: int = 10
-    robust_mc_samples: int = 10
-    robust_examples: int = 500
-    transfer_options: dict[str, Any] = field(default_factory=dict)
     regime_check: str = "warn"
     workers: Optional[int] = None
     executor: str = "local"
     ray_address: Optional[str] = None
     retries: int = 1
-    data_root: Optional[str] = None
-    device: str = "auto"
-    threads: Optional[int] = None
-    artifacts_root: Optional[str] = None
 
     def validate(self) -> None:
         from .fanout import check_execution
         from .regularizers import build_regularizer
-        from .transfer import TransferConfig
 
+        super().validate()
         check_execution(self.workers, self.executor, self.retries)
         require(self.regime_check in REGIME_CHECKS,
                 f"regime_check must be one of {', '.join(REGIME_CHECKS)}, got {self.regime_check!r}")
@@ -168,9 +148,6 @@ class TransferStudyConfig(Config):
             require(len(values) > 0, f"{name} must list at least one entry")
             require(len(set(map(str, values))) == len(values), f"{name} lists an entry twice: {values}")
         require(all(s >= 0 for s in self.seeds), f"seeds must be non-negative integers, got {self.seeds}")
-        require(self.per_class is None or self.per_class >= 1, f"per_class must be >= 1 or null, got {self.per_class}")
-        require(self.test_per_class is None or self.test_per_class >= 1,
-                f"test_per_class must be >= 1 or null (the whole test split), got {self.test_per_class}")
         from .data import SOURCES, TORCHVISION
 
         known = set(SOURCES) | {f"tv:{name}" for name in TORCHVISION}
@@ -182,9 +159,6 @@ class TransferStudyConfig(Config):
                     f"known dataset; fix the name or remove it")
             require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
                     f"per_class_by_target[{target!r}] must be a positive integer or null, got {value!r}")
-        from .robustness import check_norm
-
-        self.robust_norms = [check_norm(n) for n in self.robust_norms]
         for target in self.robust_targets:
             require(target in self.targets, f"robust_targets names {target!r}, which is not among targets "
                                             f"{self.targets}")
@@ -193,14 +167,6 @@ class TransferStudyConfig(Config):
         for key, options in self.method_options.items():
             require(key in names, f"method_options names {key!r}, which is not among methods {names}")
             require(isinstance(options, Mapping), f"method_options[{key!r}] must be a mapping of option -> value")
-        fields = set(TransferConfig.field_names())
-        for key in self.transfer_options:
-            require(key != "run_name", "transfer_options cannot set run_name: the grid makes many runs, each "
-                                       "with its own generated id")
-            require(key in fields, f"transfer_options key {key!r} is not a TransferConfig field; valid: "
-                                   f"{', '.join(sorted(fields - set(_GRID_FIELDS)))}")
-            require(key not in _GRID_FIELDS, f"transfer_options key {key!r} is a field of the study itself; "
-                                             f"set the study parameter instead")
         for spec in self.methods:
             name, phi = _parse_method(spec)
             require(bool(name), f"method {spec!r} has no name; write e.g. metaperturb@official")
@@ -216,30 +182,27 @@ class TransferStudyConfig(Config):
         for arch in self.archs:  # an unknown architecture: one line now, not after the first runs
             build(arch, 2, in_channels=3, image_size=self.image_size)
 
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The grid's own fields first, then the recipe's (the order of the notebook's parameters cell)."""
+        recipe = set(TransferRecipe.recipe_fields()) - {"per_class", "test_per_class"}
+        names = super().field_names()
+        return [n for n in names if n not in recipe] + [n for n in names if n in recipe]
+
     def per_class_for(self, target: str) -> Optional[int]:
         return self.per_class_by_target[target] if target in self.per_class_by_target else self.per_class
 
-    def transfer_config(self, target: str, arch: str, method_spec: str, seed: int, phi: str):
-        """The :class:`TransferConfig` of one grid cell (``phi``: the resolved phi for methods that use one)."""
-        from .transfer import TransferConfig
-
+    def transfer_config(self, target: str, arch: str, method_spec: str, seed: int, phi: str) -> TransferConfig:
+        """The :class:`TransferConfig` of one grid cell (``phi``: the resolved phi for methods that use one): the
+        study's recipe, with this target's per_class and robustness, and the cell."""
         name, own_phi = _parse_method(method_spec)
-        robust = target in self.robust_targets
-        values = {
-            **self.transfer_options,
-            "target": target, "per_class": self.per_class_for(target), "image_size": self.image_size,
-            "arch": arch, "method": name, "method_options": dict(self.method_options.get(name) or {}),
-            "phi": own_phi or phi, "seed": int(seed), "steps": self.steps, "batch_size": self.batch_size,
-            "lr": self.lr, "weight_decay": self.weight_decay, "eval_every": self.eval_every,
-            "eval_mc_samples": self.eval_mc_samples, "final_mc_samples": self.final_mc_samples,
-            "robust_norms": list(self.robust_norms) if robust else [], "robust_eps_linf": list(self.robust_eps_linf),
-            "robust_steps": self.robust_steps, "robust_eot_samples": self.robust_eot_samples,
-            "robust_mc_samples": self.robust_mc_samples, "robust_examples": self.robust_examples,
-            "data_root": self.data_root, "device": self.device, "threads": self.threads,
-            "artifacts_root": self.artifacts_root,
-        }
-        values.setdefault("checkpoint_every", max(1, self.steps))
-        return TransferConfig.from_dict(values)
+        recipe = self.recipe()
+        recipe["per_class"] = self.per_class_for(target)
+        recipe["robust_norms"] = list(self.robust_norms) if target in self.robust_targets else []
+        recipe["test_per_class"] = None  # the grid cuts the test split itself (limit_test): smaller classes whole
+        return TransferConfig.from_dict({**recipe, "target": target, "arch": arch, "method": name,
+                                         "method_options": dict(self.method_options.get(name) or {}),
+                                         "phi": own_phi or phi, "seed": int(seed)})
 
 
 @dataclass
@@ -473,10 +436,10 @@ def parameters_source(cls: type[Config]) -> str:
     lines = [f"# Parameters: exactly the fields of {cls.__name__} (defaults shown); papermill injects overrides "
              "after this cell."]
     default = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(default, f.name)
+    for name in cls.field_names():
+        value = getattr(default, name)
         value = str(value) if isinstance(value, Path) else value
-        lines.append(f"{f.name} = {value!r}  # {_type_name(hints[f.name])}")
+        lines.append(f"{name} = {value!r}  # {_type_name(hints[name])}")
     return "\n".join(lines)
 
 
@@ -586,91 +549,13 @@ def save_report(session: StudySession, name: str, tables: Mapping[str, Any], inf
     return run.run_id
 
 
-# ======================================================================================== 01: meta-training
-@dataclass
-class MetaHistory:
-    """What ``01_meta_train`` shows: the run's curves and the per-site scales phi produced during training."""
-
-    run_id: str
-    curves: Any  # DataFrame: step, train/heldout loss and accuracy (means over tasks), phi's norm, gradient norm,
-                 # gradient agreement over tasks, distances from the initialisation and the authors' phi
-    sites: Any   # DataFrame: step, site_index, site, scale (mean over tasks), scale_std (over tasks), multiplier_std
-    selection: Optional[dict[str, Any]] = None
-    diagnostics: Optional[dict[str, Any]] = None  # records/phi_diagnostics.json (None for runs made before it)
-    chance: Optional[float] = None  # accuracy of guessing on the tasks
-
-    @property
-    def learned(self) -> Optional[bool]:
-        return None if self.diagnostics is None else bool(self.diagnostics["learned"])
-
-    @property
-    def status(self) -> str:
-        """``learned``, ``did not learn`` or ``not diagnosed``."""
-        from .phi_diagnostics import UNLEARNED_NOTE
-
-        return {True: "learned", False: UNLEARNED_NOTE, None: "not diagnosed"}[self.learned]
-
-    @property
-    def verdict(self) -> str:
-        """One line: learned or not, by how much, and what the task networks reached against chance."""
-        if self.diagnostics is None:
-            return "no diagnostics recorded for this run (made before they existed): whether phi learned is unknown"
-        return self.diagnostics["message"]
-
-    def probe_sites(self):
-        """The diagnostics probe per site: scale (final, initial, authors'), channel spread, multiplier statistics."""
-        import pandas as pd
-
-        return pd.DataFrame(self.diagnostics["sites"] if self.diagnostics else [])
-
-    def final_sites(self):
-        """The learned scale per layer at the last logged step (mean and spread over tasks)."""
-        if self.sites.empty:
-            return self.sites
-        return self.sites[self.sites["step"] == self.sites["step"].max()].reset_index(drop=True)
-
-
-def describe_meta(result: Any) -> str:
-    """One paragraph on a meta-training result: where phi is and how good the task networks got."""
-    s = result.summary
-    lines = [f"phi: {result.phi_path}"]
-    if result.selection_run_id:
-        lines.append(f"selection run {result.selection_run_id} chose run {result.run_id}: {s.get('reason')}")
-    else:
-        lines.append(f"run {result.run_id}: {s.get('steps')} meta steps in {s.get('seconds', float('nan')):.0f} s; "
-                     f"mean held-out accuracy of the final task networks {s.get('heldout_acc_mean', float('nan')):.4f}"
-                     + (f" (chance {s['chance']:.4f})" if isinstance(s.get("chance"), float) else ""))
-    verdict = s.get("phi_verdict") if not result.selection_run_id else None
-    if verdict:
-        lines.append(("phi " if s.get("phi_learned") else "WARNING: phi ") + verdict)
-    return "\n".join(lines)
-
-
-def meta_history(store: RunStore, result: Any) -> MetaHistory:
-    """Curves and per-site scale statistics of a meta-training result (the chosen run when several were made)."""
-    import numpy as np
-    import pandas as pd
-
-    run = store.open_run(result.run_id)
-    curves = pd.DataFrame(run.read_metrics("phi"))
-    sites = pd.DataFrame(columns=["step", "site_index", "site", "scale", "scale_std", "multiplier_std"])
-    if run.has_arrays("site_stats"):
-        arrays = run.load_arrays("site_stats")
-        steps = np.asarray(arrays["steps"])
-        scale = np.asarray(arrays["scale_mean"], dtype=np.float64)        # steps x tasks x sites
-        mult_std = np.asarray(arrays["multiplier_std"], dtype=np.float64)
-        names = [str(n) for n in np.asarray(arrays["site_names"]).reshape(-1)]
-        rows = []
-        for i, step in enumerate(steps):
-            for j, site in enumerate(names):
-                rows.append({"step": int(step), "site_index": j, "site": site,
-                             "scale": float(np.nanmean(scale[i, :, j])), "scale_std": float(np.nanstd(scale[i, :, j])),
-                             "multiplier_std": float(np.nanmean(mult_std[i, :, j]))})
-        sites = pd.DataFrame(rows, columns=sites.columns)
-    diagnostics = phi_verdict(store, run.run_id)
-    chance = run.summary.get("chance")
-    return MetaHistory(result.run_id, curves, sites, selection=getattr(result, "selection", None),
-                       diagnostics=diagnostics, chance=chance if isinstance(chance, (int, float)) else None)
+# ========================================================================================= reading results
+# The readers and tables of the notebooks live in the results layer (workbench/results.py), shared with the
+# reports and the dashboard; they are re-exported here, so ``study.summarize(...)`` etc. keep working.
+from .results import (  # noqa: E402,F401
+    MetaHistory, ScaleData, describe_meta, find_study, meta_history, paired_differences, regime_table,
+    reliability_groups, robustness_table, scale_data, study_runs, summarize, wide,
+)
 
 
 # ========================================================================================== 02: the grid
@@ -720,7 +605,7 @@ REGIME_CHECKS = ("warn", "stop", "off")
 def underfit_message(target: str, arch: str, seed: int, train: Optional[float], test: float) -> Optional[str]:
     """The warning for a Base run whose training-set accuracy is under ``OVERFIT_GAP`` above its test accuracy
     (None when it overfits, or when it has no training-set evaluation to judge by)."""
-    from .dashboard_data import OVERFIT_GAP, UNDERFIT
+    from .results import OVERFIT_GAP, UNDERFIT
 
     if train is None or train != train or train - test >= OVERFIT_GAP:
         return None
@@ -824,7 +709,6 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
                     for m in config.methods)
     ours = resolve_study_phi(config.phi, store) if uses_ours else None
     verdict = phi_verdict(store, ours) if uses_ours else None
-    learned = {ours: None if verdict is None else verdict["learned"]}  # the only phi with a verdict to read
     if uses_ours:
         print(f"our phi: {ours}" + (f" (phi='latest')" if config.phi == LATEST else ""))
         if verdict is not None and not verdict["learned"]:
@@ -885,217 +769,19 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
         name, own = _parse_method(spec)
         phi = (own or ours) if build_regularizer(name, config.method_options.get(name) or {}).needs_phi else None
         rows.append({"run_id": outcome.value["run_id"], "target": target, "arch": arch, "seed": int(seed),
-                     "method": name, "phi": phi, "label": method_label(name, phi, learned.get(phi)),
+                     "method": name, "phi": phi,
                      "test_accuracy": s["test_accuracy"], "test_nll": s["test_nll"], "test_ece": s["test_ece"],
                      "train_eval_accuracy": s.get("train_eval_accuracy"),
                      "generalization_gap": s.get("generalization_gap"),
                      "mc_samples": s["mc_samples"], "train_examples": s["train_examples"],
                      "test_examples": s["test_examples"], "train_seconds": s["train_seconds_last_session"]})
     frame = pd.DataFrame(rows)
+    # every phi's verdict (ours, or a meta-train run named with @), labelled as the dashboard labels the runs
+    frame.insert(6, "label", labels_for(store, frame["method"], frame["phi"]))
     frame.attrs["our_phi"] = ours
     frame.attrs["regime_warnings"] = [regime_warnings[c.key] for c in cells if c.key in regime_warnings]
     frame.attrs["workers"] = plan.describe()
     return frame
-
-
-def summarize(runs: Any, metric: str = "test_accuracy"):
-    """Mean, standard deviation and count of ``metric`` over seeds per (arch, target, method label), with the
-    difference to Base of the same arch and target and its standard error (the dashboard's aggregation)."""
-    from .dashboard_data import accuracy_table
-
-    return accuracy_table(runs, metric=metric, by=("arch", "target", "label"))
-
-
-def paired_differences(runs: Any, metric: str = "test_accuracy", reference: str = "base"):
-    """Per (arch, target, label): the mean over seeds of ``metric`` minus the same seed's ``reference`` run (a
-    method name or label), the standard error of that mean (sd / sqrt(n)), n pairs, and whether it is more than
-    two standard errors from 0. Pairs share the network initialisation and the batches, so the seed-to-seed
-    spread they have in common cancels."""
-    import pandas as pd
-
-    columns = ["arch", "target", "label", "reference", "mean_diff", "se", "n", "beyond_2se"]
-    if runs.empty or metric not in runs:
-        return pd.DataFrame(columns=columns)
-    data = runs.assign(value=pd.to_numeric(runs[metric], errors="coerce"))
-    is_ref = (data["method"].astype(str) == reference) | (data["label"].astype(str) == reference)
-    ref = data[is_ref].set_index(["arch", "target", "seed"])["value"]
-    ref = ref[~ref.index.duplicated()]
-    rows = []
-    for (arch, target, label), part in data[~is_ref].groupby(["arch", "target", "label"], sort=True):
-        diffs = [row.value - ref[(arch, target, row.seed)] for row in part.itertuples()
-                 if (arch, target, row.seed) in ref.index]
-        diffs = [d for d in diffs if d == d]
-        if not diffs:
-            continue
-        n = len(diffs)
-        mean = float(sum(diffs) / n)
-        se = float(pd.Series(diffs).std() / n ** 0.5) if n > 1 else float("nan")
-        rows.append({"arch": arch, "target": target, "label": label, "reference": reference, "mean_diff": mean,
-                     "se": se, "n": n, "beyond_2se": bool(n > 1 and abs(mean) > 2 * se)})
-    return pd.DataFrame(rows, columns=columns)
-
-
-def regime_table(runs: Any, method: str = "base"):
-    """Whether Base overfits each (arch, target) of a grid's rows (:func:`workbench.dashboard_data.regime_table`:
-    Base's final network on its training images against the test split, means over seeds, underfit cells marked)."""
-    from .dashboard_data import regime_table as table
-
-    return table(runs, train="train_eval_accuracy", test="test_accuracy", method=method)
-
-
-def wide(table: Any, digits: int = 4):
-    """Methods x (arch / target) as ``mean ± std`` strings."""
-    from .dashboard_data import wide_table
-
-    return wide_table(table, digits=digits)
-
-
-# ================================================================================ 03 / 04: reading a study
-def find_study(store: RunStore, spec: str, notebook: str = TRANSFER_NOTEBOOK) -> StudyRecord:
-    """A finished study of ``notebook``: ``latest`` (the newest) or a study id."""
-    produce = (f"run `workbench study run {notebook} --profile demo` (or the notebook in JupyterLab) first, "
-               f"or pass source_study=<study id> (see `workbench study list`)")
-    if spec == LATEST:
-        found = [r for r in store.list_studies() if r.status == "finished" and r.notebook
-                 and Path(r.notebook).stem == notebook]
-        if not found:
-            raise StudyError(f"no finished {notebook} study under {store.root}; {produce}")
-        return max(found, key=lambda r: (r.finished or r.created or "", r.study_id))
-    record = store.study_record(spec)
-    if record.status == "corrupt":
-        raise StudyError(f"study {spec!r} cannot be read under {store.root} ({record.reason}); {produce}")
-    if record.status != "finished":
-        raise StudyError(f"study {spec} is {record.status}, not finished; its results may be incomplete. {produce}")
-    return record
-
-
-def study_runs(store: RunStore, study: StudyRecord, targets: Sequence[str] = (), archs: Sequence[str] = (),
-               methods: Sequence[str] = ()):
-    """The finished transfer runs of a study as a frame (run_id, target, arch, seed, method, phi, label and the
-    summary metrics), filtered by target, arch and method name or label (empty filters keep all)."""
-    import pandas as pd
-
-    records = [r for r in store.list_runs(kind="transfer", study_id=study.study_id) if r.status == "finished"]
-    if not records:
-        raise StudyError(f"study {study.study_id} has no finished transfer runs; pick another source_study "
-                         "(`workbench study list`)")
-    names = labels_for(store, [r.tags.get("method") for r in records], [r.tags.get("phi") for r in records])
-    rows = []
-    for r, label in zip(records, names):
-        summary = store.run_record(r.run_id).summary
-        method, phi = str(r.tags.get("method")), r.tags.get("phi")
-        rows.append({"run_id": r.run_id, "target": str(r.tags.get("target")), "arch": str(r.tags.get("arch")),
-                     "seed": r.tags.get("seed"), "method": method, "phi": phi, "label": label,
-                     **{k: summary.get(k) for k in ("test_accuracy", "test_nll", "test_ece", "mc_samples",
-                                                    "sites", "mean_scale", "final_train_accuracy",
-                                                    "train_eval_accuracy", "generalization_gap", "test_examples")}})
-    frame = pd.DataFrame(rows)
-    for column, wanted in (("target", targets), ("arch", archs)):
-        if wanted:
-            frame = frame[frame[column].isin(list(wanted))]
-    if methods:
-        frame = frame[frame["method"].isin(list(methods)) | frame["label"].isin(list(methods))]
-    if frame.empty:
-        raise StudyError(f"no runs of study {study.study_id} are left after filtering by targets={list(targets)}, "
-                         f"archs={list(archs)}, methods={list(methods)}")
-    return frame.reset_index(drop=True)
-
-
-def reliability_groups(store: RunStore, runs: Any) -> dict[str, dict[str, Any]]:
-    """``{"arch / target": {label: pooled reliability bins}}``: each method's bins pooled over its seeds."""
-    import pandas as pd
-
-    from .dashboard_data import pool_bins
-
-    groups: dict[str, dict[str, Any]] = {}
-    for (arch, target, label), part in runs.groupby(["arch", "target", "label"], sort=True):
-        frames = []
-        for run_id in part["run_id"]:
-            run = store.open_run(run_id)
-            if run.has_arrays("reliability"):
-                a = run.load_arrays("reliability")
-                frames.append(pd.DataFrame({k: a[k].reshape(-1) for k in ("lower", "upper", "count", "confidence",
-                                                                          "accuracy")}))
-        if frames:
-            groups.setdefault(f"{arch} / {target}", {})[label] = pool_bins(frames)
-    return groups
-
-
-def robustness_table(store: RunStore, runs: Any, target: Optional[str] = None):
-    """Accuracy under PGD per (arch, target, label, norm, eps): mean, std and count over seeds, from the runs'
-    ``arrays/robustness.npz`` (clean accuracy at eps 0). Empty if no run recorded curves."""
-    import numpy as np
-    import pandas as pd
-
-    rows = []
-    chosen = runs if target is None else runs[runs["target"] == target]
-    for row in chosen.itertuples():
-        run = store.open_run(row.run_id)
-        if not run.has_arrays("robustness"):
-            continue
-        a = run.load_arrays("robustness")
-        for norm in [str(n) for n in np.asarray(a["norms"]).reshape(-1)]:
-            eps = [0.0] + np.asarray(a[f"{norm}_eps"], dtype=float).tolist()
-            acc = [float(a["clean_accuracy"])] + np.asarray(a[f"{norm}_accuracy"], dtype=float).tolist()
-            for e, v in zip(eps, acc):
-                rows.append({"arch": row.arch, "target": row.target, "label": row.label, "seed": row.seed,
-                             "norm": norm, "eps": e, "accuracy": v})
-    columns = ["arch", "target", "label", "norm", "eps", "mean", "std", "n"]
-    if not rows:
-        return pd.DataFrame(columns=columns)
-    frame = pd.DataFrame(rows).drop_duplicates(["arch", "target", "label", "seed", "norm", "eps"])
-    out = frame.groupby(["arch", "target", "label", "norm", "eps"], sort=True)["accuracy"].agg(
-        ["mean", "std", "count"]).reset_index().rename(columns={"count": "n"})
-    out["std"] = out["std"].fillna(0.0)
-    return out[columns]
-
-
-@dataclass
-class ScaleData:
-    """Per-site per-channel scales of a study's MetaPerturb runs."""
-
-    profile: Any    # DataFrame: arch, target, label, site_index, site, mean, std (over seeds), n, multiplier_std
-    heatmaps: list  # [(title, site names, sites x channels matrix averaged over seeds)]
-
-
-def scale_data(store: RunStore, runs: Any, max_heatmaps: int = 6) -> ScaleData:
-    """Read ``arrays/site_scales.npz`` of every run that has one; the per-layer profile is the mean scale over a
-    site's channels, then mean and spread over seeds (the paper's figure)."""
-    import numpy as np
-    import pandas as pd
-
-    rows, matrices = [], {}
-    for row in runs.itertuples():
-        run = store.open_run(row.run_id)
-        if not run.has_arrays("site_scales"):
-            continue
-        a = run.load_arrays("site_scales")
-        scale = np.asarray(a["scale"], dtype=np.float64)
-        names = [str(n) for n in np.asarray(a["site_names"]).reshape(-1)]
-        mult_std = np.asarray(a.get("multiplier_std", np.full(len(names), np.nan)), dtype=np.float64)
-        key = (row.arch, row.target, row.label)
-        matrices.setdefault(key, (names, []))[1].append(scale)
-        with np.errstate(all="ignore"):
-            means = np.nanmean(scale, axis=1)
-        for i, (name, value) in enumerate(zip(names, means)):
-            rows.append({"arch": row.arch, "target": row.target, "label": row.label, "seed": row.seed,
-                         "site_index": i, "site": name, "value": float(value), "multiplier_std": float(mult_std[i])})
-    columns = ["arch", "target", "label", "site_index", "site", "mean", "std", "n", "multiplier_std"]
-    if not rows:
-        raise StudyError("none of the selected runs recorded perturbation scales (only MetaPerturb runs do); include "
-                         "metaperturb in the transfer study's methods")
-    frame = pd.DataFrame(rows)
-    profile = frame.groupby(["arch", "target", "label", "site_index"], sort=True).agg(
-        site=("site", "first"), mean=("value", "mean"), std=("value", "std"), n=("value", "count"),
-        multiplier_std=("multiplier_std", "mean")).reset_index()
-    profile["std"] = profile["std"].fillna(0.0)
-    heatmaps = []
-    for (arch, target, label), (names, stack) in sorted(matrices.items())[:max_heatmaps]:
-        with np.errstate(all="ignore"):
-            mean = np.nanmean(np.stack(stack), axis=0)
-        heatmaps.append((f"{arch} / {target} / {label} ({len(stack)} seed{'s' if len(stack) != 1 else ''})",
-                         names, mean))
-    return ScaleData(profile[columns], heatmaps)
 
 
 # ============================================================================================== the runner
@@ -1451,7 +1137,9 @@ def _cli_list(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``workbench study run`` and ``workbench study list``."""
+    """Add ``workbench study run``, ``workbench study resume`` and ``workbench study list``."""
+    from .cli import add_artifacts_flag
+
     parser = subparsers.add_parser(
         "study", help="run the study notebooks headless (papermill) and list studies",
         description="Execute the notebooks of notebooks/ with a parameter profile; each notebook becomes a study "
@@ -1467,8 +1155,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--profile", required=True, help="profile name (notebooks/profiles/NAME.yaml) or YAML file")
     run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
                      help="override a parameter (VALUE is YAML: 10, 1e-3, [a, b], null); KEY or NOTEBOOK.KEY")
-    run.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or the "
-                                                        "checkout's artifacts/)")
+    add_artifacts_flag(run)
     run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
     _add_execution_flags(run)
     run.set_defaults(func=_cli_run)
@@ -1478,12 +1165,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     "finished are kept, the others resume from their checkpoints or start again. Only the fan-out "
                     "settings may change.")
     resume.add_argument("study", metavar="STUDY", help="the study id (`workbench study list`)")
-    resume.add_argument("--artifacts", metavar="DIR", help="artifacts root")
+    add_artifacts_flag(resume)
     resume.add_argument("--quiet", action="store_true", help="do not stream the notebook's output and progress")
     _add_execution_flags(resume)
     resume.set_defaults(func=_cli_resume)
     listing = sub.add_parser("list", help="list the studies of an artifacts root")
-    listing.add_argument("--artifacts", metavar="DIR", help="artifacts root")
+    add_artifacts_flag(listing)
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
     listing.set_defaults(func=_cli_list)
     parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])

@@ -42,6 +42,8 @@ from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resol
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate
 from .regularizers import (
+    NOISE_WARMUP,
+    TRAIN_CLIP,
     Regularizer,
     SourceNetwork,
     TrainContext,
@@ -76,22 +78,24 @@ ARRAY_NAMES = {
 
 
 # ============================================================================================ configuration
-@dataclasses.dataclass
-class TransferConfig(Config):
-    """Settings of one target training run (defaults: the original target recipe).
+#: Fractions of the steps at which the learning rate drops by ``lr_gamma`` (the original target recipe).
+LR_MILESTONES = (0.4, 0.7, 0.9)
 
-    target: dataset spec (``cifar10``, ``mnist_test10k``, ``npz:PATH``, ``tv:NAME`` ...); data_root: where to look.
-    per_class: training images per class (None: all); pick: ``random`` (seeded) or ``first`` (the original's
-        s-CIFAR100 rule). test_per_class: evaluate on the first this-many test images of each class (None: all).
-        image_size: side the images are resized to. channels: 1 or 3 (None: the dataset's; a fine-tuning source
-        fixes it to its own input channels).
-    arch: a registered model (``workbench.models.available()``). method: a registered regularizer
-        (``workbench.regularizers.available_regularizers()``), ``method_options`` its settings.
-    phi: ``official`` (the authors' released phi under ``../shared/reference``), a phi file, or a meta-train run
-        id (its ``phi.pt``); used by methods with phi. finetune_from: a ``source`` run id or network file, for the
-        fine-tuning methods.
+
+@dataclasses.dataclass
+class TransferRecipe(Config):
+    """How a target network is trained and evaluated (defaults: the original target recipe): every setting of a
+    transfer run except which cell it is (:class:`TransferConfig` adds that). A study's grid holds one recipe
+    for all its cells (``workbench.study.TransferStudyConfig`` derives from this class).
+
+    data_root: where to look for datasets. per_class: training images per class (None: all); pick: ``random``
+        (seeded) or ``first`` (the original's s-CIFAR100 rule). test_per_class: evaluate on the first this-many test
+        images of each class (None: all). image_size: side the images are resized to. channels: 1 or 3 (None: the
+        dataset's; a fine-tuning source fixes it to its own input channels).
+    finetune_from: a ``source`` run id or network file, for the fine-tuning methods.
     steps, batch_size, lr, weight_decay, lr_milestones (fractions of steps), lr_gamma: the optimisation.
-    noise_warmup, clip: MetaPerturb's noise-coefficient ramp (fraction of steps) and training clamp.
+    noise_warmup, clip: MetaPerturb's noise-coefficient ramp (fraction of steps) and training clamp (defaults:
+        ``workbench.regularizers.metaperturb``).
     eval_every: steps between evaluations on the test split (0: only at the end), with eval_mc_samples MC
         samples; final_mc_samples for the final evaluation (stochastic methods only; deterministic ones use 1).
     train_eval_examples: after training, the final network is also evaluated (as on the test split, with
@@ -103,29 +107,29 @@ class TransferConfig(Config):
         robust_mc_samples prediction samples (stochastic methods), on robust_examples test images (a seeded
         random subset).
     normalization: ``dataset`` (the training split's per-channel statistics) or ``0.5`` (the original's).
-    checkpoint_every / log_every: steps between checkpoints / training-curve rows. device: auto, cpu, cuda[:N].
+    checkpoint_every / log_every: steps between checkpoints (null: only at the end of training) / training-curve
+        rows. device: auto, cpu, cuda[:N]. threads: torch CPU threads (null: torch's default).
+    compile_sites: the perturbation sites compiled by torch.compile (``workbench.compiled``; ``auto``: on CUDA
+        devices). cuda_graphs: training steps captured as CUDA graphs (``workbench.graphs``; ``auto``: where the
+        device and method allow). precision: ``bf16`` runs the training forward passes under bf16 autocast (float32
+        weights, optimizer and loss; evaluation stays float32).
     """
 
-    target: str = "cifar10"
     data_root: Optional[str] = None
     per_class: Optional[int] = None
     pick: Literal["random", "first"] = "random"
     test_per_class: Optional[int] = None
     image_size: int = 32
     channels: Optional[int] = None
-    arch: str = "resnet20"
-    method: str = "metaperturb"
-    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    phi: str = OFFICIAL_PHI
     finetune_from: Optional[str] = None
     steps: int = 10000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 5e-4
-    lr_milestones: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.7, 0.9])
+    lr_milestones: list[float] = dataclasses.field(default_factory=lambda: list(LR_MILESTONES))
     lr_gamma: float = 0.3
-    noise_warmup: float = 0.4
-    clip: Optional[float] = 100.0
+    noise_warmup: float = NOISE_WARMUP
+    clip: Optional[float] = TRAIN_CLIP
     eval_every: int = 200
     eval_mc_samples: int = 5
     final_mc_samples: int = 100
@@ -141,30 +145,39 @@ class TransferConfig(Config):
     robust_examples: int = 500
     robust_batch_size: int = 100
     normalization: Literal["dataset", "0.5"] = "dataset"
-    seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None
-    checkpoint_every: int = 1000
+    checkpoint_every: Optional[int] = 1000
     log_every: int = 50
     artifacts_root: Optional[str] = None
-    run_name: Optional[str] = None
+    compile_sites: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @classmethod
+    def recipe_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(TransferRecipe))
+
+    def recipe(self) -> dict[str, Any]:
+        """This config's recipe settings (for a subclass: only those it shares with :class:`TransferRecipe`)."""
+        return {name: getattr(self, name) for name in self.recipe_fields()}
 
     def validate(self) -> None:
-        from .data import check_spec
-        from .models import check_image_size, check_name
+        from .models import check_image_size
 
-        for name in ("steps", "batch_size", "eval_batch_size", "checkpoint_every", "log_every",
-                     "robust_batch_size", "robust_examples"):
+        for name in ("steps", "batch_size", "eval_batch_size", "log_every", "robust_batch_size", "robust_examples"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.checkpoint_every is None or self.checkpoint_every >= 1,
+                f"checkpoint_every must be >= 1 or null (only at the end of training), got {self.checkpoint_every}")
         require(self.batch_size >= 2, f"batch_size must be at least 2 (BatchNorm and the perturbation use batch "
                                       f"statistics), got {self.batch_size}")
         check_image_size(self.image_size)
-        check_spec(self.target, "target")
-        check_name(self.arch)
-        require(bool(self.phi.strip()), "phi must be 'official', a phi file or a meta-train run id, got ''")
-        require_seed("seed", self.seed)
         require_threads(self.threads)
         resolve_device(self.device, check_available=False)
+        for name, allowed in (("compile_sites", ("auto", "on", "off")), ("cuda_graphs", ("auto", "on", "off")),
+                              ("precision", ("fp32", "bf16"))):
+            value = getattr(self, name)
+            require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
         require(self.eval_every >= 0, f"eval_every must be >= 0 (0: evaluate only at the end), got {self.eval_every}")
         require(self.train_eval_examples >= 0, f"train_eval_examples must be >= 0 (0: off), got "
                                                f"{self.train_eval_examples}")
@@ -193,16 +206,44 @@ class TransferConfig(Config):
         for norm in ("linf", "l2", "l1"):
             eps = getattr(self, f"robust_eps_{norm}")
             require(all(e >= 0 for e in eps), f"robust_eps_{norm} must hold radii >= 0, got {eps}")
+
+
+@dataclasses.dataclass
+class TransferConfig(TransferRecipe):
+    """Settings of one target training run: a :class:`TransferRecipe` and the cell it trains.
+
+    target: dataset spec (``cifar10``, ``mnist_test10k``, ``npz:PATH``, ``tv:NAME`` ...).
+    arch: a registered model (``workbench.models.available()``). method: a registered regularizer
+        (``workbench.regularizers.available_regularizers()``), ``method_options`` its settings.
+    phi: ``official`` (the authors' released phi under ``../shared/reference``), a phi file, or a meta-train run
+        id (its ``phi.pt``); used by methods with phi. seed: the run's seed. run_name: the run id (null: generated).
+    """
+
+    target: str = "cifar10"
+    arch: str = "resnet20"
+    method: str = "metaperturb"
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    phi: str = OFFICIAL_PHI
+    seed: int = 0
+    run_name: Optional[str] = None
+
+    def validate(self) -> None:
+        from .data import check_spec
+        from .models import check_name
+
+        super().validate()
+        check_spec(self.target, "target")
+        check_name(self.arch)
+        require(bool(self.phi.strip()), "phi must be 'official', a phi file or a meta-train run id, got ''")
+        require_seed("seed", self.seed)
         build_regularizer(self.method, self.method_options)  # unknown method / setting: one line, now
 
     def epsilons(self) -> dict[str, list[float]]:
         return {n: list(getattr(self, f"robust_eps_{n}")) for n in self.robust_norms}
 
 
-
-
 # ============================================================================================ schedules
-def lr_milestone_steps(steps: int, fractions=(0.4, 0.7, 0.9)) -> list[int]:
+def lr_milestone_steps(steps: int, fractions=LR_MILESTONES) -> list[int]:
     """The steps at which the learning rate drops: ``round(f * steps)`` (4000/7000/9000 of 10,000)."""
     return [int(round(f * steps)) for f in fractions]
 
@@ -353,6 +394,7 @@ class _Setup:
     phi_label: Optional[str]
     phi_path: Optional[Path]
     source: Optional[SourceNetwork]
+    train_step: Any = None  # workbench.graphs.TrainStep: one update (eager or a replayed CUDA graph, fp32 or bf16)
 
 
 def _build(config: TransferConfig, store: RunStore, dataset=None) -> _Setup:
@@ -392,8 +434,21 @@ def _build(config: TransferConfig, store: RunStore, dataset=None) -> _Setup:
     scheduler = torch.optim.lr_scheduler.MultiStepLR(
         optimizer, milestones=lr_milestone_steps(config.steps, config.lr_milestones), gamma=config.lr_gamma)
     batches = BatchIterator(view.train, config.batch_size, augment, seed=config.seed, device=device)
+    train_step = _train_step(config, device, model, regularizer, optimizer)
     return _Setup(config, device, view, augment, model, regularizer, optimizer, scheduler, batches, phi, phi_label,
-                  phi_path, source)
+                  phi_path, source, train_step)
+
+
+def _train_step(config: TransferConfig, device: torch.device, model: nn.Module, regularizer: Regularizer,
+                optimizer: torch.optim.Optimizer):
+    """The update of one training step as the config's ``compile_sites``, ``cuda_graphs`` and ``precision`` ask
+    (their defaults on a CPU: the sites' fused kernel, eager steps, float32: the loop as it always was)."""
+    from . import compiled, graphs
+
+    compiled.apply(config.compile_sites, device, [model], what="transfer")
+    decision = graphs.decide(config.cuda_graphs, device, models=[model], optimizers=[optimizer],
+                             method=config.method, what="transfer")
+    return graphs.TrainStep(model, regularizer, optimizer, device, precision=config.precision, graphs=decision)
 
 
 def _tags(config: TransferConfig, setup: _Setup, kind: str) -> dict[str, Any]:
@@ -662,7 +717,7 @@ def _write_records(run: Run, setup: _Setup) -> None:
 def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Optional[int],
            prior_seconds: float = 0.0) -> TransferResult:
     """Train from ``start_step`` (``prior_seconds``: the training time of earlier sessions up to that step)."""
-    cfg, model, reg, opt = setup.config, setup.model, setup.regularizer, setup.optimizer
+    cfg, model, reg = setup.config, setup.model, setup.regularizer
     total = cfg.steps
     end = total if stop_at is None else min(total, stop_at)
     bar = None
@@ -680,10 +735,7 @@ def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Op
             model.train()
             reg.on_train_step(model, step, total)
             x, y = next(setup.batches)
-            loss, acc = reg.loss(model, x, y, step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss, acc = setup.train_step(x, y, step)  # loss, zero_grad, backward, optimizer step
             setup.scheduler.step()
             step += 1
             sums += torch.stack([loss.detach().double(), acc.detach().double()])
@@ -704,7 +756,7 @@ def _train(run: Run, setup: _Setup, start_step: int, progress: bool, stop_at: Op
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 result = _evaluate(setup, cfg.eval_mc_samples, seed=cfg.seed + step)
                 run.log_metrics(step, "test", **{k: result.metrics[k] for k in ("accuracy", "nll", "ece", "mc_samples")})
-            if step % cfg.checkpoint_every == 0 or step == end:
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == end:
                 _checkpoint(run, setup, step, prior_seconds + time.perf_counter() - started)
     finally:
         if bar is not None:
@@ -828,7 +880,7 @@ def load_network(ref: str, store: RunStore | None = None, device: str | torch.de
     ctx = TrainContext(arch=payload["arch"], num_classes=payload["num_classes"], in_channels=payload["in_channels"],
                        image_size=payload["image_size"], total_steps=int(cfg.get("steps", 1)),
                        train_size=1, device=torch.device(device), phi=phi, source=source,
-                       noise_warmup=float(cfg.get("noise_warmup", 0.4)), clip=cfg.get("clip", 100.0))
+                       noise_warmup=float(cfg.get("noise_warmup", NOISE_WARMUP)), clip=cfg.get("clip", TRAIN_CLIP))
     model = reg.prepare(model, ctx)
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
@@ -891,35 +943,27 @@ def _cli_source(args: argparse.Namespace) -> int:
     return _report(result, "source training")
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of TransferConfig fields")
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one config field, e.g. --set steps=100 or --set method=dropblock (repeatable)")
-    parser.add_argument("--resume", metavar="RUN", help="continue a run (its id) from its last checkpoint")
-    parser.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or "
-                                                           "./artifacts of the checkout)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench transfer`` and ``workbench source-train``."""
+    from .cli import add_run_flags
+
     parser = subparsers.add_parser(
         "transfer", help="train a network on a target with frozen phi or a baseline regularizer",
         description="Train a fresh network on a target dataset with MetaPerturb (frozen phi) or a baseline "
                     f"({', '.join(available_regularizers())}), then evaluate accuracy, NLL, ECE (and robustness "
                     "when robust_norms is set) and write the artifacts.")
-    _add_common(parser)
+    add_run_flags(parser, "TransferConfig", "--set steps=100 or --set method=dropblock")
     parser.set_defaults(func=_cli_transfer)
     source = subparsers.add_parser(
         "source-train", help="train a network on the source dataset (what fine-tuning starts from)",
         description="Plain supervised training on the source dataset (default tinyimagenet32, method base), saved "
                     "as a 'source' run; pass its id as finetune_from to the fine-tuning methods.")
-    _add_common(source)
+    add_run_flags(source, "TransferConfig")
     source.set_defaults(func=_cli_source)
 
 
 __all__ = [
-    "ARRAY_NAMES", "TransferConfig", "TransferResult", "lr_at", "lr_milestone_steps", "load_network",
+    "ARRAY_NAMES", "LR_MILESTONES", "TransferConfig", "TransferRecipe", "TransferResult", "lr_at", "lr_milestone_steps", "load_network",
     "noise_coefficient", "official_phi_path", "register_cli", "resolve_phi", "resolve_source", "train_source_network",
     "transfer",
 ]

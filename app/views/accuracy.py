@@ -5,22 +5,23 @@ import streamlit as st
 import charts
 import ui
 from workbench import dashboard_data as dd
+from workbench import results
 
 
 def render() -> None:
     st.title("Accuracy across target tasks")
     ctx = ui.context()
-    runs = dd.finished(ctx.view, dd.KIND_TRANSFER)
+    runs = results.finished(ctx.view, results.KIND_TRANSFER)
     if runs.empty:
         ui.how_to("accuracy", ctx)
         return
     metrics = dd.metric_columns(runs)
     names = ui.summary_names(metrics)
-    default = metrics.index(dd.ACCURACY_KEY) if dd.ACCURACY_KEY in metrics else 0
+    default = metrics.index(results.ACCURACY_KEY) if results.ACCURACY_KEY in metrics else 0
     metric = st.selectbox("Metric (from each run's summary.json)", metrics, index=default, key="acc_metric",
                           format_func=lambda c: names[c])
     label = names[metric]
-    table = dd.accuracy_table(runs, metric)
+    table = results.accuracy_table(runs, metric)
     if table.empty:
         st.info(f"No finished transfer run among the selected ones records {label}.")
         return
@@ -37,22 +38,22 @@ def render() -> None:
             "delta_base_se": st.column_config.NumberColumn("± se", format="%.4f"),
         },
     )
-    regime = dd.regime_table(runs)
+    regime = results.regime_table(runs)
     if not regime.empty:
         st.subheader("Does Base overfit here?")
         st.caption(f"Base's final network on its own training images (summary train_eval_accuracy) and on the test "
-                   f"split, means over seeds; a gap below {dd.OVERFIT_GAP:.0%} is marked underfit: a regularizer "
+                   f"split, means over seeds; a gap below {results.OVERFIT_GAP:.0%} is marked underfit: a regularizer "
                    "cannot help there. 'unknown': runs made before the training-set evaluation existed.")
-        underfit = regime[regime["regime"] == dd.UNDERFIT]
+        underfit = regime[regime["regime"] == results.UNDERFIT]
         if not underfit.empty:
             cells = ", ".join(f"{r.arch} / {r.target}" for r in underfit.itertuples())
-            st.warning(f"Base does not overfit on {cells}: {dd.UNDERFIT}.")
+            st.warning(f"Base does not overfit on {cells}: {results.UNDERFIT}.")
         st.dataframe(regime, hide_index=True, key="acc_regime")
     with st.expander("Methods x targets at a glance (mean ± std)"):
-        st.dataframe(dd.wide_table(table), key="acc_wide")
+        st.dataframe(results.wide_table(table), key="acc_wide")
     st.plotly_chart(charts.accuracy_bars(table, label), key="acc_bars")
     st.plotly_chart(charts.delta_bars(table, label), key="acc_delta")
-    unfinished = ctx.view[(ctx.view["kind"] == dd.KIND_TRANSFER) & (ctx.view["status"] != "finished")]
+    unfinished = ctx.view[(ctx.view["kind"] == results.KIND_TRANSFER) & (ctx.view["status"] != "finished")]
     if not unfinished.empty:
         st.caption(f"{len(unfinished)} transfer runs that are not finished (running, failed, stale, corrupt) are "
                    "left out; the page *Studies and runs* lists them.")

@@ -7,6 +7,7 @@ import streamlit as st
 import charts
 import ui
 from workbench import dashboard_data as dd
+from workbench import results
 from workbench.errors import WorkbenchError
 
 MAX_RUNS = 200
@@ -15,13 +16,13 @@ MAX_RUNS = 200
 def render() -> None:
     st.title("Calibration")
     ctx = ui.context()
-    runs = dd.finished(ctx.view, dd.KIND_TRANSFER)
+    runs = results.finished(ctx.view, results.KIND_TRANSFER)
     if runs.empty:
         ui.how_to("calibration", ctx)
         return
-    if dd.ECE_KEY in runs:
+    if results.ECE_KEY in runs:
         st.header("ECE over seeds")
-        table = dd.accuracy_table(runs, dd.ECE_KEY)
+        table = results.accuracy_table(runs, results.ECE_KEY)
         st.dataframe(table.drop(columns=["seeds"]), hide_index=True, key="ece_table", column_config={
             "mean": st.column_config.NumberColumn("ECE (15 bins)", format="%.4f"),
             "std": st.column_config.NumberColumn("std over seeds", format="%.4f"),
@@ -49,12 +50,12 @@ def render() -> None:
     for label in charts.method_order(labels[list(bins_by_run)]) if bins_by_run else []:
         ids = [rid for rid in bins_by_run if labels[rid] == label]
         try:
-            pooled[label] = dd.pool_bins([bins_by_run[rid] for rid in ids])
+            pooled[label] = results.pool_bins([bins_by_run[rid] for rid in ids])
         except WorkbenchError as exc:  # different bin edges between runs
             st.warning(f"{label}: {exc}")
             continue
-        per_run = [dd.ece(bins_by_run[rid]) for rid in ids]
-        rows.append({"method": label, "runs": len(ids), "ECE of pooled bins": dd.ece(pooled[label]),
+        per_run = [results.ece(bins_by_run[rid]) for rid in ids]
+        rows.append({"method": label, "runs": len(ids), "ECE of pooled bins": results.ece(pooled[label]),
                      "mean ECE": float(np.mean(per_run)), "std ECE": float(np.std(per_run, ddof=1)) if len(ids) > 1 else 0.0,
                      "examples": int(pooled[label]["count"].sum())})
         found = [conf_by_run[rid] for rid in ids if rid in conf_by_run]

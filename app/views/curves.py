@@ -6,11 +6,11 @@ import streamlit as st
 import charts
 import ui
 from workbench import dashboard_data as dd
-from workbench import plots
+from workbench import plots, results
 
 MAX_CURVES = 12
 MAX_ROBUST_RUNS = 200
-STAGE_STYLES = {dd.STAGE_TRAIN: "solid", dd.STAGE_TEST: "dash", dd.STAGE_FINAL: "dot"}
+STAGE_STYLES = {results.STAGE_TRAIN: "solid", results.STAGE_TEST: "dash", results.STAGE_FINAL: "dot"}
 SPLIT_STYLES = {"train": "solid", "held-out": "dash"}
 
 
@@ -27,7 +27,7 @@ def _default_runs(runs: pd.DataFrame, wanted: str | None) -> list[str]:
 
 
 def _transfer_curves(ctx: ui.Context) -> None:
-    runs = ui.latest_first(ctx.view[ctx.view["kind"].isin([dd.KIND_TRANSFER, dd.KIND_SOURCE])
+    runs = ui.latest_first(ctx.view[ctx.view["kind"].isin([results.KIND_TRANSFER, results.KIND_SOURCE])
                                     & (ctx.view["status"] != "corrupt")])
     if runs.empty:
         return
@@ -46,8 +46,8 @@ def _transfer_curves(ctx: ui.Context) -> None:
     if data.empty:
         st.info("The selected runs have logged no metrics yet.")
         return
-    train = data[data["stage"] == dd.STAGE_TRAIN]
-    evals = data[data["stage"].isin([dd.STAGE_TRAIN, dd.STAGE_TEST, dd.STAGE_FINAL])]
+    train = data[data["stage"] == results.STAGE_TRAIN]
+    evals = data[data["stage"].isin([results.STAGE_TRAIN, results.STAGE_TEST, results.STAGE_FINAL])]
     # full width: run labels are long and the legend needs the room
     st.plotly_chart(charts.series_lines(train, "step", "loss", "run", "Training loss"), key="curve_loss")
     st.plotly_chart(charts.series_lines(evals, "step", "accuracy", "run",
@@ -59,7 +59,7 @@ def _meta_curves(ctx: ui.Context) -> None:
     frame = ui.meta_section(ctx, "Meta-training", "meta_curve_run", ui.load_metrics)
     if frame is ui.NOTHING:
         return
-    tasks = frame[frame["stage"] == dd.STAGE_META] if "stage" in frame else frame.iloc[0:0]
+    tasks = frame[frame["stage"] == results.STAGE_META] if "stage" in frame else frame.iloc[0:0]
     if tasks.empty:
         st.info("This run has logged no meta-training steps yet.")
         return
@@ -76,7 +76,7 @@ def _meta_curves(ctx: ui.Context) -> None:
         st.plotly_chart(charts.series_lines(long, "step", "value", "task",
                                             "Accuracy per task (train: solid, held-out: dashed)", "accuracy",
                                             dash="split", dash_styles=SPLIT_STYLES), key="meta_acc")
-    phi = frame[frame["stage"] == dd.STAGE_PHI]
+    phi = frame[frame["stage"] == results.STAGE_PHI]
     if not phi.empty and "grad_norm" in phi:
         st.plotly_chart(charts.series_lines(phi.assign(run="phi"), "step", "grad_norm", "run",
                                             "Norm of phi's meta-gradient", "gradient norm"), key="meta_grad")
@@ -87,7 +87,7 @@ def _meta_curves(ctx: ui.Context) -> None:
 
 def _phi_verdict(ctx: ui.Context, run_id: str, phi: pd.DataFrame) -> None:
     """Whether the run's phi learned, the diagnostics over the steps, and the end-of-run probe per site."""
-    found, error = ui.attempt(dd.phi_diagnostics, ctx.root_str, run_id)
+    found, error = ui.attempt(results.phi_diagnostics, ctx.root_str, run_id)
     if error:
         st.warning(error)
         return
@@ -106,8 +106,8 @@ def _phi_verdict(ctx: ui.Context, run_id: str, phi: pd.DataFrame) -> None:
 
 
 def _robustness(ctx: ui.Context) -> None:
-    runs = dd.finished(ctx.view, dd.KIND_TRANSFER)
-    robust_cols = [c for c in runs.columns if c.startswith(dd.ROBUST_PREFIX)]
+    runs = results.finished(ctx.view, results.KIND_TRANSFER)
+    robust_cols = [c for c in runs.columns if c.startswith(results.ROBUST_PREFIX)]
     if robust_cols:
         runs = runs[runs[robust_cols].notna().any(axis=1)]
     else:
@@ -142,7 +142,7 @@ def _robustness(ctx: ui.Context) -> None:
 def render() -> None:
     st.title("Training curves and robustness")
     ctx = ui.context()
-    usable = ctx.view[ctx.view["kind"].isin([dd.KIND_TRANSFER, dd.KIND_SOURCE, dd.KIND_META])
+    usable = ctx.view[ctx.view["kind"].isin([results.KIND_TRANSFER, results.KIND_SOURCE, results.KIND_META])
                       & (ctx.view["status"] != "corrupt")]
     if usable.empty:
         ui.how_to("curves", ctx)

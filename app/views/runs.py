@@ -6,11 +6,11 @@ import streamlit as st
 
 import charts
 import ui
-from workbench import dashboard_data as dd
+from workbench import results
 from workbench.errors import WorkbenchError
 
 RUN_COLUMNS = ["run_id", "kind", "status", "reason", "notice", "source", "target", "arch", "label", "seed",
-               "study_id", "created", dd.ACCURACY_KEY, dd.ECE_KEY]
+               "study_id", "created", results.ACCURACY_KEY, results.ECE_KEY]
 
 
 def _counts(ctx: ui.Context) -> None:
@@ -94,8 +94,8 @@ def _studies(ctx: ui.Context) -> None:
 
 
 def _column_config() -> dict:
-    return {dd.ACCURACY_KEY: st.column_config.NumberColumn("test accuracy", format="%.4f"),
-            dd.ECE_KEY: st.column_config.NumberColumn("test ECE", format="%.4f"),
+    return {results.ACCURACY_KEY: st.column_config.NumberColumn("test accuracy", format="%.4f"),
+            results.ECE_KEY: st.column_config.NumberColumn("test ECE", format="%.4f"),
             "label": "method", "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm")}
 
 
@@ -106,7 +106,7 @@ def _run_details(ctx: ui.Context, view: pd.DataFrame) -> None:
     run_id = None
     if typed.strip():
         try:
-            run_id = dd.check_id(typed.strip(), "run id")
+            run_id = results.check_id(typed.strip(), "run id")
         except WorkbenchError as exc:
             st.error(f"Refused: {exc}")
         else:
@@ -145,7 +145,7 @@ def _run_details(ctx: ui.Context, view: pd.DataFrame) -> None:
     with cols[2]:
         st.markdown("**Config**")
         st.json(details.config, expanded=False)
-    if details.kind in (dd.KIND_TRANSFER, dd.KIND_META, dd.KIND_SOURCE):
+    if details.kind in (results.KIND_TRANSFER, results.KIND_META, results.KIND_SOURCE):
         st.caption("Curves of this run: page *Curves and robustness*; its scales: page *Per-layer scales*.")
 
 

@@ -6,16 +6,16 @@ import streamlit as st
 
 import charts
 import ui
-from workbench import dashboard_data as dd
+from workbench import results
 
 MAX_PROFILE_RUNS = 400
 
 
 def _with_scales(view: pd.DataFrame) -> pd.DataFrame:
-    runs = dd.finished(view, dd.KIND_TRANSFER)
-    if dd.SITES_KEY not in runs:
+    runs = results.finished(view, results.KIND_TRANSFER)
+    if results.SITES_KEY not in runs:
         return runs.iloc[0:0]
-    return ui.latest_first(runs[runs[dd.SITES_KEY].notna()])
+    return ui.latest_first(runs[runs[results.SITES_KEY].notna()])
 
 
 def _one_run(ctx: ui.Context, runs: pd.DataFrame) -> None:
@@ -55,7 +55,7 @@ def _across_runs(ctx: ui.Context, runs: pd.DataFrame) -> None:
     ui.show_problems(problems, "scale files")
     rows = chosen.set_index("run_id")
     items = [({"run_id": rid, **rows.loc[rid].to_dict()}, scales) for rid, scales in values.items()]
-    profile = dd.layer_profile(items, color=color)
+    profile = results.layer_profile(items, color=color)
     st.plotly_chart(charts.layer_profile(profile, color=color), key="scale_profile")
     st.caption(f"{len(items)} runs · per run the mean of s over each site's channels, then mean ± std over runs.")
 
@@ -82,7 +82,7 @@ def render() -> None:
     st.title("Per-layer perturbation scales")
     ctx = ui.context()
     runs = _with_scales(ctx.view)
-    has_meta = not ctx.view[ctx.view["kind"] == dd.KIND_META].empty
+    has_meta = not ctx.view[ctx.view["kind"] == results.KIND_META].empty
     if runs.empty and not has_meta:
         ui.how_to("scales", ctx)
         return

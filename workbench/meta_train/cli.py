@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..artifacts import RunStore
+from ..cli import add_artifacts_flag, add_run_flags
 from ..config import parse_overrides
 from .config import MetaTrainConfig, RESUME_KINDS
 from .runs import diagnose_run
@@ -54,14 +55,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "meta-train", help="meta-train phi over source tasks (one process, or many under torchrun)",
         description="Meta-train the MetaPerturb perturbation function phi jointly over tasks cut from a source "
                     "dataset. Run many processes with `torchrun --nproc_per_node=N -m workbench meta-train ...`.")
-    parser.add_argument("--config", metavar="FILE", help="YAML file of MetaTrainConfig fields "
-                                                         "(see configs/meta_train_default.yaml)")
-    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
-                        help="override one config field, e.g. --set steps=100 (repeatable)")
-    parser.add_argument("--resume", metavar="RUN", help="continue a run (its id or folder) from its last checkpoint")
-    parser.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or "
-                                                           "./artifacts of the checkout)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_flags(parser, "MetaTrainConfig", config_file=" (see configs/meta_train_default.yaml)")
     parser.set_defaults(func=_cli)
     check = subparsers.add_parser(
         "phi-check", help="say whether a meta-training run's phi learned (writes its diagnostics record)",
@@ -70,6 +64,5 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                     "which the notebooks and the dashboard read. Runs write it themselves since it exists; this "
                     "command checks older ones.")
     check.add_argument("run", metavar="RUN", help="a meta_train or meta_select run id (or run folder)")
-    check.add_argument("--artifacts", metavar="DIR", help="artifacts root (default: $WORKBENCH_ARTIFACTS or "
-                                                          "./artifacts of the checkout)")
+    add_artifacts_flag(check)
     check.set_defaults(func=_cli_check)

@@ -64,8 +64,15 @@ class TrainContext:
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     phi: Any = None  # a workbench.perturb.MetaPerturb for methods with needs_phi
     source: SourceNetwork | None = None  # for methods with needs_source
-    noise_warmup: float = 0.4  # MetaPerturb: fraction of the steps over which the noise coefficient reaches 1
-    clip: float | None = 100.0  # MetaPerturb: clamp of perturbed activations in training forwards
+    # MetaPerturb's noise ramp (fraction of the steps to coefficient 1) and training clamp; defaults: its module's
+    noise_warmup: float = dataclasses.field(default_factory=lambda: _metaperturb_recipe().NOISE_WARMUP)
+    clip: float | None = dataclasses.field(default_factory=lambda: _metaperturb_recipe().TRAIN_CLIP)
+
+
+def _metaperturb_recipe():
+    from . import metaperturb  # imported when a context is made: metaperturb itself imports this module
+
+    return metaperturb
 
 
 class Regularizer:
