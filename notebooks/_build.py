@@ -48,7 +48,7 @@ An unknown or ill-typed parameter stops the notebook at the validation cell with
 def header(name: str, title: str, what: str, cls, imports: str, example: str, type_error: str,
            defaults_note: str = "") -> list:
     intro = f"# {title}\n\n{what.strip()}\n" + RUNNING.format(
-        config=f"{cls.__module__}.{cls.__name__}", config_name=cls.__name__, name=name, example=example,
+        config=config_path(cls).replace(":", "."), config_name=cls.__name__, name=name, example=example,
         type_error=type_error, defaults_note=defaults_note)
     setup = (f"# Setup. The snapshot of globals() lets the validation cell tell the parameters (and whatever papermill\n"
              f"# injects after the parameters cell) apart from the names defined here.\n{imports.strip()}\n\n"

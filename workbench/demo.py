@@ -170,7 +170,7 @@ def run_demo(artifacts: Optional[str] = None, profile: str = "demo", dashboard: 
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from .study import _parse_value
+    from .study.cli import _parse_value
 
     overrides = {key: _parse_value(raw) for key, raw in args.parameter or []}
     return run_demo(args.artifacts, profile=args.profile, dashboard=not args.no_dashboard, port=args.port,
