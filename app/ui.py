@@ -211,6 +211,18 @@ def how_to(page: str, ctx: Context) -> None:
         st.markdown(dd.HOW_TO_COMMANDS)
 
 
+def page_start(title: str, page: str) -> tuple[Context, pd.DataFrame | None]:
+    """A transfer-run page's first lines: its title, the context, and the finished transfer runs of the current
+    filters (None, after saying what the page needs, when there are none)."""
+    st.title(title)
+    ctx = context()
+    runs = results.finished(ctx.view, results.KIND_TRANSFER)
+    if runs.empty:
+        how_to(page, ctx)
+        return ctx, None
+    return ctx, runs
+
+
 # ---------------------------------------------------------------------------------------------- run picks
 def run_label(row: pd.Series | dict) -> str:
     """``target · arch · method · s<seed> · <id suffix>`` (or kind and id for runs without those tags)."""

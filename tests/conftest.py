@@ -1,14 +1,17 @@
-"""Shared test fixtures: paths to the read-only reference material beside the checkout, deterministic CPU torch."""
+"""Shared test fixtures: the read-only reference material beside the checkout (a missing file fails the test that
+needs it, see :func:`helpers.require_shared`), deterministic CPU torch, and the smoke study run once per session.
+The plain functions behind them live in ``tests/helpers.py``."""
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE = SHARED / "reference"
-OFFICIAL_PHI = REFERENCE / "official_perturb_750.pth"
-OFFICIAL_OUTPUT = REFERENCE / "official_reference_shared.npz"
+from helpers import OFFICIAL_OUTPUT as _OFFICIAL_OUTPUT
+from helpers import OFFICIAL_PHI as _OFFICIAL_PHI
+from helpers import SHARED, require_shared, run_smoke_study
+
+OFFICIAL_OUTPUT = SHARED / _OFFICIAL_OUTPUT  # (tests/test_gpu.py imports it from here; new code: the fixture below)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,7 +31,24 @@ def _seed_and_threads():
 
 
 @pytest.fixture
-def official_phi_path():
-    if not OFFICIAL_PHI.is_file():
-        pytest.fail(f"reference phi missing at {OFFICIAL_PHI}; the shared/ folder must sit beside the checkout")
-    return OFFICIAL_PHI
+def official_phi_path() -> Path:
+    """The authors' released phi (``shared/reference/official_perturb_750.pth``)."""
+    return require_shared(_OFFICIAL_PHI)
+
+
+@pytest.fixture
+def official_output_path() -> Path:
+    """The authors' code's output for their phi (``shared/reference/official_reference_shared.npz``)."""
+    return require_shared(_OFFICIAL_OUTPUT)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory) -> Path:
+    """The artifacts root of the smoke study, ``workbench study run 01 02 03 04 05 --profile smoke``, run once per
+    session (about a minute on a loaded 2-core machine) for the tests that only read it: tests/test_notebooks.py and
+    tests/test_dashboard.py. Never write into it; copy it first. ``WORKBENCH_SMOKE_ARTIFACTS`` names a root where
+    that study already ran (it is then used as it is)."""
+    given = os.environ.get("WORKBENCH_SMOKE_ARTIFACTS")
+    if given:
+        return Path(given)
+    return run_smoke_study(tmp_path_factory.mktemp("smoke") / "artifacts")

@@ -299,18 +299,3 @@ def add_damaged_runs(root: str | os.PathLike, outside: str | os.PathLike) -> dic
     path = damaged("missing-arrays", NOTICE, method="base")
     (path / "arrays" / "predictions.npz").unlink()
     return made
-
-
-
-def run_smoke_study(root: str | os.PathLike, notebooks: Sequence[str] = ("01", "02")) -> None:
-    """Artifacts of the real smoke study: ``workbench study run 01 02 --profile smoke`` (meta-training, then a
-    transfer grid of Base, DropBlock, MetaPerturb with that phi and with the authors' phi, two targets, two seeds,
-    robustness on one target), executed notebooks included."""
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "workbench", "study", "run", *notebooks, "--profile", "smoke",
-               "--artifacts", str(root), "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"the smoke study failed ({done.returncode}): {done.stderr[-2000:]}")

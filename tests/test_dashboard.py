@@ -2,9 +2,7 @@
 with synthetic artifacts (corrupt and foreign entries included), real artifacts of the stages, and an empty root."""
 from __future__ import annotations
 
-import os
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +10,17 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import charts  # app/charts.py (app/ is on pytest's pythonpath)
+import dashboard_fixtures as fixtures
+
+from workbench import dashboard
+from workbench import dashboard_data as dd
+from workbench.cli import build_parser, main
+from workbench.errors import WorkbenchError
+from workbench.evaluate import ece_from_bins, reliability_bins
+
 REPO = Path(__file__).resolve().parents[1]
 APP_MAIN = REPO / "app" / "main.py"
-sys.path.insert(0, str(REPO / "app"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import charts  # noqa: E402  (app/charts.py)
-import dashboard_fixtures as fixtures  # noqa: E402
-
-from workbench import dashboard  # noqa: E402
-from workbench import dashboard_data as dd  # noqa: E402
-from workbench.cli import build_parser, main  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.evaluate import ece_from_bins, reliability_bins  # noqa: E402
-
 PAGES = ["runs", "accuracy", "scales", "calibration", "curves"]
 SECRET = "TOP-SECRET-OUTSIDE-ROOT"
 
@@ -42,16 +37,11 @@ def synthetic(tmp_path_factory):
     return root, made
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """The artifacts of the smoke study (notebooks 01 and 02, real meta-training and transfer, executed through
-    papermill); ``WORKBENCH_SMOKE_ARTIFACTS`` names a root where they already are (e.g. after the notebook tests)."""
-    given = os.environ.get("WORKBENCH_SMOKE_ARTIFACTS")
-    if given:
-        return Path(given)
-    root = tmp_path_factory.mktemp("dashboard-smoke") / "artifacts"
-    fixtures.run_smoke_study(root)
-    return root
+@pytest.fixture
+def smoke(smoke_study):
+    """The artifacts of the smoke study (conftest's session fixture: real meta-training and transfer and the reading
+    notebooks, executed through papermill, shared with tests/test_notebooks.py); read only."""
+    return smoke_study
 
 
 def render(root, page: str, monkeypatch, query: dict | None = None) -> AppTest:

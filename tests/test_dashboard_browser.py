@@ -23,12 +23,10 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dashboard_fixtures as fixtures
 
-import dashboard_fixtures as fixtures  # noqa: E402
-
-from workbench import dashboard  # noqa: E402
-from workbench import dashboard_data as dd  # noqa: E402
+from workbench import dashboard
+from workbench import dashboard_data as dd
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -18,6 +18,8 @@ from workbench.data import (ImageDataset, available_datasets, data_roots, load_d
 from workbench.data import sources
 from workbench.errors import WorkbenchError
 
+from helpers import require_shared
+
 SHARED = sources.repo_root().parent / "shared" / "data"
 
 # (train, test, classes, (C, H, W), flip, train per class, test per class) as documented in shared/data/MANIFEST.md
@@ -43,6 +45,8 @@ def _no_env_root(monkeypatch):
 
 @pytest.mark.parametrize("name", list(DOCUMENTED))
 def test_offline_source_loads_with_documented_counts(name):
+    if name != "fashion_mnist":  # (Debian's dataset-fashion-mnist package, not shared/)
+        require_shared(f"data/{name}.npz")
     train, test, k, shape, flip, per_train, per_test = DOCUMENTED[name]
     ds = load_dataset(name)
     assert isinstance(ds, ImageDataset) and ds.name == name
@@ -59,6 +63,7 @@ def test_offline_source_loads_with_documented_counts(name):
 
 
 def test_mnist_digit_counts_match_manifest():
+    require_shared("data/mnist_test10k.npz")
     ds = load_dataset("mnist_test10k")
     assert ds.class_counts("train").tolist() == [581, 686, 623, 614, 588, 535, 554, 631, 573, 615]
     assert ds.class_counts("test").tolist() == [399, 449, 409, 396, 394, 357, 404, 397, 401, 394]
@@ -67,6 +72,7 @@ def test_mnist_digit_counts_match_manifest():
 @pytest.mark.parametrize("name", list(CONTENT_SHA))
 def test_loading_keeps_every_pixel(name):
     """Back in the file's NHWC layout, the loaded arrays hash to MANIFEST.md's content sha256."""
+    require_shared(f"data/{name}.npz")
     ds = load_dataset(name)
     h = hashlib.sha256()
     for t in (ds.x_train.permute(0, 2, 3, 1), ds.y_train, ds.x_test.permute(0, 2, 3, 1), ds.y_test):
@@ -75,6 +81,7 @@ def test_loading_keeps_every_pixel(name):
 
 
 def test_tinyimagenet_carries_class_words():
+    require_shared("data/tinyimagenet32.npz")
     ds = load_dataset("tinyimagenet32")
     assert ds.classes[0] == "n01443537" and ds.class_words is not None and "goldfish" in ds.class_words[0]
 
@@ -188,6 +195,7 @@ def test_unknown_spec_lists_choices():
 # Data roots
 # ---------------------------------------------------------------------------------------------------------------
 def test_default_root_is_shared_data_next_to_the_repo_not_cwd(tmp_path, monkeypatch):
+    require_shared("data/mnist_test10k.npz")
     monkeypatch.chdir(tmp_path)
     assert data_roots()[0] == SHARED.resolve()
     assert data_roots()[1] == Path.home() / ".cache" / "workbench" / "data"
@@ -196,6 +204,7 @@ def test_default_root_is_shared_data_next_to_the_repo_not_cwd(tmp_path, monkeypa
 
 
 def test_env_root_and_explicit_root(tmp_path, monkeypatch):
+    require_shared("data/mnist_test10k.npz", "data/cifar10.npz")
     shutil.copy(SHARED / "mnist_test10k.npz", tmp_path / "mnist_test10k.npz")
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path))
     assert resolve_data_root() == tmp_path
@@ -320,6 +329,7 @@ def test_image_folder_without_splits(tmp_path):
 # Listing and the CLI
 # ---------------------------------------------------------------------------------------------------------------
 def test_available_datasets_reports_offline_sets():
+    require_shared(*(f"data/{name}.npz" for name in DOCUMENTED if name != "fashion_mnist"))
     rows = {r["name"]: r for r in available_datasets()}
     for name, (train, test, k, shape, *_rest) in DOCUMENTED.items():
         assert rows[name]["available"], name
@@ -336,6 +346,7 @@ def _cli(argv):
 
 
 def test_cli_list_and_check(capsys):
+    require_shared("data/omniglot_small.npz", "data/mnist_test10k.npz")
     assert _cli(["data", "list"]) == 0
     out = capsys.readouterr().out
     assert "tinyimagenet32" in out and "fashion_mnist" in out and "tv:svhn" in out

@@ -9,9 +9,12 @@ import torch
 from workbench.data import ImageDataset, describe_tasks, load_dataset, source_tasks, tasks_from_description
 from workbench.errors import WorkbenchError
 
+from helpers import CIFAR10, TINYIMAGENET, require_shared
+
 
 @pytest.fixture(scope="module")
 def tin():
+    require_shared(TINYIMAGENET)
     return load_dataset("tinyimagenet32")
 
 
@@ -95,6 +98,7 @@ def test_description_round_trip(tin):
 
 
 def test_description_refuses_other_data(tin):
+    require_shared(CIFAR10)
     record = describe_tasks(source_tasks(tin, num_tasks=2, scheme="original"), tin)
     with pytest.raises(WorkbenchError, match="made from different data"):
         tasks_from_description(load_dataset("cifar10"), record)

@@ -10,9 +10,12 @@ from workbench.data import ImageDataset, TensorSplit, load_dataset, target_view
 from workbench.data.views import channel_stats, convert_channels, resize_images
 from workbench.errors import WorkbenchError
 
+from helpers import CIFAR10, MNIST, require_shared
+
 
 @pytest.fixture(scope="module")
 def cifar():
+    require_shared(CIFAR10)
     return load_dataset("cifar10")
 
 
@@ -60,6 +63,7 @@ def test_valid_split_is_disjoint_from_train():
 
 
 def test_resize_and_gray_to_rgb():
+    require_shared(MNIST)
     mnist = load_dataset("mnist_test10k")
     view = target_view(mnist, per_class=10, image_size=32, channels=3)
     assert tuple(view.train.x.shape) == (100, 3, 32, 32) and tuple(view.test.x.shape) == (4000, 3, 32, 32)

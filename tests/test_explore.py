@@ -4,9 +4,6 @@ channel-permutation equivariant like phi, and reads trained networks; the readin
 (``workbench.filters``) agree with the runs' own artifacts; ``workbench.controls`` re-renders when a control moves."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -22,9 +19,8 @@ from workbench.models import build
 from workbench.perturb import MetaPerturb, reference_perturb
 from workbench.study import ExploreConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import dashboard_fixtures as fixtures  # noqa: E402
+import dashboard_fixtures as fixtures
+from helpers import OFFICIAL_PHI, require_shared
 
 CLASSES = 10
 
@@ -44,10 +40,9 @@ def _images(count: int = 8, size: int = 16, seed: int = 0) -> torch.Tensor:
 def world(tmp_path_factory):
     """A store with a meta-training run (phi.pt, phi_init.pt), a finished transfer run of a Conv-4 with its
     network, and the synthetic npz dataset both use."""
-    from workbench.transfer import official_phi_path, transfer
+    from workbench.transfer import transfer
 
-    if not official_phi_path().is_file():
-        pytest.fail(f"reference phi missing at {official_phi_path()}; the shared/ folder must sit beside the checkout")
+    require_shared(OFFICIAL_PHI)  # the transfer run's phi
     base = tmp_path_factory.mktemp("explore")
     rng = np.random.default_rng(0)
     per_class = 12

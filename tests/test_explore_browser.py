@@ -31,7 +31,8 @@ import pytest
 
 from workbench import dashboard
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import CIFAR10, OFFICIAL_PHI, REPO, require_shared
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -42,17 +43,6 @@ SETTINGS = {
     "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {"fetchNews": "false",
                                                                         "checkForUpdates": False},
 }
-
-
-def _offline_data_and_phi() -> str | None:
-    from workbench.data import available_datasets
-    from workbench.transfer import official_phi_path
-
-    if not official_phi_path().is_file():
-        return f"the authors' phi is not at {official_phi_path()}"
-    if not any(row["name"] == "cifar10" and row["available"] for row in available_datasets()):
-        return "the offline cifar10 is not available (the explorer's default dataset)"
-    return None
 
 
 def _parameters(nb: nbformat.NotebookNode, **values) -> None:
@@ -150,9 +140,7 @@ def _shot(page, path: Path, first, last) -> Path:
 def test_the_explorer_runs_in_jupyterlab_and_its_figures_follow_the_controls(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    missing = _offline_data_and_phi()
-    if missing:
-        pytest.skip(missing)
+    require_shared(OFFICIAL_PHI, CIFAR10)  # the authors' phi and the explorer's default dataset
     url, token, _, artifacts = lab
     keep = os.environ.get("EXPLORER_SCREENSHOTS")
     with sync_playwright() as p:

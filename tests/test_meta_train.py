@@ -27,27 +27,9 @@ from workbench.meta_train import (MetaTrainConfig, MetaTrainer, TaskRNG, batchno
                                   prepare_source)
 from workbench.perturb import MetaPerturb, PerturbSite
 
+from helpers import TINY, save_npz, synthetic_dataset  # noqa: F401 (test_gpu and test_compiled import it here)
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(arch="conv4_8", num_tasks=2, image_size=16, batch_size=8, steps=3, checkpoint_every=2, log_every=1,
-            threads=1, device="cpu")
-
-
-def synthetic_dataset(num_classes: int = 4, per_class: int = 24, size: int = 16, seed: int = 0) -> ImageDataset:
-    """Random images whose class shifts the mean brightness, so a few steps can learn something."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(num_classes).repeat_interleave(per_class)
-    base = (y.float() * 40 + 40).view(-1, 1, 1, 1)
-    x = (base + torch.randn(len(y), 3, size, size, generator=g) * 30).clamp(0, 255).to(torch.uint8)
-    yt = torch.arange(num_classes).repeat_interleave(4)
-    xt = (yt.float().view(-1, 1, 1, 1) * 40 + 40).expand(-1, 3, size, size).to(torch.uint8).contiguous()
-    return ImageDataset("synthetic", x, y, xt, yt, [f"class{i}" for i in range(num_classes)])
-
-
-def save_npz(ds: ImageDataset, path: Path) -> str:
-    np.savez(path, x_train=ds.x_train.permute(0, 2, 3, 1).numpy(), y_train=ds.y_train.numpy(),
-             x_test=ds.x_test.permute(0, 2, 3, 1).numpy(), y_test=ds.y_test.numpy(),
-             classes=np.asarray(ds.classes, dtype=str))
-    return f"npz:{path}"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -13,10 +12,7 @@ from workbench.artifacts import RunStore
 from workbench.meta_train import MetaTrainConfig, meta_train
 from workbench.perturb import MetaPerturb
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers below, under any pytest import mode
-from test_meta_train import TINY, save_npz, synthetic_dataset  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, TINY, save_npz, synthetic_dataset
 
 
 @pytest.mark.slow

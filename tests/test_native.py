@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import OFFICIAL_OUTPUT
 from workbench import MetaPerturb, PerturbSite, WorkbenchError, _native
 from workbench import perturb as perturb_module
 from workbench.perturb import reference_perturb
@@ -76,8 +75,8 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
-def test_official_reference_output_and_running_stats(official_phi_path):
-    ref = np.load(OFFICIAL_OUTPUT)
+def test_official_reference_output_and_running_stats(official_phi_path, official_output_path):
+    ref = np.load(official_output_path)
     phi = MetaPerturb.from_official(official_phi_path)
     h, eps = torch.from_numpy(ref["h"]), torch.from_numpy(ref["eps"])
     rm, rv = torch.zeros(16, 4), torch.ones(16, 4)

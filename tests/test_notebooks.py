@@ -1,7 +1,9 @@
 """Every study notebook runs under papermill with the smoke profile and writes its artifacts; rerunning the smoke
-study gives the same numbers. The smoke study runs once per module (about a minute on a loaded 2-core machine)."""
+study gives the same numbers. The smoke study runs once per session (conftest's ``smoke_study``, about a minute on a
+loaded 2-core machine) and is shared with tests/test_dashboard.py: these tests only read it."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -13,7 +15,9 @@ from workbench.artifacts import RunStore
 from workbench.cli import main as cli_main
 from workbench.study import REPORT_KIND
 
-NOTEBOOKS = ["01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales", "05_explore_phi"]
+from helpers import SMOKE_FILES, SMOKE_NOTEBOOKS, require_shared
+
+NOTEBOOKS = SMOKE_NOTEBOOKS  # what conftest's smoke_study runs
 DEMO_NOTEBOOKS = NOTEBOOKS[:4]  # what `workbench demo` runs (the explorer is for a person at the controls)
 SMOKE_GRID = {"targets": 2, "archs": 1, "seeds": 2, "methods": 5}  # notebooks/profiles/smoke.yaml
 
@@ -26,9 +30,9 @@ def _run_smoke(root: Path, notebooks: list[str]) -> dict[str, object]:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    root = tmp_path_factory.mktemp("smoke") / "artifacts"
-    return root, _run_smoke(root, NOTEBOOKS)
+def smoke(smoke_study):
+    """(root, studies by notebook) of the session's smoke study."""
+    return smoke_study, {Path(r.notebook).stem: r for r in RunStore(smoke_study).list_studies()}
 
 
 def _outputs(nb) -> list:
@@ -145,6 +149,7 @@ def test_rerunning_the_smoke_study_gives_identical_numbers(smoke, tmp_path):
 
 
 def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_path):
+    require_shared(*SMOKE_FILES)
     import os
     import signal
     import socket
@@ -207,11 +212,13 @@ def test_demo_runs_the_studies_then_serves_the_dashboard_until_interrupted(tmp_p
         errors.close()
 
 
-def test_results_report_tables_and_provenance(smoke):
+def test_results_report_tables_and_provenance(smoke, tmp_path):
     import importlib.util
     import json
 
-    root, studies = smoke
+    shared, studies = smoke
+    root = tmp_path / "artifacts"  # the report writes provenance.json into its root: a copy, not the shared study
+    shutil.copytree(shared, root, symlinks=True)
     path = Path(__file__).resolve().parents[1] / "scripts" / "results_report.py"
     spec = importlib.util.spec_from_file_location("results_report", path)
     module = importlib.util.module_from_spec(spec)

@@ -17,7 +17,7 @@ from workbench.phi_diagnostics import LEARNED_THRESHOLD, diagnose, function_chan
 from workbench.regularizers import available_regularizers, build_regularizer
 from workbench.transfer import resolve_phi, transfer
 
-from test_meta_train import TINY, synthetic_dataset
+from helpers import TINY, synthetic_dataset
 
 
 @pytest.fixture(scope="module")

@@ -334,8 +334,8 @@ def test_l2sp_pulls_towards_the_source_without_weight_decay_on_it():
 
 
 @pytest.mark.parametrize("method", ["metaperturb", "finetune_metaperturb"])
-def test_metaperturb_keeps_phi_frozen_and_out_of_the_optimiser(method):
-    phi = MetaPerturb.load("/work/shared/reference/official_perturb_750.pth") if _official() else MetaPerturb(0.1)
+def test_metaperturb_keeps_phi_frozen_and_out_of_the_optimiser(method, official_phi_path):
+    phi = MetaPerturb.load(official_phi_path)
     phi_before = {k: v.clone() for k, v in phi.state_dict().items()}
     source = source_of()
     model = tiny()
@@ -367,12 +367,6 @@ def test_noise_coefficient_values():
     assert noise_coefficient(4000, 10000) == 1.0
     assert noise_coefficient(9999, 10000) == 1.0
     assert noise_coefficient(5, 10, warmup=0.0) == 1.0
-
-
-def _official():
-    import os
-
-    return os.path.isfile("/work/shared/reference/official_perturb_750.pth")
 
 
 def test_feature_methods_use_the_attach_rule_for_torchvision_models():

@@ -2,20 +2,17 @@
 notebooks' rows and the dashboard's runs frame alike, and the names the notebooks and the dashboard import from it."""
 from __future__ import annotations
 
-import sys
 import types
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dashboard_fixtures as fixtures
 
-import dashboard_fixtures as fixtures  # noqa: E402
-
-from workbench import dashboard_data, labels, results, study  # noqa: E402
-from workbench.artifacts import RunStore  # noqa: E402
-from workbench.meta_train import initial_phi  # noqa: E402
+from workbench import dashboard_data, labels, results, study
+from workbench.artifacts import RunStore
+from workbench.meta_train import initial_phi
 
 
 def _fake_transfer(monkeypatch) -> None:

@@ -20,23 +20,19 @@ import numpy as np
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
+import dashboard_fixtures as fixtures
+from helpers import REPO, TESTS, save_npz, synthetic_dataset
+from helpers import band_dataset as synthetic  # (the child scripts below import it from here)
+
+from workbench import dashboard_data as dd
+from workbench.artifacts import LOCK_FILE, RunStore, atomic_savez
+from workbench.cli import main
+from workbench.errors import WorkbenchError
+from workbench.labels import labels_for, phi_verdict
+from workbench.meta_train import MetaTrainConfig, MetaTrainer, meta_train
+from workbench.transfer import TransferConfig, transfer
+
 APP_MAIN = REPO / "app" / "main.py"
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
-
-import dashboard_fixtures as fixtures  # noqa: E402
-from test_meta_train import synthetic_dataset  # noqa: E402  (the same learnable images as there)
-from test_transfer import synthetic  # noqa: E402
-
-from workbench import dashboard_data as dd  # noqa: E402
-from workbench.artifacts import LOCK_FILE, RunStore, atomic_savez  # noqa: E402
-from workbench.cli import main  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.labels import labels_for, phi_verdict  # noqa: E402
-from workbench.meta_train import MetaTrainConfig, MetaTrainer, meta_train  # noqa: E402
-from workbench.transfer import TransferConfig, transfer  # noqa: E402
 
 SECRET = fixtures.SECRET
 PAGES = ["runs", "accuracy", "scales", "calibration", "curves"]
@@ -58,8 +54,8 @@ META = dict(arch="conv4_8", num_tasks=2, image_size=16, batch_size=8, steps=4, c
 
 def child(code: str, *args: str, stdin: bool = False) -> subprocess.Popen:
     """A Python process running ``code`` (``sys.argv[1:]`` = ``args``) with this folder importable."""
-    script = f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(code)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = "import sys\n" + textwrap.dedent(code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)]), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.PIPE if stdin else None)
 
@@ -277,12 +273,8 @@ def test_a_root_that_is_a_file_is_one_line_everywhere(tmp_path, capsys, monkeypa
     (study,) = RunStore(holds_file).list_studies()
     assert study.status == "corrupt" and "is a file" in study.reason
 
-    data = synthetic()
-    source = tmp_path / "source.npz"
-    np.savez(source, x_train=data.x_train.permute(0, 2, 3, 1).numpy(), y_train=data.y_train.numpy(),
-             x_test=data.x_test.permute(0, 2, 3, 1).numpy(), y_test=data.y_test.numpy(),
-             classes=np.asarray(data.classes, dtype=str))
-    sets = [f"--set={k}={v}" for k, v in dict(target=f"npz:{source}", arch="conv4_4", image_size=16, steps=1,
+    source = save_npz(synthetic(), tmp_path / "source.npz")
+    sets = [f"--set={k}={v}" for k, v in dict(target=source, arch="conv4_4", image_size=16, steps=1,
                                                 batch_size=8, eval_every=0, final_mc_samples=1, eval_mc_samples=1,
                                                 train_eval_examples=0, device="cpu", method="base").items()]
     for root, fragment in ((afile, "is a file, not a folder; pass --artifacts"), (holds_file, "runs is a file")):
@@ -353,7 +345,7 @@ from pathlib import Path
 from workbench.artifacts import RunStore
 from workbench.errors import WorkbenchError
 from workbench.transfer import transfer
-from test_store_hardening import synthetic, transfer_config  # synthetic: test_transfer's
+from test_store_hardening import synthetic, transfer_config  # synthetic: helpers.band_dataset
 root, run_id, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 data = synthetic()
 print("ready", flush=True)

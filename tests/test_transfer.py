@@ -10,7 +10,6 @@ import torch
 
 from workbench.artifacts import RunStore
 from workbench.cli import main
-from workbench.data import ImageDataset
 from workbench.errors import WorkbenchError
 from workbench.evaluate import evaluate
 from workbench.perturb import MetaPerturb
@@ -19,30 +18,12 @@ from workbench.transfer import (
     load_network,
     lr_at,
     lr_milestone_steps,
-    official_phi_path,
     train_source_network,
     transfer,
 )
 
-OFFICIAL = official_phi_path()
-needs_official = pytest.mark.skipif(not OFFICIAL.is_file(), reason="the authors' phi is not in ../shared/reference")
-
-
-def synthetic(classes=3, train_per_class=12, test_per_class=4, size=16, seed=0):
-    """Gray images whose class brightens one horizontal band: learnable in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-
-    def make(per_class):
-        y = torch.arange(classes).repeat_interleave(per_class)
-        x = torch.randint(0, 120, (len(y), 1, size, size), generator=g).to(torch.uint8)
-        band = size // classes
-        for c in range(classes):
-            x[y == c, :, c * band:(c + 1) * band] += 120
-        return x, y
-
-    xtr, ytr = make(train_per_class)
-    xte, yte = make(test_per_class)
-    return ImageDataset("synthetic", xtr, ytr, xte, yte, [f"c{i}" for i in range(classes)], flip=False)
+from helpers import MNIST, OFFICIAL_PHI, require_shared
+from helpers import band_dataset as synthetic  # (test_gpu and test_compiled import it from here)
 
 
 def tiny_config(tmp_path, **changes):
@@ -84,8 +65,8 @@ def test_learning_rate_schedule_values_and_agreement_with_multisteplr():
 
 
 # ------------------------------------------------------------------------------------------ the spec's test
-@needs_official
 def test_the_authors_phi_transfers_to_conv4_on_mnist(tmp_path):
+    official_phi, _ = require_shared(OFFICIAL_PHI, MNIST)
     cfg = TransferConfig.from_dict(dict(
         target="mnist_test10k", arch="conv4", image_size=28, per_class=8, test_per_class=4, steps=3, batch_size=16,
         eval_every=2, eval_mc_samples=2, final_mc_samples=3, log_every=1, device="cpu", phi="official",
@@ -95,14 +76,14 @@ def test_the_authors_phi_transfers_to_conv4_on_mnist(tmp_path):
     assert s["steps"] == 3 and s["mc_samples"] == 3 and s["test_examples"] == 40 and s["sites"] == 4
     assert 0 <= s["test_accuracy"] <= 1 and s["test_nll"] > 0 and 0 <= s["test_ece"] <= 1
     # phi was not changed by training
-    official = MetaPerturb.load(OFFICIAL)
+    official = MetaPerturb.load(official_phi)
     assert all(torch.equal(a, b) for a, b in zip(official.parameters(), result.regularizer.phi.parameters()))
     run = RunStore(tmp_path / "artifacts").open_run(result.run_id)
     assert run.kind == "transfer" and run.status == "finished"
     assert run.tags == {"target": "mnist_test10k", "arch": "conv4", "method": "metaperturb", "seed": 0,
                         "phi": "official", "source": "official"}
     record = run.load_json("phi")
-    assert record["sha256"] == hashlib.sha256(OFFICIAL.read_bytes()).hexdigest() and record["parameters"] == 82
+    assert record["sha256"] == hashlib.sha256(official_phi.read_bytes()).hexdigest() and record["parameters"] == 82
     stages = [(r["stage"], r["step"]) for r in run.read_metrics()]
     assert stages == [("train", 1), ("train", 2), ("test", 2), ("train", 3), ("final", 3), ("train_eval", 3)]
     # the training-set evaluation: every one of the 80 training images (fewer than train_eval_examples), 2 samples
@@ -250,6 +231,7 @@ def test_robustness_curves_are_written(tmp_path, random_phi):
 
 # ------------------------------------------------------------------------------------------ CLI
 def test_cli_trains_and_reports_errors_in_one_line(tmp_path, capsys):
+    require_shared(MNIST)
     root = str(tmp_path / "artifacts")
     code = main(["transfer", "--artifacts", root, "--no-progress", "--set", "target=mnist_test10k",
                  "--set", "arch=conv4_4", "--set", "method=dropout", "--set", "method_options={p: 0.3}",

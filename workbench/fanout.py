@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -35,13 +36,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+from .config import Config
 from .errors import WorkbenchError
 
 EXECUTORS = ("local", "ray")
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
 #: Execution settings: they choose where cells run, never what they compute, so a study resumed with other
 #: values continues the same grid.
-EXECUTION_FIELDS = ("workers", "executor", "ray_address", "retries")
+EXECUTION_FIELDS = ("workers", "executor", "ray_address", "retries")  # FanOutSettings' fields
 POLL_SECONDS = 0.5
 
 
@@ -95,6 +97,30 @@ class WorkerPlan:
         devices = sorted(set(self.devices))
         return (f"{self.workers} workers on {where}, {self.threads} thread(s) each, "
                 f"{', '.join(devices) if len(devices) <= 4 else f'{len(devices)} devices'}")
+
+
+@dataclass
+class FanOutSettings(Config):
+    """Where a grid's cells run, never what they compute (so a resumed grid may change them): ``workers`` at once
+    (null: what is fastest here: one per core with one thread each on a CPU, one per GPU on GPUs; 1: one after
+    another in this process), ``executor`` ``local`` (worker processes on this machine) or ``ray`` (tasks on the
+    Ray cluster at ``ray_address``, else ``$RAY_ADDRESS``, else a local Ray instance; every node must see the
+    artifacts root at the same path), and ``retries``: further attempts for a cell that fails or whose worker dies,
+    before it is reported as failed."""
+
+    workers: Optional[int] = None
+    executor: str = "local"
+    ray_address: Optional[str] = None
+    retries: int = 1
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """A config's own fields first, then these (the order of a notebook's parameters cell)."""
+        own = [f.name for f in dataclasses.fields(FanOutSettings)]
+        return [n for n in super().field_names() if n not in own] + own
+
+    def validate(self) -> None:
+        check_execution(self.workers, self.executor, self.retries)
 
 
 def usable_cores() -> int:
@@ -558,5 +584,5 @@ class _RayPool(_Pool):
             _RAY_STARTED_HERE = False
 
 
-__all__ = ["Cell", "CellOutcome", "EXECUTION_FIELDS", "EXECUTORS", "RAY_ADDRESS_ENV", "WorkerContext", "WorkerPlan",
+__all__ = ["Cell", "CellOutcome", "EXECUTION_FIELDS", "EXECUTORS", "FanOutSettings", "RAY_ADDRESS_ENV", "WorkerContext", "WorkerPlan",
            "check_execution", "plan_workers", "run_cells", "usable_cores"]

@@ -18,7 +18,9 @@ initialisation and from the authors' phi, and the authors' phi's probe on the sa
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 from .perturb import MetaPerturb
 
 LEARNED_THRESHOLD = 0.02  # smallest function change (scale or multiplier statistic, at some site) called learning
+OFFICIAL_PHI_FILE = "official_perturb_750.pth"
 DIAGNOSTICS_RECORD = "phi_diagnostics"  # records/phi_diagnostics.json of a meta-train run
 UNLEARNED_NOTE = "did not learn"
 
@@ -95,11 +98,18 @@ def parameter_distance(phi: MetaPerturb, other: MetaPerturb) -> float:
     return float((a - b).norm())
 
 
+def official_phi_path() -> Path:
+    """The authors' released phi: ``$WORKBENCH_REFERENCE/official_perturb_750.pth`` if set, else
+    ``<repository>/../shared/reference/official_perturb_750.pth``."""
+    env = os.environ.get("WORKBENCH_REFERENCE")
+    if env:
+        return Path(env).expanduser() / OFFICIAL_PHI_FILE
+    return Path(__file__).resolve().parents[1].parent / "shared" / "reference" / OFFICIAL_PHI_FILE
+
+
 def official_phi() -> Optional[MetaPerturb]:
     """The authors' released phi, or None where its file is not found (the comparison is then left out)."""
     from .errors import WorkbenchError
-    from .transfer import official_phi_path
-
     path = official_phi_path()
     if not path.is_file():
         return None

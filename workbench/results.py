@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import RunStore
-from .errors import WorkbenchError
+from .errors import StudyError, WorkbenchError
 from .phi_diagnostics import DIAGNOSTICS_RECORD, UNLEARNED_NOTE, trained_by
 
 Source = Union[RunStore, str, os.PathLike]  # a run store, or the root of one
@@ -95,6 +95,8 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 #
 # Other methods are shown by their registered name.
 OFFICIAL = "official"
+LATEST = "latest"                     # the newest finished run or study of its kind
+TRANSFER_NOTEBOOK = "02_transfer_study"
 CONTROL_METHOD = "metaperturb_untrained"
 AUTHORS = "authors' phi"
 CONTROL = "untrained control"
@@ -491,19 +493,9 @@ def meta_history(store: RunStore, result: Any) -> MetaHistory:
 
 
 # ====================================================================================== a study and its runs
-def _study_error(message: str) -> WorkbenchError:
-    """:class:`workbench.study.StudyError` (the notebooks' one-line error); imported when raised, since
-    :mod:`workbench.study` imports this module."""
-    from .study import StudyError
-
-    return StudyError(message)
-
-
 def find_study(store: RunStore, spec: str, notebook: Optional[str] = None):
     """A finished study of ``notebook`` (default: the transfer study, ``02_transfer_study``): ``latest`` (the
     newest) or a study id. Returns its :class:`~workbench.artifacts.StudyRecord`."""
-    from .study import LATEST, TRANSFER_NOTEBOOK
-
     notebook = notebook or TRANSFER_NOTEBOOK
     produce = (f"run `workbench study run {notebook} --profile demo` (or the notebook in JupyterLab) first, "
                f"or pass source_study=<study id> (see `workbench study list`)")
@@ -511,13 +503,13 @@ def find_study(store: RunStore, spec: str, notebook: Optional[str] = None):
         found = [r for r in store.list_studies() if r.status == "finished" and r.notebook
                  and Path(r.notebook).stem == notebook]
         if not found:
-            raise _study_error(f"no finished {notebook} study under {store.root}; {produce}")
+            raise StudyError(f"no finished {notebook} study under {store.root}; {produce}")
         return max(found, key=lambda r: (r.finished or r.created or "", r.study_id))
     record = store.study_record(spec)
     if record.status == "corrupt":
-        raise _study_error(f"study {spec!r} cannot be read under {store.root} ({record.reason}); {produce}")
+        raise StudyError(f"study {spec!r} cannot be read under {store.root} ({record.reason}); {produce}")
     if record.status != "finished":
-        raise _study_error(f"study {spec} is {record.status}, not finished; its results may be incomplete. {produce}")
+        raise StudyError(f"study {spec} is {record.status}, not finished; its results may be incomplete. {produce}")
     return record
 
 
@@ -527,7 +519,7 @@ def study_runs(store: RunStore, study: Any, targets: Sequence[str] = (), archs: 
     summary metrics), filtered by target, arch and method name or label (empty filters keep all)."""
     records = [r for r in store.list_runs(kind=KIND_TRANSFER, study_id=study.study_id) if r.status == "finished"]
     if not records:
-        raise _study_error(f"study {study.study_id} has no finished transfer runs; pick another source_study "
+        raise StudyError(f"study {study.study_id} has no finished transfer runs; pick another source_study "
                            "(`workbench study list`)")
     names = labels_for(store, [r.tags.get("method") for r in records], [r.tags.get("phi") for r in records])
     rows = []
@@ -544,7 +536,7 @@ def study_runs(store: RunStore, study: Any, targets: Sequence[str] = (), archs: 
     if methods:
         frame = frame[frame["method"].isin(list(methods)) | frame["label"].isin(list(methods))]
     if frame.empty:
-        raise _study_error(f"no runs of study {study.study_id} are left after filtering by targets={list(targets)}, "
+        raise StudyError(f"no runs of study {study.study_id} are left after filtering by targets={list(targets)}, "
                            f"archs={list(archs)}, methods={list(methods)}")
     return frame.reset_index(drop=True)
 
@@ -784,7 +776,7 @@ def scale_data(store: Source, runs: Any, max_heatmaps: int = 6) -> ScaleData:
                          "site_index": i, "site": name, "value": float(value), "multiplier_std": float(mult_std[i])})
     columns = ["arch", "target", "label", "site_index", "site", "mean", "std", "n", "multiplier_std"]
     if not rows:
-        raise _study_error("none of the selected runs recorded perturbation scales (only MetaPerturb runs do); "
+        raise StudyError("none of the selected runs recorded perturbation scales (only MetaPerturb runs do); "
                            "include metaperturb in the transfer study's methods")
     frame = pd.DataFrame(rows)
     profile = frame.groupby(["arch", "target", "label", "site_index"], sort=True).agg(

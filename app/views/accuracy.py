@@ -9,11 +9,8 @@ from workbench import results
 
 
 def render() -> None:
-    st.title("Accuracy across target tasks")
-    ctx = ui.context()
-    runs = results.finished(ctx.view, results.KIND_TRANSFER)
-    if runs.empty:
-        ui.how_to("accuracy", ctx)
+    ctx, runs = ui.page_start("Accuracy across target tasks", "accuracy")
+    if runs is None:
         return
     metrics = dd.metric_columns(runs)
     names = ui.summary_names(metrics)

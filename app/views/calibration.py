@@ -14,11 +14,8 @@ MAX_RUNS = 200
 
 
 def render() -> None:
-    st.title("Calibration")
-    ctx = ui.context()
-    runs = results.finished(ctx.view, results.KIND_TRANSFER)
-    if runs.empty:
-        ui.how_to("calibration", ctx)
+    ctx, runs = ui.page_start("Calibration", "calibration")
+    if runs is None:
         return
     if results.ECE_KEY in runs:
         st.header("ECE over seeds")

@@ -350,13 +350,7 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& x, const at::Tensor& a,
     }, [](idx) {});
   });
   at::Tensor gscale = at::empty({0}, x.options());
-  if (need_scale) {
-    auto t = at::zeros({g.C}, at::dtype(at::kDouble));
-    double* tp = t.data_ptr<double>();
-    for (idx r = 0; r < rows_total; ++r)
-      for (idx c = 0; c < g.C; ++c) tp[c] += spart[r * g.C + c];
-    gscale = t.to(at::kFloat);
-  }
+  if (need_scale) gscale = sum_row_partials(spart, rows_total, g.C);
   return {gx, gscale};
 }
 

@@ -364,13 +364,7 @@ std::vector<at::Tensor> sweep2_backward(const Sweep2Saved& saved, const at::Tens
     }
   });
   at::Tensor gscale = at::empty({0}, opts), gkid = at::empty({0}, opts), gkall = at::empty({0}, opts);
-  if (need_scale) {
-    auto t = at::zeros({g.C}, at::dtype(at::kDouble));
-    double* tp = t.data_ptr<double>();
-    for (idx r = 0; r < rows_total; ++r)
-      for (idx c = 0; c < g.C; ++c) tp[c] += spart[r * g.C + c];
-    gscale = t.to(at::kFloat);
-  }
+  if (need_scale) gscale = sum_row_partials(spart, rows_total, g.C);
   if (need_k) {
     auto t = at::zeros({18}, at::dtype(at::kDouble));
     double* tp = t.data_ptr<double>();

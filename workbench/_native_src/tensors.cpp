@@ -4,6 +4,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
+#include <ATen/ops/zeros.h>
 
 #include <cstdlib>
 #include <mutex>
@@ -152,6 +153,14 @@ at::Tensor draw(int64_t n, int64_t seed) {
   auto out = at::empty({n}, at::dtype(at::kFloat));
   draw_normals_parallel(out.data_ptr<float>(), n, static_cast<uint64_t>(seed), use_avx512());
   return out;
+}
+
+at::Tensor sum_row_partials(const std::vector<double>& partials, idx rows, idx C) {
+  auto t = at::zeros({C}, at::dtype(at::kDouble));
+  double* tp = t.data_ptr<double>();
+  for (idx r = 0; r < rows; ++r)
+    for (idx c = 0; c < C; ++c) tp[c] += partials[r * C + c];
+  return t.to(at::kFloat);
 }
 
 }  // namespace wb

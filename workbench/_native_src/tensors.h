@@ -37,6 +37,10 @@ std::vector<float> kernel9(const at::Tensor& k);
 // g_f (B, C, 4) over H W, laid out (B, 4, C) for the channel loops
 std::vector<float> scale_grad_rows(const at::Tensor& g_f, idx hw);
 
+// The gradient to the per-channel scale from per-row partials (rows x C, in double so that the sum over rows does not
+// depend on how the rows were split among threads), as a float (C) tensor.
+at::Tensor sum_row_partials(const std::vector<double>& partials, idx rows, idx C);
+
 // A 63-bit seed from torch's default CPU generator (the stream torch.manual_seed sets), without the tensor and the
 // dispatch of a torch.randint: each site draws one a call.
 int64_t draw_seed();

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 import torch
@@ -165,44 +165,59 @@ def _load_resume(run: Run, config: MetaTrainConfig) -> dict[str, Any]:
     return checkpoint
 
 
+def open_on_main(dist: DistContext, open_run: Callable[[Callable[[Run], Run]], Any]) -> tuple[Optional[Run], Any]:
+    """``open_run(hold)`` on rank 0 only: it creates or resumes a run, passing it through ``hold`` as soon as it
+    holds the run's writer lock, and returns what every rank needs. A WorkbenchError releases that lock before it
+    is raised on every rank. Returns the run (rank 0; None elsewhere) and the shared value."""
+    held: list[Run] = []
+
+    def hold(run: Run) -> Run:
+        held.append(run)
+        return run
+
+    def step() -> Any:
+        try:
+            return open_run(hold)
+        except WorkbenchError:
+            for run in held:
+                run.release_lock()
+            raise
+
+    shared = dist.run_on_main(step)
+    return (held[0] if held else None), shared
+
+
 def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool, dist: DistContext,
              device: torch.device, *, resume_id: Optional[str] = None, tags: Optional[dict] = None,
              run_id: Optional[str] = None) -> MetaTrainResult:
     """One meta-training run (new, or resumed from ``resume_id``), on every process of ``dist``."""
-    run: Optional[Run] = None
 
-    def open_run() -> tuple[str, Any]:
-        nonlocal run
-        try:
-            if resume_id is not None:
-                # one writer: refused while another process holds the run (its pid and host are named)
-                run = store.resume_run(resume_id, RUN_KIND)
-                checkpoint = _load_resume(run, config)
-                stored_split = run.load_json("task_split") if "task_split" in run.list_json() else {}
-                if (stored_split.get("fingerprint") != data.description["fingerprint"]
-                        or stored_split.get("tasks") != to_jsonable(data.description["tasks"])):
-                    raise WorkbenchError(f"run {run.run_id} was made from other source data or another task split "
-                                         f"than {config.source} gives now; resume with the data it used")
-                run.truncate_metrics(int(checkpoint["step"]))
-                run.mark_running()
-            else:
-                checkpoint = None
-                run_tags = {"source": data.description.get("dataset", config.source), "arch": config.arch, "seed": config.seed,
-                            "num_tasks": config.num_tasks, "second_order": config.second_order, **(tags or {})}
-                run = store.create_run(RUN_KIND, config, tags=run_tags, run_id=run_id)
-                run.save_json("task_split", data.description)
-                initial_phi(config.seed, config.phi_init_std).save(run.path / PHI_INIT_FILE, run_id=run.run_id, step=0)
-            run.save_json("runtime", {"device": str(device), "world_size": dist.world_size,
-                                      "backend": dist.backend, "threads": torch.get_num_threads(),
-                                      "deterministic": config.deterministic, "resumed_from_step":
-                                      None if checkpoint is None else int(checkpoint["step"])})
-            return run.run_id, checkpoint
-        except WorkbenchError:
-            if run is not None:
-                run.release_lock()
-            raise
+    def open_run(hold) -> tuple[str, Any]:
+        if resume_id is not None:
+            # one writer: refused while another process holds the run (its pid and host are named)
+            run = hold(store.resume_run(resume_id, RUN_KIND))
+            checkpoint = _load_resume(run, config)
+            stored_split = run.load_json("task_split") if "task_split" in run.list_json() else {}
+            if (stored_split.get("fingerprint") != data.description["fingerprint"]
+                    or stored_split.get("tasks") != to_jsonable(data.description["tasks"])):
+                raise WorkbenchError(f"run {run.run_id} was made from other source data or another task split "
+                                     f"than {config.source} gives now; resume with the data it used")
+            run.truncate_metrics(int(checkpoint["step"]))
+            run.mark_running()
+        else:
+            checkpoint = None
+            run_tags = {"source": data.description.get("dataset", config.source), "arch": config.arch, "seed": config.seed,
+                        "num_tasks": config.num_tasks, "second_order": config.second_order, **(tags or {})}
+            run = hold(store.create_run(RUN_KIND, config, tags=run_tags, run_id=run_id))
+            run.save_json("task_split", data.description)
+            initial_phi(config.seed, config.phi_init_std).save(run.path / PHI_INIT_FILE, run_id=run.run_id, step=0)
+        run.save_json("runtime", {"device": str(device), "world_size": dist.world_size,
+                                  "backend": dist.backend, "threads": torch.get_num_threads(),
+                                  "deterministic": config.deterministic, "resumed_from_step":
+                                  None if checkpoint is None else int(checkpoint["step"])})
+        return run.run_id, checkpoint
 
-    the_run_id, checkpoint = dist.run_on_main(open_run)
+    run, (the_run_id, checkpoint) = open_on_main(dist, open_run)
 
     try:
         return _train(config, data, progress, dist, device, run, the_run_id, checkpoint)

@@ -21,7 +21,7 @@ from ..perturb import MetaPerturb
 from ..regularizers import NOISE_WARMUP
 from .config import MetaTrainConfig, PHI_FILE, RESUME_MUTABLE, SELECT_KIND, _SEED_SELECT
 from .trainer import SourceData, derive_seed, prepare_source
-from .runs import MetaTrainResult, _run_one, _runtime
+from .runs import MetaTrainResult, open_on_main, _run_one, _runtime
 
 
 # ============================================================================================ selection
@@ -116,39 +116,31 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
               dist: DistContext, device: torch.device, resume_id: Optional[str] = None,
               dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
     """``num_runs`` independent runs (seeds seed..seed+num_runs-1) under one meta_select run, then selection."""
-    parent: Optional[Run] = None
 
-    def open_parent() -> tuple[str, list]:
-        nonlocal parent
-        try:
-            if resume_id is not None:
-                parent = store.resume_run(resume_id, SELECT_KIND)  # one writer (see _run_one)
-                if parent.status == "finished":
-                    raise WorkbenchError(f"run {resume_id} already finished (chose {parent.summary.get('chosen_run_id')}); "
-                                         f"nothing to resume")
-                differ = config_difference(parent.config, config, RESUME_MUTABLE)
-                if differ:
-                    raise WorkbenchError(f"run {resume_id} was started with a different config ({', '.join(differ)}); "
-                                         f"resume it without --config/--set")
-                parent.mark_running()
-                children = parent.load_json("children") if "children" in parent.list_json() else []
-                states = [_child_state(store, c) for c in children]
-                # candidates are named after their parent: ones begun but not yet listed are found by name
-                states += [_child_state(store, candidate_run_id(resume_id, i))
-                           for i in range(len(states), config.num_runs)]
-            else:
-                parent = store.create_run(SELECT_KIND, config, tags={"source": config.source, "arch": config.arch,
-                                                                     "num_runs": config.num_runs,
-                                                                     "select_target": config.select_target},
-                                          run_id=config.run_name)
-                states = []
-            return parent.run_id, states
-        except WorkbenchError:
-            if parent is not None:
-                parent.release_lock()
-            raise
+    def open_parent(hold) -> tuple[str, list]:
+        if resume_id is not None:
+            parent = hold(store.resume_run(resume_id, SELECT_KIND))  # one writer (see _run_one)
+            if parent.status == "finished":
+                raise WorkbenchError(f"run {resume_id} already finished (chose {parent.summary.get('chosen_run_id')}); "
+                                     f"nothing to resume")
+            differ = config_difference(parent.config, config, RESUME_MUTABLE)
+            if differ:
+                raise WorkbenchError(f"run {resume_id} was started with a different config ({', '.join(differ)}); "
+                                     f"resume it without --config/--set")
+            parent.mark_running()
+            children = parent.load_json("children") if "children" in parent.list_json() else []
+            states = [_child_state(store, c) for c in children]
+            # candidates are named after their parent: ones begun but not yet listed are found by name
+            states += [_child_state(store, candidate_run_id(resume_id, i))
+                       for i in range(len(states), config.num_runs)]
+        else:
+            tags = {"source": config.source, "arch": config.arch, "num_runs": config.num_runs,
+                    "select_target": config.select_target}
+            parent = hold(store.create_run(SELECT_KIND, config, tags=tags, run_id=config.run_name))
+            states = []
+        return parent.run_id, states
 
-    parent_id, states = dist.run_on_main(open_parent)
+    parent, (parent_id, states) = open_on_main(dist, open_parent)
     try:
         return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states, dataset)
     finally:

@@ -14,7 +14,9 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from ..config import Config, require
-from ..errors import WorkbenchError
+from ..errors import ParameterError, StudyError, WorkbenchError
+from ..results import LATEST, TRANSFER_NOTEBOOK
+from ..fanout import FanOutSettings
 from ..transfer import TransferConfig, TransferRecipe
 
 
@@ -39,33 +41,17 @@ PROFILES_DIR = NOTEBOOKS_DIR / "profiles"
 REPORT_KIND = "study_report"
 
 
-TRANSFER_NOTEBOOK = "02_transfer_study"
 
 
 OFFICIAL = "official"
 
 
-LATEST = "latest"
 
 
 INTERACTIVE_PROFILE = "interactive"
 
 
 KERNEL_START_TIMEOUT = 300  # seconds; a loaded 2-core machine needs more than papermill's default 60
-
-
-class ParameterError(WorkbenchError):
-    """A notebook parameter is unknown or ill-typed. Shown in a notebook as this one line, without a traceback."""
-
-    def _render_traceback_(self) -> list[str]:  # IPython prints these lines instead of the traceback
-        return [f"{type(self).__name__}: {self}"]
-
-
-class StudyError(WorkbenchError):
-    """A study cannot proceed (no source study, no meta-trained phi ...). One line in a notebook, too."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"{type(self).__name__}: {self}"]
 
 
 def _parse_method(spec: str) -> tuple[str, Optional[str]]:
@@ -75,7 +61,7 @@ def _parse_method(spec: str) -> tuple[str, Optional[str]]:
 
 
 @dataclass
-class TransferStudyConfig(TransferRecipe):
+class TransferStudyConfig(TransferRecipe, FanOutSettings):
     """The grid of ``02_transfer_study``: targets x archs x methods x seeds, one transfer run each, every run with
     this config's recipe (the :class:`~workbench.transfer.TransferRecipe` fields: steps, batch_size, lr, ...,
     documented there), so any recipe setting is a study parameter. The study's own defaults differ from a single
@@ -92,12 +78,8 @@ class TransferStudyConfig(TransferRecipe):
     phi: our phi: ``latest`` (the newest finished meta-training run of the artifacts root), a run id or a file.
     seeds: one run per seed.
     robust_targets: targets whose runs are also attacked with PGD (``robust_norms`` and the robust_* settings).
-    workers: cells run at once (null: what is fastest here: one worker per core, one thread each, on a CPU; one
-        per GPU on GPUs); 1 runs them one after another in the notebook's own process. executor: ``local``
-        (worker processes on this machine) or ``ray`` (tasks on the Ray cluster at ``ray_address``, else
-        ``$RAY_ADDRESS``, else a local Ray instance; every node must see the artifacts root at the same path).
-        retries: further attempts for a cell that fails or whose worker dies, before it is reported as failed.
-        These four choose where cells run, never what they compute; a resumed study may change them.
+    workers, executor, ray_address, retries: where the cells run (:class:`~workbench.fanout.FanOutSettings`);
+        a resumed study may change them.
     regime_check: what the grid does when the first Base run of an (arch, target) ends underfit (train-test gap
         under ``OVERFIT_GAP``): ``warn`` (print and go on), ``stop`` (end the study there, before the other
         methods spend their time) or ``off``. That run is the pilot: list ``base`` first in ``methods`` so it
@@ -117,17 +99,12 @@ class TransferStudyConfig(TransferRecipe):
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     robust_targets: list[str] = field(default_factory=list)
     regime_check: str = "warn"
-    workers: Optional[int] = None
-    executor: str = "local"
-    ray_address: Optional[str] = None
-    retries: int = 1
 
     def validate(self) -> None:
-        from ..fanout import check_execution
         from ..regularizers import build_regularizer
 
-        super().validate()
-        check_execution(self.workers, self.executor, self.retries)
+        TransferRecipe.validate(self)
+        FanOutSettings.validate(self)
         require(self.regime_check in REGIME_CHECKS,
                 f"regime_check must be one of {', '.join(REGIME_CHECKS)}, got {self.regime_check!r}")
 

@@ -112,20 +112,19 @@ def _kernel_manager_class():
 
 @contextlib.contextmanager
 def _environment(values: Mapping[str, Optional[str]]) -> Iterator[None]:
+    def apply(settings: Mapping[str, Optional[str]]) -> None:
+        for key, value in settings.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
     saved = {key: os.environ.get(key) for key in values}
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(values)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        apply(saved)
 
 
 _ANSI_MOVES = re.compile(r"\x1b\[[0-9;]*[ABCDEFGHJKSTfmnsu]")
