@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _native
+from . import _native, compiled as _compiled
 from ._fused import NoiseTail, ReluMean, batch_norm as apply_batch_norm, relu_and_pool, site_scale, standard_normal
 from .errors import WorkbenchError
 
@@ -265,7 +265,7 @@ def perturb(
     spatial_norm: float,
     training: bool,
     momentum: float = 0.1,
-    noise_coeff: float = 1.0,
+    noise_coeff: float | torch.Tensor = 1.0,
     clip: Optional[float] = None,
     eps: Optional[torch.Tensor] = None,
     double_bessel: bool = True,
@@ -273,6 +273,8 @@ def perturb(
     relu: bool = False,
     pool: bool = False,
     batch_norm: Optional[nn.BatchNorm2d] = None,
+    compiled: bool = False,
+    multiplier_stats: bool = True,
 ):
     """Apply phi to ``h`` (B, C, H, W); returns ``(out, scale, multiplier)`` (the multiplier map, or its
     ``[mean, std]`` where the fused CPU kernel serves a frozen phi: see ``workbench._native``). ``relu`` applies the
@@ -285,7 +287,18 @@ def perturb(
     otherwise the running ones are used. ``eps`` is the standard-normal draw (drawn here when None).
     ``fused=False`` computes the same function with plain autograd ops only (slower, but differentiable twice, as
     the second-order look-ahead of meta-training needs); the fused pieces have hand-written first derivatives.
+    ``compiled`` (with ``fused``) runs the site compiled by ``torch.compile`` (``workbench.compiled``; the eager path
+    serves when that compilation failed); so does a 0-d tensor ``noise_coeff`` (the CUDA-graph step's), compiled or
+    not. There the multiplier comes back as its ``[mean, std]``, or None without ``multiplier_stats``.
     """
+    if fused and (compiled or isinstance(noise_coeff, torch.Tensor)):
+        served = _compiled.perturb(h, phi, running_mean, running_var, channel_norm=channel_norm,
+                                   spatial_norm=spatial_norm, training=training, momentum=momentum,
+                                   noise_coeff=noise_coeff, clip=clip, eps=eps, double_bessel=double_bessel,
+                                   relu=relu, pool=pool, batch_norm=batch_norm, compile=compiled,
+                                   stats=multiplier_stats)
+        if served is not None:
+            return served
     if fused and _native.available(h, phi):
         return _native.perturb(h, phi, running_mean, running_var, channel_norm=channel_norm,
                                spatial_norm=spatial_norm, training=training, momentum=momentum,
@@ -358,6 +371,7 @@ class PerturbSite(nn.Module):
         self.clip: Optional[float] = None
         self.active = True
         self.fused = True  # False: plain autograd ops, differentiable twice (see `perturb`)
+        self.compiled = False  # True: the torch.compile'd site (`workbench.compiled`; with `fused` only)
         self.register_buffer("running_mean", torch.zeros(channels, _NUM_SCALE_KERNELS))
         self.register_buffer("running_var", torch.ones(channels, _NUM_SCALE_KERNELS))
         self.record_stats = True  # keep the last scale and multiplier for inspection (cheap: no copy, no sync)
@@ -410,6 +424,8 @@ class PerturbSite(nn.Module):
             relu=relu,
             pool=pool,
             batch_norm=batch_norm,
+            compiled=self.compiled,
+            multiplier_stats=self.record_stats,
         )
         if self.record_stats:  # plain attributes: set past nn.Module.__setattr__'s checks, on every call
             self.__dict__["last_scale"] = scale.detach()

@@ -41,6 +41,7 @@ from .config import Config, parse_overrides, require, require_seed, require_thre
 from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate
+from .phi_diagnostics import official_phi_path
 from .regularizers import (
     NOISE_WARMUP,
     TRAIN_CLIP,
@@ -57,7 +58,6 @@ CHECKPOINT_VERSION = 1
 NETWORK_FORMAT = "workbench.network"
 NETWORK_VERSION = 1
 OFFICIAL_PHI = "official"
-OFFICIAL_PHI_FILE = "official_perturb_750.pth"
 TRANSFER_KIND = "transfer"
 SOURCE_KIND = "source"
 FINAL_STAGES = ("final", "train_eval")  # metric stages of the final phase, dropped before it runs again on resume
@@ -255,15 +255,6 @@ def lr_at(step: int, config: TransferConfig) -> float:
 
 
 # ============================================================================================ phi and source
-def official_phi_path() -> Path:
-    """The authors' released phi: ``$WORKBENCH_REFERENCE/official_perturb_750.pth`` if set, else
-    ``<repository>/../shared/reference/official_perturb_750.pth``."""
-    env = os.environ.get("WORKBENCH_REFERENCE")
-    if env:
-        return Path(env).expanduser() / OFFICIAL_PHI_FILE
-    return Path(__file__).resolve().parents[1].parent / "shared" / "reference" / OFFICIAL_PHI_FILE
-
-
 def resolve_phi(spec: str, store: RunStore | None = None, initial: bool = False):
     """(phi, label, path) for ``official``, a phi file, or a meta-train run id (its ``phi.pt``).
 

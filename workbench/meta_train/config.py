@@ -5,8 +5,9 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from ..config import Config, require, require_seed, require_threads
+from ..config import require, require_seed, require_threads
 from .._runtime import resolve_device
+from ..fanout import FanOutSettings
 from ..regularizers import TRAIN_CLIP
 
 
@@ -48,7 +49,7 @@ _METRIC_NAMES = ("train_loss", "train_acc", "heldout_loss", "heldout_acc")
 
 # ================================================================================================= config
 @dataclass
-class MetaTrainConfig(Config):
+class MetaTrainConfig(FanOutSettings):
     """Everything that defines a meta-training run (defaults: the released code's setting, paper-notes 2.4).
 
     source / data_root: the source dataset spec (``workbench.data.load_dataset``) and where to find it.
@@ -71,6 +72,11 @@ class MetaTrainConfig(Config):
     workers / executor / ray_address / retries: how the ``num_runs`` candidates fan out before the selection
         (see ``TransferStudyConfig`` and :mod:`workbench.fanout`; null workers: one per core, or per GPU).
         Under torchrun the candidates run one after another, each across all processes.
+    compile_sites: the perturbation sites compiled by torch.compile (``workbench.compiled``; ``auto``: on CUDA
+        devices; the second-order look-ahead keeps them eager, it needs a double backward). cuda_graphs: each task's
+        first-order step (its update and phi's gradient) captured as a CUDA graph (``workbench.graphs``; ``auto``:
+        on CUDA, not with ``second_order``). precision: ``bf16`` runs the task networks' forward passes under bf16
+        autocast (float32 weights, optimizers, losses and phi's gradient).
     """
 
     source: str = "tinyimagenet32"
@@ -105,19 +111,17 @@ class MetaTrainConfig(Config):
     device: str = "auto"
     deterministic: bool = False
     threads: Optional[int] = None
-    workers: Optional[int] = None
-    executor: str = "local"
-    ray_address: Optional[str] = None
-    retries: int = 1
     artifacts_root: Optional[str] = None
     run_name: Optional[str] = None
+    compile_sites: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def validate(self) -> None:
         from ..data import check_spec
-        from ..fanout import check_execution
         from ..models import check_image_size, check_name
 
-        check_execution(self.workers, self.executor, self.retries)
+        super().validate()
 
         for name in ("steps", "batch_size", "num_tasks", "num_runs", "checkpoint_every", "log_every",
                      "select_steps", "select_per_class", "select_valid_per_class", "select_mc_samples"):
@@ -149,6 +153,10 @@ class MetaTrainConfig(Config):
         if self.select_target.strip() != "heldout":
             check_spec(self.select_target, "select_target")
         resolve_device(self.device, check_available=False)
+        for name, allowed in (("compile_sites", ("auto", "on", "off")), ("cuda_graphs", ("auto", "on", "off")),
+                              ("precision", ("fp32", "bf16"))):
+            value = getattr(self, name)
+            require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
         if self.run_name is not None:
             require(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
                     f"run_name {self.run_name!r} may hold only letters, digits, '-', '_' and '.'")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compiled, graphs
 from .._distributed import DistContext
 from ..attach import attach
 from ..data import Augment, BatchIterator, ImageDataset, SourceTask, channel_stats, describe_tasks, eval_batches, load_dataset, source_tasks
@@ -98,6 +99,7 @@ class TaskSlot:
     valid_iter: BatchIterator
     rng: TaskRNG
     last_train: Optional[torch.Tensor] = None  # [loss, accuracy] of the latest task_step
+    captured: Optional[graphs.CapturedStep] = None  # the first-order step as a CUDA graph (cuda_graphs)
 
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -157,6 +159,11 @@ class MetaTrainer:
 
     ``task_step`` / ``task_meta_grad`` / ``meta_step`` are the reference loop (plain PyTorch); ``train_step`` runs
     one full meta step. ``state_dict`` / ``load_state_dict`` cover phi, this process's tasks and the step.
+
+    The config's ``compile_sites``, ``cuda_graphs`` and ``precision`` choose how the steps run (``sites_decision``
+    and ``graphs_decision`` say what was chosen and why): compiled sites, each task's first-order step (``task_step``
+    then ``task_meta_grad``) replayed as a CUDA graph on steps that record no statistics, bf16 autocast around the
+    task networks' forward passes. The second-order look-ahead is never captured and its sites stay eager.
     """
 
     def __init__(self, config: MetaTrainConfig, tasks: Sequence[SourceTask], *, device: torch.device | str | None = None,
@@ -180,7 +187,16 @@ class MetaTrainer:
         channels = int(tasks[0].train.x.shape[1])
         pad = 4 if config.augment else 0
         self.augment = Augment(config.image_size, padding=pad, flip=bool(flip and config.augment), mean=mean, std=std)
+        self.sites_decision = compiled.decide(config.compile_sites, self.device)
         self.slots = [self._make_slot(i, t, channels) for i, t in enumerate(tasks) if self.dist.owns_task(i)]
+        self.graphs_decision = graphs.decide(
+            config.cuda_graphs, self.device, models=[slot.model for slot in self.slots],
+            optimizers=[slot.optimizer for slot in self.slots], what="meta-training",
+            blockers={"the second-order look-ahead needs a double backward, which is not captured":
+                      config.second_order})
+        if self.graphs_decision.on:
+            for slot in self.slots:
+                self._capture_slot(slot)
         self.site_names = list(self.slots[0].handle.site_names)
         self.num_sites = len(self.site_names)
         for slot in self.slots:
@@ -205,6 +221,7 @@ class MetaTrainer:
         handle.set_noise_coeff(1.0)
         for site in handle.sites:
             site.record_stats = False
+        compiled.set_compiled([model], self.sites_decision.on)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         train_iter = BatchIterator(task.train, cfg.batch_size, self.augment, seed=derive_seed(cfg.seed, _SEED_TRAIN, index),
                                    device=self.device, drop_last=True)
@@ -212,6 +229,27 @@ class MetaTrainer:
                                    device=self.device, drop_last=True)
         rng = TaskRNG(derive_seed(cfg.seed, _SEED_NOISE, index), self.device)
         return TaskSlot(index, task, model, handle, optimizer, train_iter, valid_iter, rng)
+
+    def _capture_slot(self, slot: TaskSlot) -> None:
+        """Make ``slot``'s first-order step a :class:`~workbench.graphs.CapturedStep` (warmed up, then captured on
+        its first calls; the noise coefficient is a constant 1 here, so the sites keep their own paths)."""
+        graphs.make_capturable(slot.optimizer, self.device)
+        sites = list(slot.handle.sites)
+
+        def first_order(x, y, xv, yv):
+            train = self.task_step(slot, (x, y))
+            grads, heldout = self.task_meta_grad(slot, (xv, yv))
+            return (train, *grads, heldout)
+
+        slot.captured = graphs.CapturedStep(first_order, self.device, f"meta step of task {slot.task.name}",
+                                            signature=lambda: graphs.site_signature(slot.model, sites))
+
+    def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``model(x)`` at the config's precision; the logits come back in float32 for the loss."""
+        if self.config.precision == "fp32":
+            return model(x)
+        with graphs.autocast(self.config.precision, self.device, cache=False):
+            return model(x).float()
 
     # ------------------------------------------------------------------------------------------ the verbs
     def task_step(self, slot: TaskSlot, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -222,7 +260,7 @@ class MetaTrainer:
         x, y = batch
         slot.model.train()
         with frozen(self.phi_params):
-            logits = slot.model(x)
+            logits = self._forward(slot.model, x)
             loss = F.cross_entropy(logits, y)
             slot.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -241,7 +279,7 @@ class MetaTrainer:
         x, y = batch
         slot.model.train()
         with batchnorm_eval(slot.model), frozen(list(slot.model.parameters())), _recording(slot.handle, record):
-            logits = slot.model(x)
+            logits = self._forward(slot.model, x)
             loss = F.cross_entropy(logits, y)
             grads = torch.autograd.grad(loss, self.phi_params)
         return grads, torch.stack([loss.detach(), (logits.detach().argmax(1) == y).float().mean()])
@@ -251,7 +289,8 @@ class MetaTrainer:
         """Second-order variant of task_step + task_meta_grad: phi's gradient through one SGD look-ahead step
         (``lookahead_lr``) of theta_t, then theta_t's own Adam step with the same train gradient."""
         slot.model.train()
-        with _recording(slot.handle, record), twice_differentiable(slot.handle.sites):
+        with _recording(slot.handle, record), twice_differentiable(slot.handle.sites), \
+                graphs.autocast(self.config.precision, self.device, cache=False):
             result = lookahead_meta_grad(slot.model, self.phi_params, *train_batch, *valid_batch,
                                          lr=self.config.effective_lookahead_lr, valid_mode=batchnorm_eval)
         slot.optimizer.zero_grad(set_to_none=True)
@@ -285,6 +324,12 @@ class MetaTrainer:
                 if self.config.second_order:
                     valid_batch = next(slot.valid_iter)
                     grads, heldout = self.lookahead_task_step(slot, train_batch, valid_batch, record)
+                elif slot.captured is not None and not record:
+                    # the batch iterators draw from their own generators: taking the held-out batch before the
+                    # update changes no random stream
+                    valid_batch = next(slot.valid_iter)
+                    outputs = slot.captured(*train_batch, *valid_batch)
+                    slot.last_train, grads, heldout = outputs[0], outputs[1:-1], outputs[-1]
                 else:
                     self.task_step(slot, train_batch)
                     valid_batch = next(slot.valid_iter)
