@@ -38,6 +38,7 @@ from workbench._runtime import keep_freed_memory  # noqa: E402
 from workbench.models import build  # noqa: E402
 from workbench.perturb import perturb  # noqa: E402
 from workbench.regularizers import build_regularizer  # noqa: E402
+from _sites import site_inputs  # noqa: E402
 
 SITE_FORMS = ("compiled", "compiled convs", "native", "eager")
 MODELS = (("resnet20", 32, 3), ("conv4", 28, 1), ("wrn16_4", 32, 3))
@@ -47,12 +48,7 @@ CONV_FORM = "compiled convs"  # --conv-form: the sites compiled with convolution
 
 # ============================================================================================ one site
 def site_times(shape, repeats: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    phi = MetaPerturb().requires_grad_(False)
-    c = shape[1]
-    h = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    stats = {form: (torch.zeros(c, 4), torch.ones(c, 4)) for form in SITE_FORMS}
+    phi, h, grad, stats = site_inputs(shape, SITE_FORMS)
 
     def step(form: str) -> None:
         saved, stencil = os.environ.get("WORKBENCH_NATIVE"), compiled.STENCIL["cpu"]

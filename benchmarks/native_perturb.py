@@ -18,8 +18,9 @@ import time
 
 import torch
 
+from _sites import site_inputs  # noqa: E402
 from workbench._runtime import keep_freed_memory
-from workbench import MetaPerturb, _native
+from workbench import _native
 from workbench import perturb as perturb_module
 
 FORMS = ("eager", "two sweeps", "native")
@@ -43,12 +44,7 @@ def call_in_form(form: str, *args, **kwargs):
 
 def site_times(shape, threads: int, repeats: int, meta: bool) -> dict:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    phi = MetaPerturb().requires_grad_(meta)
-    c = shape[1]
-    h = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    grad = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    stats = {form: (torch.zeros(c, 4), torch.ones(c, 4)) for form in FORMS}
+    phi, h, grad, stats = site_inputs(shape, FORMS, phi_grad=meta)
 
     def step(form):
         rm, rv = stats[form]
