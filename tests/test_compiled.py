@@ -9,6 +9,7 @@ defaults leave the loops unchanged; ``tests/test_gpu.py`` captures on a device.
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -316,3 +317,22 @@ def test_bf16_meta_training_runs(tmp_path, second_order):
                   device="cpu", precision="bf16", second_order=second_order, artifacts_root=str(tmp_path / "artifacts"))
     result = meta_train(config, progress=False, dataset=synthetic_dataset())
     assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in result.phi.parameters())
+
+
+@pytest.mark.parametrize("config_class, mutable", [
+    ("workbench.transfer:TransferConfig", "workbench.transfer:RESUME_MUTABLE"),
+    ("workbench.meta_train:MetaTrainConfig", "workbench.meta_train:RESUME_MUTABLE"),
+])
+def test_a_resume_may_change_how_sites_run_but_not_the_precision(config_class, mutable):
+    import importlib
+
+    from workbench._runtime import config_difference
+
+    def named(ref):
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    cls, allowed = named(config_class), named(mutable)
+    stored = json.loads(json.dumps(cls().to_dict()))
+    assert config_difference(stored, cls.from_dict({"compile_sites": "on", "cuda_graphs": "off"}), allowed) == []
+    assert config_difference(stored, cls.from_dict({"precision": "bf16"}), allowed) == ["precision"]

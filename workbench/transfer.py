@@ -62,7 +62,8 @@ TRANSFER_KIND = "transfer"
 SOURCE_KIND = "source"
 FINAL_STAGES = ("final", "train_eval")  # metric stages of the final phase, dropped before it runs again on resume
 # Config fields that may differ when resuming (they do not change what is computed).
-RESUME_MUTABLE = ("device", "artifacts_root", "checkpoint_every", "threads", "run_name", "data_root")
+RESUME_MUTABLE = ("device", "artifacts_root", "checkpoint_every", "threads", "run_name", "data_root", "compile_sites",
+                  "cuda_graphs")
 
 #: Arrays a transfer run writes (``run.load_arrays(name)``), for readers of the run store.
 ARRAY_NAMES = {

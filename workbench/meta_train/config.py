@@ -31,7 +31,7 @@ PHI_FILE = "phi.pt"
 
 # Config fields that may differ when a run is resumed: where things are and how fast, never what is computed.
 RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoint_every", "run_name", "workers",
-                  "executor", "ray_address", "retries")
+                  "executor", "ray_address", "retries", "compile_sites", "cuda_graphs")
 
 
 # Purposes of the per-task seeds derived from the run seed (see derive_seed).
