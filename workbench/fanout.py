@@ -36,6 +36,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+from .artifacts.formatting import _exception_line
 from .config import Config
 from .errors import WorkbenchError
 
@@ -313,8 +314,8 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _one_line(exc: BaseException) -> str:
-    first = next((line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    """What a failed run records as its reason (``Type: first line``), without the colour codes Ray puts in."""
+    return _ANSI.sub("", _exception_line(exc))
 
 
 def _function_ref(fn: Callable) -> tuple[str, str]:

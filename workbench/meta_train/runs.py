@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .._distributed import DistContext
+from ..artifacts.formatting import _exception_line
 from ..artifacts import Run, RunStore, to_jsonable
 from ..data import Augment
 from .._runtime import cpu_copy, load_resume_checkpoint, resolve_device
@@ -223,8 +224,7 @@ def _run_one(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore
         return _train(config, data, progress, dist, device, run, the_run_id, checkpoint)
     except BaseException as exc:
         if run is not None and run.status == "running":
-            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-            run.mark_failed(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+            run.mark_failed(_exception_line(exc))
         raise
     finally:
         if run is not None:
