@@ -25,59 +25,24 @@ FILTERS = ("source", "target", "arch", "method", "seed", "status")
 
 
 # ------------------------------------------------------------------------------------------ cached readers
-@st.cache_data(ttl=LIST_TTL, show_spinner=False, max_entries=8)
-def load_runs(root: str) -> pd.DataFrame:
-    return results.runs_frame(root)
+def _cached(reader: Callable, ttl: int, max_entries: int) -> Callable:
+    """``reader`` behind Streamlit's data cache: each distinct (root, ...) argument list is read once per ``ttl``."""
+    return st.cache_data(ttl=ttl, show_spinner=False, max_entries=max_entries)(reader)
 
 
-@st.cache_data(ttl=LIST_TTL, show_spinner=False, max_entries=8)
-def load_studies(root: str) -> pd.DataFrame:
-    return dd.studies_frame(root)
-
-
-@st.cache_data(ttl=LIST_TTL, show_spinner=False, max_entries=8)
-def load_foreign(root: str) -> pd.DataFrame:
-    return dd.foreign_entries(root)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=256)
-def load_details(root: str, run_id: str) -> results.RunDetails:
-    return results.run_details(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=512)
-def load_metrics(root: str, run_id: str) -> pd.DataFrame:
-    return results.metrics(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=2048)
-def load_reliability(root: str, run_id: str):
-    return results.reliability(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=512)
-def load_confidences(root: str, run_id: str):
-    return results.confidences(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=2048)
-def load_site_scales(root: str, run_id: str):
-    return results.site_scales(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=1024)
-def load_robustness(root: str, run_id: str):
-    return results.robustness(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=128)
-def load_meta_site_stats(root: str, run_id: str):
-    return results.meta_site_stats(root, run_id)
-
-
-@st.cache_data(ttl=RUN_TTL, show_spinner=False, max_entries=16)
-def load_notebook(root: str, relative: str) -> bytes:
-    return dd.executed_notebook(root, relative)
+# listings (run.json / summary.json of every run)
+load_runs = _cached(results.runs_frame, LIST_TTL, 8)
+load_studies = _cached(dd.studies_frame, LIST_TTL, 8)
+load_foreign = _cached(dd.foreign_entries, LIST_TTL, 8)
+# one run's records and arrays
+load_details = _cached(results.run_details, RUN_TTL, 256)
+load_metrics = _cached(results.metrics, RUN_TTL, 512)
+load_reliability = _cached(results.reliability, RUN_TTL, 2048)
+load_confidences = _cached(results.confidences, RUN_TTL, 512)
+load_site_scales = _cached(results.site_scales, RUN_TTL, 2048)
+load_robustness = _cached(results.robustness, RUN_TTL, 1024)
+load_meta_site_stats = _cached(results.meta_site_stats, RUN_TTL, 128)
+load_notebook = _cached(dd.executed_notebook, RUN_TTL, 16)
 
 
 def attempt(reader: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
@@ -211,12 +176,13 @@ def how_to(page: str, ctx: Context) -> None:
         st.markdown(dd.HOW_TO_COMMANDS)
 
 
-def page_start(title: str, page: str) -> tuple[Context, pd.DataFrame | None]:
-    """A transfer-run page's first lines: its title, the context, and the finished transfer runs of the current
-    filters (None, after saying what the page needs, when there are none)."""
+def page_start(title: str, page: str,
+               usable: Callable[[Context], pd.DataFrame] | None = None) -> tuple[Context, pd.DataFrame | None]:
+    """A page's first lines: its title, the context, and the runs of the current filters it shows (``usable``;
+    default: the finished transfer runs), or None, after saying what the page needs, when there are none."""
     st.title(title)
     ctx = context()
-    runs = results.finished(ctx.view, results.KIND_TRANSFER)
+    runs = usable(ctx) if usable is not None else results.finished(ctx.view, results.KIND_TRANSFER)
     if runs.empty:
         how_to(page, ctx)
         return ctx, None

@@ -45,6 +45,20 @@ An unknown or ill-typed parameter stops the notebook at the validation cell with
 """
 
 
+def filtered_panel(name: str, figure: str, *fields: str) -> str:
+    """A cell showing ``figure`` (a call ending in ``**selection``) under controls filtering ``runs`` by ``fields``."""
+    quoted = ", ".join(f'"{f}"' for f in fields)
+    return (f"{name} = controls.show(\n    lambda **selection: {figure},\n"
+            f"    **controls.filters(runs, {quoted}))")
+
+
+def source_report(name: str, tables: str) -> str:
+    """The last cell of a notebook that reads a transfer study: its report, tagged with that study."""
+    return (f"report = study.save_report(session, \"{name}\", {tables},\n"
+            "                          info={\"source_study\": source.study_id}, "
+            "tags={\"source_study\": source.study_id})\nsession.finish()")
+
+
 def header(name: str, title: str, what: str, cls, imports: str, example: str, type_error: str,
            defaults_note: str = "") -> list:
     intro = f"# {title}\n\n{what.strip()}\n" + RUNNING.format(
@@ -217,21 +231,17 @@ No transfer study yet? Run `workbench study run 02_transfer_study --profile demo
         new_markdown_cell("## Reliability diagrams\n\nAccuracy against confidence in 15 equal-width bins, each "
                           "method's bins pooled over its seeds; marker size grows with the number of test images "
                           "in the bin."),
-        new_code_cell("reliability_panel = controls.show(\n"
-                      "    lambda **selection: filters.reliability_figure(session.store, runs, **selection),\n"
-                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\"))"),
+        new_code_cell(filtered_panel("reliability_panel", "filters.reliability_figure(session.store, runs, **selection)",
+                                     "target", "arch", "method", "seed")),
         new_markdown_cell("## Accuracy under PGD\n\nFrom the runs' `arrays/robustness.npz` (the transfer study's "
                           "`robust_*` settings; stochastic methods are attacked with expectation over "
                           "transformation). eps 0 is the clean accuracy of the attacked images."),
         new_code_cell("robust = results.robustness_table(session.store, runs, config.robust_target)\n"
-                      "robustness_panel = controls.show(\n"
-                      "    lambda **selection: filters.robustness_figure(session.store, runs, config.robust_target, "
-                      "**selection),\n"
-                      "    **controls.filters(runs, \"arch\", \"method\", \"seed\"))"),
+                      + filtered_panel("robustness_panel", "filters.robustness_figure(session.store, runs, "
+                                       "config.robust_target, **selection)", "arch", "method", "seed")),
         new_code_cell("robust"),
-        new_code_cell("report = study.save_report(session, \"03_calibration_robustness\", {\"ece\": ece, \"nll\": nll, "
-                      "\"robustness\": robust},\n                          info={\"source_study\": source.study_id}, "
-                      "tags={\"source_study\": source.study_id})\nsession.finish()"),
+        new_code_cell(source_report("03_calibration_robustness",
+                                    "{\"ece\": ece, \"nll\": nll, \"robustness\": robust}")),
     ]
     return name, CalibrationStudyConfig, cells
 
@@ -261,19 +271,14 @@ No transfer study yet? Run `workbench study run 02_transfer_study --profile demo
                           "per phi (ours, the authors'); error bars are the spread over seeds. A phi that adapts "
                           "to the target gives different profiles on different targets."),
         new_markdown_cell(FILTER_NOTE),
-        new_code_cell("profile_panel = controls.show(\n"
-                      "    lambda **selection: filters.profile_figure(session.store, runs, **selection),\n"
-                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\", \"run\"))"),
+        new_code_cell(filtered_panel("profile_panel", "filters.profile_figure(session.store, runs, **selection)",
+                                     "target", "arch", "method", "seed", "run")),
         new_code_cell("scales.profile"),
         new_markdown_cell("## Per-channel scales\n\nSites x channels, averaged over seeds (one heatmap per "
                           "architecture, target and phi; at most `max_heatmaps`)."),
-        new_code_cell("heatmap_panel = controls.show(\n"
-                      "    lambda **selection: filters.heatmap_figure(session.store, runs, config.max_heatmaps, "
-                      "**selection),\n"
-                      "    **controls.filters(runs, \"target\", \"arch\", \"method\", \"seed\", \"run\"))"),
-        new_code_cell("report = study.save_report(session, \"04_scales\", {\"profile\": scales.profile},\n"
-                      "                          info={\"source_study\": source.study_id}, "
-                      "tags={\"source_study\": source.study_id})\nsession.finish()"),
+        new_code_cell(filtered_panel("heatmap_panel", "filters.heatmap_figure(session.store, runs, "
+                                     "config.max_heatmaps, **selection)", "target", "arch", "method", "seed", "run")),
+        new_code_cell(source_report("04_scales", "{\"profile\": scales.profile}")),
     ]
     return name, ScalesStudyConfig, cells
 

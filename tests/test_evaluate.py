@@ -38,6 +38,12 @@ class Noise(nn.Module):
         return h * F.softplus(torch.randn_like(h) + 1.0)
 
 
+
+def noisy_net_and_batch(n):
+    """A seeded NoisyNet in eval mode and a batch of n random 8x8 images."""
+    torch.manual_seed(0)
+    return NoisyNet().eval(), torch.randn(n, 1, 8, 8)
+
 def random_predictions(n=3000, classes=7, seed=0):
     g = torch.Generator().manual_seed(seed)
     probs = F.softmax(torch.randn(n, classes, generator=g) * 2.5, dim=1)
@@ -75,9 +81,7 @@ def test_confidence_one_goes_to_last_bin_and_metrics_match_references():
 
 
 def test_mc_with_one_sample_equals_one_noisy_pass():
-    torch.manual_seed(0)
-    model = NoisyNet().eval()
-    x = torch.randn(6, 1, 8, 8)
+    model, x = noisy_net_and_batch(6)
     torch.manual_seed(123)
     with torch.no_grad():
         reference = F.softmax(model(x), dim=1)
@@ -88,9 +92,7 @@ def test_mc_with_one_sample_equals_one_noisy_pass():
 
 
 def test_mc_chunks_of_one_sample_equal_a_loop_and_tiling_estimates_the_same_mean():
-    torch.manual_seed(0)
-    model = NoisyNet().eval()
-    x = torch.randn(4, 1, 8, 8)
+    model, x = noisy_net_and_batch(4)
     torch.manual_seed(7)
     with torch.no_grad():
         loop = torch.stack([F.softmax(model(x), 1) for _ in range(5)]).mean(0)
@@ -105,9 +107,7 @@ def test_mc_chunks_of_one_sample_equal_a_loop_and_tiling_estimates_the_same_mean
 
 
 def test_tiling_at_first_stochastic_module_equals_tiling_at_input():
-    torch.manual_seed(0)
-    model = NoisyNet().eval()
-    x = torch.randn(5, 1, 8, 8)
+    model, x = noisy_net_and_batch(5)
     torch.manual_seed(3)
     at_input = mc_predict(model, x, 6)
     torch.manual_seed(3)
@@ -116,9 +116,7 @@ def test_tiling_at_first_stochastic_module_equals_tiling_at_input():
 
 
 def test_tiled_mc_runs_the_deterministic_prefix_once_per_image_and_estimates_the_same_mean():
-    torch.manual_seed(0)
-    model = NoisyNet().eval()
-    x = torch.randn(7, 1, 8, 8)
+    model, x = noisy_net_and_batch(7)
     rows = []
     model.prefix.register_forward_hook(lambda _m, args, _out: rows.append(len(args[0])))
     tiled = mc_predict(model, x, 100, tile_at=model.noise, max_rows=256)

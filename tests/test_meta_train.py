@@ -379,6 +379,30 @@ def test_num_runs_selects_best_phi_with_reason(dataset, tmp_path):
     assert [store.open_run(r).config["seed"] for r in result.run_ids] == [0, 1]
     chosen = MetaPerturb.load(parent.path / "phi.pt")
     assert torch.equal(chosen.scale_fc.weight, result.phi.scale_fc.weight)
+    # the scoring transfer runs live in a scratch store: the store holds the candidates and the selection only
+    assert sorted(r.kind for r in store.list_runs()) == ["meta_select", "meta_train", "meta_train"]
+
+
+def test_selection_score_is_a_transfer_run_on_held_out_training_images(tmp_path):
+    from workbench.meta_train import selection_dataset, selection_transfer_config, transfer_score
+    from workbench.transfer import transfer
+
+    target = save_npz(synthetic_dataset(num_classes=3, per_class=12, seed=5), tmp_path / "target.npz")
+    config = MetaTrainConfig.from_dict({**TINY, "select_target": target, "select_steps": 3, "select_per_class": 6,
+                                        "select_valid_per_class": 4, "select_mc_samples": 2})
+    held_out = selection_dataset(config)
+    assert held_out.y_train.bincount().tolist() == [6, 6, 6] and held_out.y_test.bincount().tolist() == [4, 4, 4]
+    train_rows = {row.numpy().tobytes() for row in held_out.x_train}
+    assert not any(row.numpy().tobytes() in train_rows for row in held_out.x_test)  # scored on unseen images
+    phi = MetaPerturb(init_std=0.3)
+    phi_file = phi.save(tmp_path / "phi.pt")
+    recipe = selection_transfer_config(config, str(phi_file), "cpu", len(held_out.y_train))
+    assert recipe.steps == 3 and recipe.lr_milestones == [] and recipe.final_mc_samples == 2
+    store = RunStore(tmp_path / "store")
+    direct = transfer(recipe, store, progress=False, dataset=held_out)
+    score = transfer_score(phi, config, torch.device("cpu"), dataset=held_out)
+    assert score == direct.summary["test_accuracy"] and direct.summary["test_examples"] == 12
+    assert len(store.list_runs()) == 1  # transfer_score wrote nothing here
 
 
 # ------------------------------------------------------------------------------------------------ errors

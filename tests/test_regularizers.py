@@ -38,6 +38,14 @@ def context(arch="conv4_4", steps=3, phi=None, source=None):
                         phi=phi, source=source)
 
 
+def prepared(method, options=None, arch="conv4_4", steps=3):
+    """A fresh tiny network prepared by ``method``: (regularizer, model, the plain network's state keys)."""
+    model = tiny(arch)
+    keys = set(model.state_dict())
+    reg = build_regularizer(method, options)
+    return reg, reg.prepare(model, context(arch, steps=steps)), keys
+
+
 def source_of(arch="conv4_4"):
     src = tiny(arch, seed=99)
     return SourceNetwork({k: v.clone() for k, v in src.state_dict().items()}, arch, 1, 3, SIZE, "test-source")
@@ -94,10 +102,7 @@ def test_registry_lists_every_method_and_refuses_unknown_ones():
 
 
 def test_base_trains_every_parameter_and_adds_nothing():
-    model = tiny()
-    keys = set(model.state_dict())
-    reg = build_regularizer("base")
-    model = reg.prepare(model, context())
+    reg, model, keys = prepared("base")
     before = snapshot(model)
     train(reg, model)
     assert set(model.state_dict()) == keys
@@ -107,10 +112,7 @@ def test_base_trains_every_parameter_and_adds_nothing():
 
 
 def test_dropout_sits_before_the_classifier_and_is_off_at_evaluation():
-    model = tiny()
-    keys = set(model.state_dict())
-    reg = build_regularizer("dropout", {"p": 0.5})
-    model = reg.prepare(model, context())
+    reg, model, keys = prepared("dropout", {"p": 0.5})
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) == 1 and set(model.state_dict()) == keys and reg.classifier == "fc"
     seen = {}
@@ -123,10 +125,7 @@ def test_dropout_sits_before_the_classifier_and_is_off_at_evaluation():
 
 
 def test_dropblock_on_the_last_two_resolutions_with_a_linear_schedule():
-    model = tiny()
-    keys = set(model.state_dict())
-    reg = build_regularizer("dropblock")
-    model = reg.prepare(model, context(steps=4))
+    reg, model, keys = prepared("dropblock", steps=4)
     blocks = [m for m in model.modules() if isinstance(m, DropBlock2d)]
     # Conv-4 at 16x16 has sites at 16, 8, 4, 2: the last two resolutions are 4 and 2
     assert len(blocks) == 2 and reg.place_names == ["features.2.act", "features.3.act"]
@@ -149,10 +148,7 @@ def test_mixup_mixes_inputs_and_labels():
     assert torch.allclose(loss, F.cross_entropy(logits, y))
     loss, _ = mixed_loss(logits, y, perm, 0.25)
     assert torch.allclose(loss, 0.25 * F.cross_entropy(logits, y) + 0.75 * F.cross_entropy(logits, y[perm]))
-    model = tiny()
-    keys = set(model.state_dict())
-    reg = build_regularizer("mixup")
-    model = reg.prepare(model, context())
+    reg, model, keys = prepared("mixup")
     seen = {}
     model.features.register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
     x = torch.randn(8, 1, SIZE, SIZE)
@@ -165,10 +161,7 @@ def test_mixup_mixes_inputs_and_labels():
 
 
 def test_manifold_mixup_mixes_at_the_input_or_a_stage_end_only_in_training():
-    model = tiny("resnet20")
-    keys = set(model.state_dict())
-    reg = build_regularizer("manifold_mixup")
-    model = reg.prepare(model, context("resnet20"))
+    reg, model, keys = prepared("manifold_mixup", arch="resnet20")
     assert reg.layer_names == ["input", "layer1.2.act_out", "layer2.2.act_out"]
     x = torch.randn(8, 1, SIZE, SIZE)
     perm = torch.randperm(8)
@@ -193,10 +186,7 @@ def test_manifold_mixup_mixes_at_the_input_or_a_stage_end_only_in_training():
 
 
 def test_information_dropout_adds_alpha_layers_and_a_kl_term():
-    model = tiny("resnet20")
-    keys = set(model.state_dict())
-    reg = build_regularizer("information_dropout")
-    model = reg.prepare(model, context("resnet20"))
+    reg, model, keys = prepared("information_dropout", arch="resnet20")
     layers = [m for m in model.modules() if isinstance(m, InformationDropoutLayer)]
     assert len(layers) == 3 and reg.place_names == ["layer1.2.act_out", "layer2.2.act_out", "layer3.2.act_out"]
     assert [l.alpha_conv.in_channels for l in layers] == [16, 32, 64]

@@ -1,5 +1,5 @@
 """Plumbing shared by the training stages (meta-training, transfer): devices, the allocator setting, CPU copies for
-checkpoints, and the config comparison that guards a resume."""
+checkpoints, the config comparison that guards a resume, and seeds derived for each purpose of a run."""
 from __future__ import annotations
 
 import ctypes
@@ -8,6 +8,7 @@ import json
 import os
 from typing import Any, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from .errors import WorkbenchError
@@ -102,3 +103,9 @@ def load_resume_checkpoint(run: Any, config: Any, mutable: Iterable[str], schema
         raise WorkbenchError(f"run {run.run_id}: its checkpoint was written with a different config than "
                              "config.json; start a new run")
     return checkpoint
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """An independent 63-bit seed for one purpose (and task) of a run, from the run seed."""
+    state = np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)

@@ -14,6 +14,14 @@ COMMAND_MODULES = ["meta_train", "transfer", "data", "study", "dashboard", "demo
 ARTIFACTS_HELP = "artifacts root (default: $WORKBENCH_ARTIFACTS or the checkout's artifacts/)"
 
 
+def add_command(subparsers: argparse._SubParsersAction, name: str, func, help: str, description: str | None = None,
+                **kwargs) -> argparse.ArgumentParser:
+    """A subcommand ``name`` that runs ``func(args)`` (its exit code)."""
+    parser = subparsers.add_parser(name, help=help, description=description or help, **kwargs)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def add_artifacts_flag(parser: argparse.ArgumentParser) -> None:
     """``--artifacts DIR``: every command that reads or writes the run store."""
     parser.add_argument("--artifacts", metavar="DIR", help=ARTIFACTS_HELP)

@@ -92,7 +92,12 @@ class Config:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """The fields in the order of a notebook's parameters cell: the config's own, then each group of
+        :class:`SharedSettings` it derives from."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        shared = [n for group in reversed(cls.__mro__) if SharedSettings in group.__bases__
+                  for n in _own_fields(group)]
+        return [n for n in names if n not in shared] + shared
 
     @classmethod
     def from_dict(cls: type[C], values: Mapping[str, Any] | None = None, **overrides: Any) -> C:
@@ -134,6 +139,17 @@ class Config:
 
     def replace(self: C, **changes: Any) -> C:
         return type(self).from_dict(self.to_dict(), **changes)
+
+
+@dataclasses.dataclass
+class SharedSettings(Config):
+    """A group of settings several stage configs share (they derive from it): defined, documented and validated
+    once (``validate`` runs each group's check and then the next class's in the MRO)."""
+
+
+def _own_fields(group: type) -> list[str]:
+    inherited = {f.name for base in group.__bases__ if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    return [f.name for f in dataclasses.fields(group) if f.name not in inherited]
 
 
 def _number_as_text(value: Any) -> str | None:

@@ -212,16 +212,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench dashboard [--artifacts DIR] [--port 8501] [--address 127.0.0.1]``."""
-    parser = subparsers.add_parser(
-        "dashboard",
-        help="open the Streamlit dashboard on an artifacts root",
+    from .cli import add_command
+
+    parser = add_command(
+        subparsers, "dashboard", _run, help="open the Streamlit dashboard on an artifacts root",
         description="Start the dashboard (studies and runs, accuracy across targets, per-layer scales, "
-        "calibration, curves and robustness). It only reads artifacts; it never trains.",
-    )
+        "calibration, curves and robustness). It only reads artifacts; it never trains.")
     parser.add_argument("--artifacts", default=None,
                         help=f"artifacts root to read (default: ${ARTIFACTS_ENV}, else the project's artifacts/)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (default %(default)s)")
     parser.add_argument("--address", default=DEFAULT_ADDRESS,
                         help="address to bind (default %(default)s, loopback only; 0.0.0.0 exposes it)")
     parser.add_argument("--verbose", action="store_true", help="show Streamlit's own log")
-    parser.set_defaults(func=_run)

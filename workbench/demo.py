@@ -179,10 +179,12 @@ def _cli(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench demo [--no-dashboard] [--port N] [--artifacts DIR] [--profile demo] [-p KEY VALUE]``."""
-    from .cli import add_artifacts_flag
+    from .cli import add_command
+    from .study.cli import add_notebook_flags
 
-    parser = subparsers.add_parser(
-        "demo", help="the main job: meta-train, transfer, evaluate on offline data, then open the dashboard",
+    parser = add_command(
+        subparsers, "demo", _cli,
+        help="the main job: meta-train, transfer, evaluate on offline data, then open the dashboard",
         description="Run the demo study with no network (the notebooks 01-04 with the demo profile: meta-train phi "
                     "on Tiny ImageNet tasks, transfer it and the authors' phi to CIFAR-10 and Fashion-MNIST next to "
                     "Base, accuracy, calibration, per-layer scales), then start the dashboard on 127.0.0.1 and keep "
@@ -190,14 +192,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-dashboard", action="store_true", help="stop after the studies")
     parser.add_argument("--port", type=int, default=None, help="dashboard port (default 8501, or a free one if "
                                                                "8501 is taken)")
-    add_artifacts_flag(parser)
-    parser.add_argument("--profile", default="demo", help="parameter profile (default demo; smoke for a check "
-                                                          "in seconds)")
-    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                        help="override a parameter as in `workbench study run` (e.g. -p threads null to use every "
-                             "core of a quiet machine)")
-    parser.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
-    parser.set_defaults(func=_cli)
+    add_notebook_flags(parser, "parameter profile (default demo; smoke for a check in seconds)", "demo")
 
 
 __all__ = ["NOTEBOOKS", "check_offline_data", "register_cli", "run_demo"]

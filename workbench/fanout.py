@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -37,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from .artifacts.formatting import _exception_line
-from .config import Config
+from .config import SharedSettings
 from .errors import WorkbenchError
 
 EXECUTORS = ("local", "ray")
@@ -101,7 +100,7 @@ class WorkerPlan:
 
 
 @dataclass
-class FanOutSettings(Config):
+class FanOutSettings(SharedSettings):
     """Where a grid's cells run, never what they compute (so a resumed grid may change them): ``workers`` at once
     (null: what is fastest here: one per core with one thread each on a CPU, one per GPU on GPUs; 1: one after
     another in this process), ``executor`` ``local`` (worker processes on this machine) or ``ray`` (tasks on the
@@ -114,14 +113,9 @@ class FanOutSettings(Config):
     ray_address: Optional[str] = None
     retries: int = 1
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """A config's own fields first, then these (the order of a notebook's parameters cell)."""
-        own = [f.name for f in dataclasses.fields(FanOutSettings)]
-        return [n for n in super().field_names() if n not in own] + own
-
     def validate(self) -> None:
         check_execution(self.workers, self.executor, self.retries)
+        super().validate()
 
 
 def usable_cores() -> int:

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Literal, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .compiled import Decision
+from .config import SharedSettings, require
 from .errors import WorkbenchError
 
 _log = logging.getLogger(__name__)
@@ -57,6 +59,25 @@ _CAPTURABLE_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW)
 
 
 # ============================================================================================ precision
+@dataclass
+class AccelerationSettings(SharedSettings):
+    """How a stage's training steps run on their device (transfer and meta-training derive from this; the
+    defaults leave CPU runs bit-identical). compile_sites: the perturbation sites compiled by torch.compile
+    (``workbench.compiled``; ``auto``: on CUDA devices). cuda_graphs: training steps captured as CUDA graphs
+    (:func:`decide`; ``auto``: where the device and method allow). precision: ``bf16`` runs the training forward
+    passes under bf16 autocast (float32 weights, optimizers and losses; evaluation stays float32)."""
+
+    compile_sites: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self) -> None:
+        for name, allowed in (("compile_sites", MODES), ("cuda_graphs", MODES), ("precision", PRECISIONS)):
+            value = getattr(self, name)
+            require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
+        super().validate()
+
+
 def autocast(precision: str, device: torch.device | str, cache: bool = True) -> ContextManager:
     """The context of a forward pass at ``precision``: nothing for ``fp32``; bf16 autocast for ``bf16`` (weights,
     gradients and optimizer state stay float32; callers take the loss in float32). ``cache=False`` inside a CUDA

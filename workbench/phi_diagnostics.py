@@ -26,12 +26,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ._runtime import derive_seed
 from .perturb import MetaPerturb
 
 LEARNED_THRESHOLD = 0.02  # smallest function change (scale or multiplier statistic, at some site) called learning
 OFFICIAL_PHI_FILE = "official_perturb_750.pth"
 DIAGNOSTICS_RECORD = "phi_diagnostics"  # records/phi_diagnostics.json of a meta-train run
 UNLEARNED_NOTE = "did not learn"
+PHI_INIT_FILE = "phi_init.pt"  # a meta-train run's phi at step 0: the untrained-phi control and the diagnostics compare with it
+PHI_INIT_STD = 0.01  # a fresh phi's tensors ~ N(0, PHI_INIT_STD^2)
+SEED_PHI = 0  # the purpose id of phi's initialisation among a meta-train run's derived seeds (_runtime.derive_seed)
 
 
 @dataclass
@@ -96,6 +100,14 @@ def parameter_distance(phi: MetaPerturb, other: MetaPerturb) -> float:
     a = torch.cat([p.detach().reshape(-1).cpu().double() for p in phi.parameters()])
     b = torch.cat([p.detach().reshape(-1).cpu().double() for p in other.parameters()])
     return float((a - b).norm())
+
+
+def initial_phi(seed: int, init_std: float = PHI_INIT_STD) -> MetaPerturb:
+    """The phi a run of seed ``seed`` starts from (every tensor ~ N(0, init_std^2), drawn from the run's own stream):
+    the meta-trainer's starting point and the untrained-phi control (``metaperturb_untrained``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, SEED_PHI))
+        return MetaPerturb(init_std=init_std)
 
 
 def official_phi_path() -> Path:

@@ -41,6 +41,7 @@ from .config import Config, parse_overrides, require, require_seed, require_thre
 from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate
+from .graphs import AccelerationSettings
 from .phi_diagnostics import official_phi_path
 from .regularizers import (
     NOISE_WARMUP,
@@ -84,7 +85,7 @@ LR_MILESTONES = (0.4, 0.7, 0.9)
 
 
 @dataclasses.dataclass
-class TransferRecipe(Config):
+class TransferRecipe(AccelerationSettings):
     """How a target network is trained and evaluated (defaults: the original target recipe): every setting of a
     transfer run except which cell it is (:class:`TransferConfig` adds that). A study's grid holds one recipe
     for all its cells (``workbench.study.TransferStudyConfig`` derives from this class).
@@ -110,10 +111,8 @@ class TransferRecipe(Config):
     normalization: ``dataset`` (the training split's per-channel statistics) or ``0.5`` (the original's).
     checkpoint_every / log_every: steps between checkpoints (null: only at the end of training) / training-curve
         rows. device: auto, cpu, cuda[:N]. threads: torch CPU threads (null: torch's default).
-    compile_sites: the perturbation sites compiled by torch.compile (``workbench.compiled``; ``auto``: on CUDA
-        devices). cuda_graphs: training steps captured as CUDA graphs (``workbench.graphs``; ``auto``: where the
-        device and method allow). precision: ``bf16`` runs the training forward passes under bf16 autocast (float32
-        weights, optimizer and loss; evaluation stays float32).
+    compile_sites, cuda_graphs, precision: how the training steps run on the device
+        (:class:`~workbench.graphs.AccelerationSettings`).
     """
 
     data_root: Optional[str] = None
@@ -151,9 +150,6 @@ class TransferRecipe(Config):
     checkpoint_every: Optional[int] = 1000
     log_every: int = 50
     artifacts_root: Optional[str] = None
-    compile_sites: Literal["auto", "on", "off"] = "auto"
-    cuda_graphs: Literal["auto", "on", "off"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
 
     @classmethod
     def recipe_fields(cls) -> tuple[str, ...]:
@@ -166,6 +162,7 @@ class TransferRecipe(Config):
     def validate(self) -> None:
         from .models import check_image_size
 
+        super().validate()
         for name in ("steps", "batch_size", "eval_batch_size", "log_every", "robust_batch_size", "robust_examples"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(self.checkpoint_every is None or self.checkpoint_every >= 1,
@@ -175,10 +172,6 @@ class TransferRecipe(Config):
         check_image_size(self.image_size)
         require_threads(self.threads)
         resolve_device(self.device, check_available=False)
-        for name, allowed in (("compile_sites", ("auto", "on", "off")), ("cuda_graphs", ("auto", "on", "off")),
-                              ("precision", ("fp32", "bf16"))):
-            value = getattr(self, name)
-            require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
         require(self.eval_every >= 0, f"eval_every must be >= 0 (0: evaluate only at the end), got {self.eval_every}")
         require(self.train_eval_examples >= 0, f"train_eval_examples must be >= 0 (0: off), got "
                                                f"{self.train_eval_examples}")
@@ -290,9 +283,8 @@ def resolve_phi(spec: str, store: RunStore | None = None, initial: bool = False)
 
 
 def _resolve_initial_phi(spec: str, store: RunStore | None):
-    from .meta_train import PHI_INIT_FILE, MetaTrainConfig, initial_phi
+    from .phi_diagnostics import PHI_INIT_FILE, PHI_INIT_STD, initial_phi, trained_by
     from .perturb import MetaPerturb
-    from .phi_diagnostics import trained_by
 
     _, label, phi_path = resolve_phi(spec, store)  # the spec must name a phi that exists
     run_dir = Path(phi_path).parent
@@ -307,8 +299,7 @@ def _resolve_initial_phi(spec: str, store: RunStore | None):
     if path.is_file():
         return MetaPerturb.load(path), label, path.resolve()
     # runs made before phi_init.pt was written: the initialisation is a function of the run's seed and init std
-    config = MetaTrainConfig.from_dict(dict(run.config))
-    return initial_phi(config.seed, config.phi_init_std), label, None
+    return initial_phi(int(run.config.get("seed", 0)), float(run.config.get("phi_init_std", PHI_INIT_STD))), label, None
 
 
 def _load_network_file(path: Path, origin: str) -> dict[str, Any]:
@@ -937,21 +928,21 @@ def _cli_source(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench transfer`` and ``workbench source-train``."""
-    from .cli import add_run_flags
+    from .cli import add_command, add_run_flags
 
-    parser = subparsers.add_parser(
-        "transfer", help="train a network on a target with frozen phi or a baseline regularizer",
+    parser = add_command(
+        subparsers, "transfer", _cli_transfer,
+        help="train a network on a target with frozen phi or a baseline regularizer",
         description="Train a fresh network on a target dataset with MetaPerturb (frozen phi) or a baseline "
                     f"({', '.join(available_regularizers())}), then evaluate accuracy, NLL, ECE (and robustness "
                     "when robust_norms is set) and write the artifacts.")
     add_run_flags(parser, "TransferConfig", "--set steps=100 or --set method=dropblock")
-    parser.set_defaults(func=_cli_transfer)
-    source = subparsers.add_parser(
-        "source-train", help="train a network on the source dataset (what fine-tuning starts from)",
+    source = add_command(
+        subparsers, "source-train", _cli_source,
+        help="train a network on the source dataset (what fine-tuning starts from)",
         description="Plain supervised training on the source dataset (default tinyimagenet32, method base), saved "
                     "as a 'source' run; pass its id as finetune_from to the fine-tuning methods.")
     add_run_flags(source, "TransferConfig")
-    source.set_defaults(func=_cli_source)
 
 
 __all__ = [

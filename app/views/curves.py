@@ -140,12 +140,10 @@ def _robustness(ctx: ui.Context) -> None:
 
 
 def render() -> None:
-    st.title("Training curves and robustness")
-    ctx = ui.context()
-    usable = ctx.view[ctx.view["kind"].isin([results.KIND_TRANSFER, results.KIND_SOURCE, results.KIND_META])
-                      & (ctx.view["status"] != "corrupt")]
-    if usable.empty:
-        ui.how_to("curves", ctx)
+    ctx, usable = ui.page_start("Training curves and robustness", "curves", lambda ctx: ctx.view[
+        ctx.view["kind"].isin([results.KIND_TRANSFER, results.KIND_SOURCE, results.KIND_META])
+        & (ctx.view["status"] != "corrupt")])
+    if usable is None:
         return
     _transfer_curves(ctx)
     _meta_curves(ctx)

@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import WorkbenchError
 from .environment import _HOSTNAME
@@ -65,6 +65,31 @@ def _environment_info() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- RunStore
+def _read_folder_meta(folder: Path, root_real: str, entry: Any, meta_file: str,
+                      what: str) -> tuple[dict[str, Any] | None, str]:
+    """(meta, "") of a run or study folder whose ``meta_file`` reads as a JSON object, else (None, why not: a
+    symlink out of the root, a file, a missing or unreadable meta file). Never raises for a bad folder."""
+    is_link = entry.is_symlink() if entry is not None else os.path.islink(folder)
+    if is_link and not _inside(root_real, folder):
+        return None, "a symlink leading outside the artifacts root; not read"
+    if not (entry.is_dir() if entry is not None else folder.is_dir()):
+        return None, f"a file, not a {what} folder"
+    meta_path = folder / meta_file
+    if os.path.islink(meta_path) and not _inside(root_real, meta_path):
+        return None, f"{meta_file} is a symlink out of the artifacts root; not read"
+    meta, reason = _read_json_object(meta_path, meta_file)
+    return meta, reason
+
+
+def _new_meta(created: Any, environment: Mapping[str, Any], identity: Mapping[str, Any],
+              fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The first ``run.json`` / ``study.json`` of a folder: its identity, status running, its own ``fields``, the
+    writing process and the environment."""
+    stamp = _iso(created)
+    return {"schema_version": SCHEMA_VERSION, **identity, "created": stamp, "status": "running", "reason": None,
+            "finished": None, **fields, **_owner_fields(), "heartbeat": stamp, "environment": environment}
+
+
 class RunStore:
     """The artifacts root: creates, opens and lists runs and studies.
 
@@ -118,6 +143,31 @@ class RunStore:
                     f"${ENV_VAR}) naming a folder")
         return ""
 
+    def _new_folder(self, parent: Path, folder_id: str | None, what: str, fresh_id: Callable[[Any], str],
+                    taken_fix: str) -> tuple[str, Path, Any]:
+        """(id, folder, creation time) of a new run or study under ``parent``: ``folder_id``'s folder (refused when
+        it exists, with ``taken_fix``), else the first free id ``fresh_id(created)`` draws. ``mkdir`` is the claim:
+        two writers never share a folder."""
+        if folder_id is not None:
+            _check_id(folder_id, f"{what} id")
+        self._make_folder(parent, parent.name)
+        created = _now()
+        if folder_id is not None:
+            try:
+                (parent / folder_id).mkdir()
+            except FileExistsError:
+                raise WorkbenchError(f"{what} id {folder_id!r} already exists under {parent}; {taken_fix}") from None
+            return folder_id, parent / folder_id, created
+        for _ in range(100):
+            folder_id = fresh_id(created)
+            try:
+                (parent / folder_id).mkdir()
+                return folder_id, parent / folder_id, created
+            except FileExistsError:
+                continue
+        # 65536 random suffixes per second: never reached in practice
+        raise WorkbenchError(f"could not find a free {what} id under {parent}; pass {what}_id explicitly")
+
     def _make_folder(self, folder: Path, what: str) -> None:
         """Create ``folder`` (the ``runs`` or ``studies`` folder) if needed; one-line WorkbenchError when the root
         or the folder is a file, or it cannot be made."""
@@ -158,45 +208,11 @@ class RunStore:
         else:
             raise WorkbenchError(f"config must be a dict or a stage config, got {type(config).__name__}")
         study = self.open_study(study_id) if study_id is not None else None
-        if run_id is not None:
-            _check_id(run_id, "run id")
-        self._make_folder(self.runs_dir, "runs")
-        created = _now()
-        if run_id is not None:
-            path = self.runs_dir / run_id
-            try:
-                path.mkdir()
-            except FileExistsError:
-                raise WorkbenchError(
-                    f"run id {run_id!r} already exists under {self.runs_dir}; choose another run_id or omit it to get "
-                    "a fresh one"
-                ) from None
-        else:
-            for _ in range(100):
-                run_id = _make_run_id(kind, tags, created)
-                path = self.runs_dir / run_id
-                try:
-                    path.mkdir()
-                    break
-                except FileExistsError:
-                    continue
-            else:  # pragma: no cover - 65536 random suffixes per second
-                raise WorkbenchError(f"could not find a free run id under {self.runs_dir}; pass run_id explicitly")
-        stamp = _iso(created)
-        meta = {
-            "schema_version": SCHEMA_VERSION,
-            "run_id": run_id,
-            "kind": kind,
-            "created": stamp,
-            "status": "running",
-            "reason": None,
-            "finished": None,
-            "tags": tags,
-            "study_id": study_id,
-            **_owner_fields(),
-            "heartbeat": stamp,
-            "environment": _environment_info(),
-        }
+        run_id, path, created = self._new_folder(self.runs_dir, run_id, "run",
+                                                 lambda created: _make_run_id(kind, tags, created),
+                                                 "choose another run_id or omit it to get a fresh one")
+        meta = _new_meta(created, _environment_info(), {"run_id": run_id, "kind": kind},
+                         {"tags": tags, "study_id": study_id})
         # run.json last: a folder without it is a creation that did not complete, and is listed as such.
         run = Run(self, path, meta, config_json)
         try:
@@ -404,16 +420,7 @@ class RunStore:
     def _scan_run(self, folder: Path, name: str, root_real: str, now: float, *, with_summary: bool, entry=None):
         """(RunRecord, meta or None) for one entry of runs/. Never raises for a bad folder."""
         corrupt = functools.partial(RunRecord, name, folder, "corrupt")
-        is_link = entry.is_symlink() if entry is not None else os.path.islink(folder)
-        if is_link and not _inside(root_real, folder):
-            return corrupt("a symlink leading outside the artifacts root; not read"), None
-        is_dir = entry.is_dir() if entry is not None else folder.is_dir()
-        if not is_dir:
-            return corrupt("a file, not a run folder"), None
-        meta_path = folder / "run.json"
-        if os.path.islink(meta_path) and not _inside(root_real, meta_path):
-            return corrupt("run.json is a symlink out of the artifacts root; not read"), None
-        meta, reason = _read_json_object(meta_path, "run.json")
+        meta, reason = _read_folder_meta(folder, root_real, entry, "run.json", "run")
         if meta is None:
             if reason == "run.json is missing":
                 reason = (
@@ -465,49 +472,14 @@ class RunStore:
             raise WorkbenchError(f"study parameters must be a dict, got {type(parameters).__name__}")
         parameters_json = to_jsonable(parameters, nonfinite="error", where="parameters")
         executed = re.sub(r"[^A-Za-z0-9_.\-]", "_", Path(notebook).name).lstrip("._-") or "study.ipynb"
-        if study_id is not None:
-            _check_id(study_id, "study id")
-        self._make_folder(self.studies_dir, "studies")
-        created = _now()
-        if study_id is not None:
-            path = self.studies_dir / study_id
-            try:
-                path.mkdir()
-            except FileExistsError:
-                raise WorkbenchError(
-                    f"study id {study_id!r} already exists under {self.studies_dir}; choose another or omit it"
-                ) from None
-        else:
-            for _ in range(100):
-                study_id = _make_study_id(notebook, profile, created)
-                path = self.studies_dir / study_id
-                try:
-                    path.mkdir()
-                    break
-                except FileExistsError:
-                    continue
-            else:  # pragma: no cover
-                raise WorkbenchError(f"could not find a free study id under {self.studies_dir}; pass study_id")
+        study_id, path, created = self._new_folder(self.studies_dir, study_id, "study",
+                                                   lambda created: _make_study_id(notebook, profile, created),
+                                                   "choose another or omit it")
         environment = _environment_info()
-        stamp = _iso(created)
-        meta = {
-            "schema_version": SCHEMA_VERSION,
-            "study_id": study_id,
-            "notebook": notebook,
-            "profile": profile,
-            "parameters": parameters_json,
-            "status": "running",
-            "reason": None,
-            "created": stamp,
-            "finished": None,
-            "run_ids": [],
-            "executed_notebook": executed,
-            "git_revision": environment.get("git_revision"),
-            "git_dirty": environment.get("git_dirty"),
-            **_owner_fields(),
-            "heartbeat": stamp,
-            "environment": environment,
-        }
+        meta = _new_meta(created, environment, {"study_id": study_id, "notebook": notebook, "profile": profile,
+                                                "parameters": parameters_json},
+                         {"run_ids": [], "executed_notebook": executed, "git_revision": environment.get("git_revision"),
+                          "git_dirty": environment.get("git_dirty")})
         atomic_write_json(path / "study.json", meta, nonfinite="error")
         return Study(self, path, meta)
 
@@ -571,15 +543,7 @@ class RunStore:
 
     def _scan_study(self, folder: Path, name: str, root_real: str, now: float, entry=None):
         corrupt = functools.partial(StudyRecord, name, folder, "corrupt")
-        is_link = entry.is_symlink() if entry is not None else os.path.islink(folder)
-        if is_link and not _inside(root_real, folder):
-            return corrupt("a symlink leading outside the artifacts root; not read"), None
-        if not (entry.is_dir() if entry is not None else folder.is_dir()):
-            return corrupt("a file, not a study folder"), None
-        meta_path = folder / "study.json"
-        if os.path.islink(meta_path) and not _inside(root_real, meta_path):
-            return corrupt("study.json is a symlink out of the artifacts root; not read"), None
-        meta, reason = _read_json_object(meta_path, "study.json")
+        meta, reason = _read_folder_meta(folder, root_real, entry, "study.json", "study")
         if meta is None:
             return corrupt("not a study folder: no study.json" if reason == "study.json is missing" else reason), None
         reason = _schema_problem(meta, "study.json") or _study_meta_problem(meta, name)

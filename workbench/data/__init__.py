@@ -73,24 +73,23 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench data list`` and ``workbench data check NAME``."""
-    parser = subparsers.add_parser("data", help="list and check datasets",
-                                   description="List the datasets the workbench knows and check that one loads.")
+    from ..cli import add_command
+
+    parser = add_command(subparsers, "data", None, help="list and check datasets",
+                         description="List the datasets the workbench knows and check that one loads.")
     sub = parser.add_subparsers(dest="data_command", metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-root", default=None, metavar="DIR",
                         help="data root (default: $WORKBENCH_DATA, else ../shared/data next to the repo, else "
                              "~/.cache/workbench/data)")
     common.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-    p_list = sub.add_parser("list", parents=[common], help="datasets, whether each is available offline, counts")
-    p_list.set_defaults(func=_cmd_list)
-
-    p_check = sub.add_parser("check", parents=[common], help="load and validate one dataset, print its counts")
-    p_check.add_argument("name", help="dataset spec: a name from 'workbench data list', npz:PATH, folder:PATH, tv:NAME")
-    p_check.add_argument("--download", action="store_true", help="let torchvision download a missing tv: dataset")
-    p_check.add_argument("--image-size", type=int, default=None, metavar="N",
-                         help="resize variable-size sources (folders, Flowers102, ...) to NxN")
-    p_check.set_defaults(func=_cmd_check)
+    add_command(sub, "list", _cmd_list, parents=[common], help="datasets, whether each is available offline, counts")
+    check = add_command(sub, "check", _cmd_check, parents=[common],
+                        help="load and validate one dataset, print its counts")
+    check.add_argument("name", help="dataset spec: a name from 'workbench data list', npz:PATH, folder:PATH, tv:NAME")
+    check.add_argument("--download", action="store_true", help="let torchvision download a missing tv: dataset")
+    check.add_argument("--image-size", type=int, default=None, metavar="N",
+                       help="resize variable-size sources (folders, Flowers102, ...) to NxN")
 
     def _no_action(args: argparse.Namespace) -> int:
         parser.print_help()

@@ -52,7 +52,7 @@ from .cli import register_cli
 from .config import (CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, PHI_FILE, PHI_INIT_FILE, PROBE_IMAGES, RESUME_KINDS,
                      RESUME_MUTABLE, RUN_KIND, SELECT_KIND, MetaTrainConfig)
 from .runs import MetaTrainResult, diagnose_run
-from .selection import candidate_run_id, run_candidate, transfer_score
+from .selection import candidate_run_id, run_candidate, selection_dataset, selection_transfer_config, transfer_score
 from .trainer import (MetaTrainer, NonFiniteLoss, SourceData, TaskRNG, TaskSlot, batchnorm_eval, derive_seed, frozen,
                       gradient_agreement, initial_phi, prepare_source)
 
@@ -60,4 +60,5 @@ __all__ = ["CHECKPOINT_SCHEMA", "CHECKPOINT_VERSION", "MetaTrainConfig", "MetaTr
            "NonFiniteLoss", "PHI_FILE", "PHI_INIT_FILE", "PROBE_IMAGES", "RESUME_KINDS", "RESUME_MUTABLE", "RUN_KIND",
            "SELECT_KIND", "SourceData", "TaskRNG", "TaskSlot", "batchnorm_eval", "candidate_run_id", "derive_seed",
            "diagnose_run", "frozen", "gradient_agreement", "initial_phi", "meta_train", "prepare_source",
-           "register_cli", "resolve_device", "run_candidate", "transfer_score"]
+           "register_cli", "resolve_device", "run_candidate", "selection_dataset", "selection_transfer_config",
+           "transfer_score"]

@@ -13,7 +13,7 @@ from ..errors import WorkbenchError
 from .config import MetaTrainConfig, RESUME_KINDS
 from .trainer import prepare_source
 from .runs import MetaTrainResult, _locate_run, _process_device, _run_one, _runtime, _stored_config
-from .selection import _run_many, _selection_view
+from .selection import _run_many, selection_dataset, selection_transfer_config
 
 
 # ============================================================================================ entry points
@@ -55,7 +55,8 @@ def meta_train(config: MetaTrainConfig | Mapping[str, Any] | None = None, store:
         with _runtime(config, device):
             data = prepare_source(config, dataset)
             if config.num_runs > 1 and config.select_target != "heldout":
-                _selection_view(config)  # a selection target that cannot be used fails now, not after the runs
+                # a selection target or recipe that cannot be used fails now, not after the runs
+                selection_transfer_config(config, "candidate", device, len(selection_dataset(config).y_train))
             if config.num_runs > 1:
                 result = _run_many(config, data, store, progress, dist, device, resume_id=resume, dataset=dataset)
             else:

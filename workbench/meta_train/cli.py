@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..artifacts import RunStore
-from ..cli import add_artifacts_flag, add_run_flags
+from ..cli import add_artifacts_flag, add_command, add_run_flags
 from ..config import parse_overrides
 from .config import MetaTrainConfig, RESUME_KINDS
 from .runs import diagnose_run
@@ -51,18 +51,17 @@ def _cli_check(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add ``workbench meta-train`` and ``workbench phi-check``."""
-    parser = subparsers.add_parser(
-        "meta-train", help="meta-train phi over source tasks (one process, or many under torchrun)",
+    parser = add_command(
+        subparsers, "meta-train", _cli, help="meta-train phi over source tasks (one process, or many under torchrun)",
         description="Meta-train the MetaPerturb perturbation function phi jointly over tasks cut from a source "
                     "dataset. Run many processes with `torchrun --nproc_per_node=N -m workbench meta-train ...`.")
     add_run_flags(parser, "MetaTrainConfig", config_file=" (see configs/meta_train_default.yaml)")
-    parser.set_defaults(func=_cli)
-    check = subparsers.add_parser(
-        "phi-check", help="say whether a meta-training run's phi learned (writes its diagnostics record)",
+    check = add_command(
+        subparsers, "phi-check", _cli_check,
+        help="say whether a meta-training run's phi learned (writes its diagnostics record)",
         description="Probe a finished meta-training run's phi against the phi it started from (a fresh network of "
                     "its architecture, held-out source images, fixed noise) and write records/phi_diagnostics.json, "
                     "which the notebooks and the dashboard read. Runs write it themselves since it exists; this "
                     "command checks older ones.")
     check.add_argument("run", metavar="RUN", help="a meta_train or meta_select run id (or run folder)")
     add_artifacts_flag(check)
-    check.set_defaults(func=_cli_check)

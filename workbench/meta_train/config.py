@@ -8,6 +8,8 @@ from typing import Literal, Optional
 from ..config import require, require_seed, require_threads
 from .._runtime import resolve_device
 from ..fanout import FanOutSettings
+from ..graphs import AccelerationSettings
+from ..phi_diagnostics import PHI_INIT_FILE, PHI_INIT_STD, SEED_PHI
 from ..regularizers import TRAIN_CLIP
 
 
@@ -35,10 +37,7 @@ RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoin
 
 
 # Purposes of the per-task seeds derived from the run seed (see derive_seed).
-_SEED_PHI, _SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID, _SEED_EVAL, _SEED_SELECT, _SEED_PROBE = range(8)
-
-
-PHI_INIT_FILE = "phi_init.pt"  # the run's phi at step 0: the untrained-phi control and the diagnostics compare with it
+_SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID, _SEED_EVAL, _SEED_SELECT, _SEED_PROBE = range(SEED_PHI + 1, SEED_PHI + 8)
 
 
 PROBE_IMAGES = 64  # held-out source images the end-of-run diagnostics feed through a fresh network
@@ -49,7 +48,7 @@ _METRIC_NAMES = ("train_loss", "train_acc", "heldout_loss", "heldout_acc")
 
 # ================================================================================================= config
 @dataclass
-class MetaTrainConfig(FanOutSettings):
+class MetaTrainConfig(FanOutSettings, AccelerationSettings):
     """Everything that defines a meta-training run (defaults: the released code's setting, paper-notes 2.4).
 
     source / data_root: the source dataset spec (``workbench.data.load_dataset``) and where to find it.
@@ -72,11 +71,10 @@ class MetaTrainConfig(FanOutSettings):
     workers / executor / ray_address / retries: how the ``num_runs`` candidates fan out before the selection
         (see ``TransferStudyConfig`` and :mod:`workbench.fanout`; null workers: one per core, or per GPU).
         Under torchrun the candidates run one after another, each across all processes.
-    compile_sites: the perturbation sites compiled by torch.compile (``workbench.compiled``; ``auto``: on CUDA
-        devices; the second-order look-ahead keeps them eager, it needs a double backward). cuda_graphs: each task's
-        first-order step (its update and phi's gradient) captured as a CUDA graph (``workbench.graphs``; ``auto``:
-        on CUDA, not with ``second_order``). precision: ``bf16`` runs the task networks' forward passes under bf16
-        autocast (float32 weights, optimizers, losses and phi's gradient).
+    compile_sites, cuda_graphs, precision: how the task networks' steps run on the device
+        (:class:`~workbench.graphs.AccelerationSettings`): cuda_graphs captures each task's first-order step (its
+        update and phi's gradient); the second-order look-ahead keeps the sites eager and the steps uncaptured (it
+        needs a double backward); precision keeps phi's gradient in float32.
     """
 
     source: str = "tinyimagenet32"
@@ -93,7 +91,7 @@ class MetaTrainConfig(FanOutSettings):
     weight_decay: float = 5e-4
     phi_lr: float = 1e-3
     phi_weight_decay: float = 5e-4
-    phi_init_std: float = 0.01
+    phi_init_std: float = PHI_INIT_STD
     clip: Optional[float] = TRAIN_CLIP
     second_order: bool = False
     lookahead_lr: Optional[float] = None
@@ -113,9 +111,6 @@ class MetaTrainConfig(FanOutSettings):
     threads: Optional[int] = None
     artifacts_root: Optional[str] = None
     run_name: Optional[str] = None
-    compile_sites: Literal["auto", "on", "off"] = "auto"
-    cuda_graphs: Literal["auto", "on", "off"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
 
     def validate(self) -> None:
         from ..data import check_spec
@@ -153,10 +148,6 @@ class MetaTrainConfig(FanOutSettings):
         if self.select_target.strip() != "heldout":
             check_spec(self.select_target, "select_target")
         resolve_device(self.device, check_available=False)
-        for name, allowed in (("compile_sites", ("auto", "on", "off")), ("cuda_graphs", ("auto", "on", "off")),
-                              ("precision", ("fp32", "bf16"))):
-            value = getattr(self, name)
-            require(value in allowed, f"{name} must be one of {list(allowed)}, got {value!r}")
         if self.run_name is not None:
             require(bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
                     f"run_name {self.run_name!r} may hold only letters, digits, '-', '_' and '.'")

@@ -3,79 +3,67 @@ the selection target (or the held-out source splits)."""
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .._distributed import DistContext
 from ..artifacts import Run, RunStore
-from ..attach import attach
-from ..data import Augment, BatchIterator, ImageDataset, eval_batches, load_dataset, target_view
+from ..data import ImageDataset, load_dataset, target_view
 from .._runtime import config_difference, cpu_copy, resolve_device
 from ..errors import WorkbenchError
-from ..models import build
 from ..perturb import MetaPerturb
-from ..regularizers import NOISE_WARMUP
+from ..transfer import TransferConfig, transfer
 from .config import MetaTrainConfig, PHI_FILE, RESUME_MUTABLE, SELECT_KIND, _SEED_SELECT
 from .trainer import SourceData, derive_seed, prepare_source
 from .runs import MetaTrainResult, open_on_main, _run_one, _runtime
 
 
 # ============================================================================================ selection
-def _selection_view(config: MetaTrainConfig):
-    """The target view the selection trains and scores on (``select_target``: train and held-out images per class)."""
+def selection_dataset(config: MetaTrainConfig) -> ImageDataset:
+    """``config.select_target`` as the selection sees it: ``select_per_class`` training images per class to train
+    on, and ``select_valid_per_class`` other *training* images per class as its test split (the real test split is
+    never used to choose a phi)."""
     ds = load_dataset(config.select_target, root=config.data_root)
-    return target_view(ds, per_class=config.select_per_class, image_size=config.image_size, channels=3,
+    view = target_view(ds, per_class=config.select_per_class, image_size=config.image_size, channels=3,
                        seed=derive_seed(config.seed, _SEED_SELECT), valid_per_class=config.select_valid_per_class)
+    return ImageDataset(name=ds.name, x_train=view.train.x, y_train=view.train.y, x_test=view.valid.x,
+                        y_test=view.valid.y, classes=list(ds.classes), flip=ds.flip,
+                        source=f"{ds.source} (selection split: {config.select_per_class} train + "
+                               f"{config.select_valid_per_class} held-out training images per class)")
 
 
-def transfer_score(phi: MetaPerturb, config: MetaTrainConfig, device: torch.device, progress: bool = False) -> float:
-    """Validation accuracy of a fresh ``config.arch`` trained with the frozen ``phi`` on ``config.select_target``.
+def selection_transfer_config(config: MetaTrainConfig, phi: str, device: torch.device | str,
+                              train_size: int) -> TransferConfig:
+    """The transfer run that scores one candidate phi: a fresh ``config.arch`` trained ``select_steps`` steps with
+    the frozen phi by the target recipe shortened (Adam with the task networks' lr and weight decay held constant,
+    the noise ramp and clip of training), scored with ``select_mc_samples`` Monte-Carlo samples. Every candidate
+    gets the same initialisation and batches (the selection's seed); ``train_size``: the selection's training
+    images (a smaller set is one batch)."""
+    return TransferConfig.from_dict(dict(
+        target=config.select_target, data_root=config.data_root, arch=config.arch, method="metaperturb", phi=phi,
+        seed=config.seed, image_size=config.image_size, channels=3, steps=config.select_steps,
+        batch_size=min(config.batch_size, train_size), lr=config.lr, weight_decay=config.weight_decay,
+        lr_milestones=[], clip=config.clip, eval_every=0, final_mc_samples=config.select_mc_samples,
+        train_eval_examples=0, normalization=config.normalization, checkpoint_every=None, device=str(device),
+        compile_sites=config.compile_sites, cuda_graphs=config.cuda_graphs, precision=config.precision))
 
-    The recipe is the target recipe of the original code, shortened: Adam (lr, weight_decay), noise coefficient
-    annealed over the first 40 % of ``select_steps``, clip during training; then Monte-Carlo prediction
-    (``select_mc_samples``) without clip on ``select_valid_per_class`` held-out *training* images per class. Every
-    candidate phi sees the same network initialisation and batches (seeded from the selection seed).
-    """
-    from tqdm.auto import tqdm
 
-    from ..evaluate import mc_predict
-
-    view = _selection_view(config)
-    augment = Augment.for_view(view, stats="dataset" if config.normalization == "dataset" else "half")
-    frozen_phi = MetaPerturb()
-    frozen_phi.load_state_dict(phi.state_dict())
-    frozen_phi.to(device).requires_grad_(False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(derive_seed(config.seed, _SEED_SELECT, 1))
-        model = build(config.arch, view.num_classes, in_channels=view.channels, image_size=config.image_size)
-        model.to(device)
-        handle = attach(model, frozen_phi, image_size=config.image_size)
-        handle.set_clip(config.clip)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        batches = BatchIterator(view.train, min(config.batch_size, len(view.train)), augment,
-                                seed=derive_seed(config.seed, _SEED_SELECT, 2), device=device)
-        anneal = max(1.0, NOISE_WARMUP * config.select_steps)
-        model.train()
-        for step in tqdm(range(config.select_steps), desc=f"select on {config.select_target}", leave=False,
-                         disable=not progress):
-            handle.set_noise_coeff(min(1.0, step / anneal))
-            x, y = next(batches)
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        handle.set_noise_coeff(1.0)
-        handle.set_clip(None)
-        correct = total = 0
-        for x, y in eval_batches(view.valid, 256, augment.eval, device):
-            probs = mc_predict(model, x, samples=config.select_mc_samples)
-            correct += int((probs.argmax(1) == y).sum())
-            total += int(y.numel())
-    return correct / max(total, 1)
+def transfer_score(phi: MetaPerturb, config: MetaTrainConfig, device: torch.device, progress: bool = False,
+                   dataset: Optional[ImageDataset] = None) -> float:
+    """Accuracy on the selection's held-out training images of :func:`~workbench.transfer.transfer` run with the
+    frozen ``phi`` (:func:`selection_transfer_config`, on :func:`selection_dataset`). The run is written to a
+    scratch store and dropped: the selection's record is its score in the ``meta_select`` run."""
+    dataset = dataset if dataset is not None else selection_dataset(config)
+    with tempfile.TemporaryDirectory(prefix="workbench-select-") as scratch:
+        phi_file = phi.save(Path(scratch) / PHI_FILE)
+        recipe = selection_transfer_config(config, str(phi_file), device, len(dataset.y_train))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            result = transfer(recipe, RunStore(Path(scratch) / "store"), progress=progress, dataset=dataset)
+    return float(result.summary["test_accuracy"])
 
 
 def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistContext, device: torch.device,
@@ -87,9 +75,10 @@ def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistC
     else:
         # candidates are dealt over the processes like tasks; the scores are summed back
         local = torch.zeros(len(results), dtype=torch.float64, device=device)
+        dataset = selection_dataset(config)
         for index, result in enumerate(results):
             if index % dist.world_size == dist.rank:
-                local[index] = transfer_score(result.phi, config, device, progress and dist.is_main)
+                local[index] = transfer_score(result.phi, config, device, progress and dist.is_main, dataset)
         scores = dist.all_reduce_sum_(local).cpu().tolist()
         metric = (f"validation accuracy on {config.select_target} ({config.select_valid_per_class} held-out training "
                   f"images per class, {config.select_mc_samples} MC samples) of a fresh {config.arch} trained "

@@ -20,21 +20,9 @@ from ..errors import WorkbenchError
 from ..lookahead import lookahead_meta_grad, twice_differentiable
 from ..models import build, model_info
 from ..perturb import MetaPerturb
-from .config import MetaTrainConfig, _SEED_EVAL, _SEED_MODEL, _SEED_NOISE, _SEED_PHI, _SEED_TRAIN, _SEED_VALID
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """An independent 63-bit seed for one purpose (and task) of a run, from the run seed."""
-    state = np.random.SeedSequence([int(seed), *[int(k) for k in keys]]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 | int(state[1]) >> 1) & (2**63 - 1)
-
-
-def initial_phi(seed: int, init_std: float = 0.01) -> MetaPerturb:
-    """The phi a run of seed ``seed`` starts from (every tensor ~ N(0, init_std^2), drawn from the run's own stream):
-    the meta-trainer's starting point and the untrained-phi control (``metaperturb_untrained``)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, _SEED_PHI))
-        return MetaPerturb(init_std=init_std)
+from .._runtime import derive_seed
+from ..phi_diagnostics import initial_phi
+from .config import MetaTrainConfig, _SEED_EVAL, _SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID
 
 
 def gradient_agreement(task_grads: torch.Tensor) -> tuple[float, float]:

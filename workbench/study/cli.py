@@ -94,31 +94,39 @@ def _cli_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``workbench study run``, ``workbench study resume`` and ``workbench study list``."""
+def add_notebook_flags(parser: argparse.ArgumentParser, profile_help: str, profile_default: str | None = None) -> None:
+    """The flags of every command that executes study notebooks: ``--profile``, ``-p KEY VALUE``, ``--artifacts``
+    and ``--quiet``."""
     from ..cli import add_artifacts_flag
 
-    parser = subparsers.add_parser(
-        "study", help="run the study notebooks headless (papermill) and list studies",
+    parser.add_argument("--profile", required=profile_default is None, default=profile_default, help=profile_help)
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                        help="override a parameter (VALUE is YAML: 10, 1e-3, [a, b], null); KEY or NOTEBOOK.KEY")
+    add_artifacts_flag(parser)
+    parser.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``workbench study run``, ``workbench study resume`` and ``workbench study list``."""
+    from ..cli import add_artifacts_flag, add_command
+
+    parser = add_command(
+        subparsers, "study", None, help="run the study notebooks headless (papermill) and list studies",
         description="Execute the notebooks of notebooks/ with a parameter profile; each notebook becomes a study "
                     "in <artifacts>/studies/<study id>/ with its executed notebook and the runs it made.")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
     sub = parser.add_subparsers(dest="study_command", metavar="ACTION")
-    run = sub.add_parser(
-        "run", help="execute notebooks with a profile",
+    run = add_command(
+        sub, "run", _cli_run, help="execute notebooks with a profile",
         description="Validate every notebook's parameters, then execute the notebooks one after another, each as "
                     "its own study; stops at the first failure (exit 1). A bad parameter exits 2 before anything "
                     f"runs. Notebooks: {', '.join(available_notebooks()) or 'none found'} (a number such as 02 "
                     f"works). Profiles: {', '.join(available_profiles()) or 'none found'} (or a YAML file).")
     run.add_argument("notebooks", nargs="+", metavar="NOTEBOOK", help="notebook path, name or number")
-    run.add_argument("--profile", required=True, help="profile name (notebooks/profiles/NAME.yaml) or YAML file")
-    run.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"),
-                     help="override a parameter (VALUE is YAML: 10, 1e-3, [a, b], null); KEY or NOTEBOOK.KEY")
-    add_artifacts_flag(run)
-    run.add_argument("--quiet", action="store_true", help="do not stream the notebooks' output and progress")
+    add_notebook_flags(run, "profile name (notebooks/profiles/NAME.yaml) or YAML file")
     _add_execution_flags(run)
-    run.set_defaults(func=_cli_run)
-    resume = sub.add_parser(
-        "resume", help="continue an interrupted or failed study",
+    resume = add_command(
+        sub, "resume", _cli_resume, help="continue an interrupted or failed study",
         description="Execute a study's notebook again in the same study, with its parameters: grid cells it "
                     "finished are kept, the others resume from their checkpoints or start again. Only the fan-out "
                     "settings may change.")
@@ -126,9 +134,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_artifacts_flag(resume)
     resume.add_argument("--quiet", action="store_true", help="do not stream the notebook's output and progress")
     _add_execution_flags(resume)
-    resume.set_defaults(func=_cli_resume)
-    listing = sub.add_parser("list", help="list the studies of an artifacts root")
+    listing = add_command(sub, "list", _cli_list, help="list the studies of an artifacts root")
     add_artifacts_flag(listing)
     listing.add_argument("--json", action="store_true", help="JSON instead of a table")
-    listing.set_defaults(func=_cli_list)
-    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
