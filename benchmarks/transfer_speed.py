@@ -29,7 +29,7 @@ from workbench._runtime import keep_freed_memory  # noqa: E402
 from workbench.evaluate import DEFAULT_MAX_ROWS, evaluate  # noqa: E402
 from workbench.models import build  # noqa: E402
 from workbench.perturb import MetaPerturb  # noqa: E402
-from workbench.regularizers import TrainContext, build_regularizer  # noqa: E402
+from workbench.regularizers import NOISE_WARMUP, TRAIN_CLIP, TrainContext, build_regularizer  # noqa: E402
 from workbench.transfer import official_phi_path  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def setup(method: str, device: torch.device, phi: MetaPerturb, steps: int):
     model = build("resnet20", 10, in_channels=3, image_size=32)
     reg = build_regularizer(method)
     ctx = TrainContext(arch="resnet20", num_classes=10, in_channels=3, image_size=32, total_steps=steps,
-                       train_size=50000, device=device, phi=phi)
+                       train_size=50000, noise_warmup=NOISE_WARMUP, clip=TRAIN_CLIP, device=device, phi=phi)
     model = reg.prepare(model, ctx).to(device, memory_format=torch.channels_last)  # as workbench.transfer does
     opt = torch.optim.Adam(reg.param_groups(model, 5e-4), lr=1e-3)
     return model, reg, opt

@@ -13,6 +13,8 @@ from workbench.errors import WorkbenchError
 from workbench.models import build
 from workbench.perturb import MetaPerturb, PerturbSite
 from workbench.regularizers import (
+    NOISE_WARMUP,
+    TRAIN_CLIP,
     SourceNetwork,
     TrainContext,
     available_regularizers,
@@ -35,7 +37,7 @@ def tiny(arch="conv4_4", seed=0, classes=3):
 
 def context(arch="conv4_4", steps=3, phi=None, source=None):
     return TrainContext(arch=arch, num_classes=3, in_channels=1, image_size=SIZE, total_steps=steps, train_size=64,
-                        phi=phi, source=source)
+                        noise_warmup=NOISE_WARMUP, clip=TRAIN_CLIP, phi=phi, source=source)
 
 
 def prepared(method, options=None, arch="conv4_4", steps=3):
@@ -211,7 +213,7 @@ def test_information_dropout_kl_weight_does_not_depend_on_the_train_size():
         reg = build_regularizer("information_dropout")
         assert reg.settings["kl_normalizer"] == 50000
         ctx = TrainContext(arch="resnet20", num_classes=3, in_channels=1, image_size=SIZE, total_steps=3,
-                           train_size=train_size)
+                           train_size=train_size, noise_warmup=NOISE_WARMUP, clip=TRAIN_CLIP)
         model = reg.prepare(model, ctx).train()
         torch.manual_seed(0)
         loss, _ = reg.loss(model, x, y, 0)

@@ -61,18 +61,13 @@ class TrainContext:
     image_size: int
     total_steps: int
     train_size: int
+    # the recipe's noise ramp (fraction of the steps to coefficient 1) and training clamp (None: none), for the
+    # methods with phi; the recipe's defaults are NOISE_WARMUP and TRAIN_CLIP of ``regularizers.metaperturb``
+    noise_warmup: float
+    clip: float | None
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
     phi: Any = None  # a workbench.perturb.MetaPerturb for methods with needs_phi
     source: SourceNetwork | None = None  # for methods with needs_source
-    # MetaPerturb's noise ramp (fraction of the steps to coefficient 1) and training clamp; defaults: its module's
-    noise_warmup: float = dataclasses.field(default_factory=lambda: _metaperturb_recipe().NOISE_WARMUP)
-    clip: float | None = dataclasses.field(default_factory=lambda: _metaperturb_recipe().TRAIN_CLIP)
-
-
-def _metaperturb_recipe():
-    from . import metaperturb  # imported when a context is made: metaperturb itself imports this module
-
-    return metaperturb
 
 
 class Regularizer:
