@@ -46,15 +46,16 @@ The package's parts: ``config`` (:class:`MetaTrainConfig`, kinds and file names)
 :class:`MetaTrainer`), ``runs`` (one run's lifecycle: create or resume, train, checkpoint, finish), ``selection``
 (``num_runs`` candidates and the choice among them), ``api`` (:func:`meta_train`) and ``cli``.
 """
-from .._runtime import resolve_device
+from .._runtime import derive_seed, resolve_device
+from ..phi_diagnostics import initial_phi
 from .api import meta_train
 from .cli import register_cli
 from .config import (CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, PHI_FILE, PHI_INIT_FILE, PROBE_IMAGES, RESUME_KINDS,
                      RESUME_MUTABLE, RUN_KIND, SELECT_KIND, MetaTrainConfig)
 from .runs import MetaTrainResult, diagnose_run
 from .selection import candidate_run_id, run_candidate, selection_dataset, selection_transfer_config, transfer_score
-from .trainer import (MetaTrainer, NonFiniteLoss, SourceData, TaskRNG, TaskSlot, batchnorm_eval, derive_seed, frozen,
-                      gradient_agreement, initial_phi, prepare_source)
+from .trainer import (MetaTrainer, NonFiniteLoss, SourceData, TaskRNG, TaskSlot, batchnorm_eval, frozen,
+                      gradient_agreement, prepare_source)
 
 __all__ = ["CHECKPOINT_SCHEMA", "CHECKPOINT_VERSION", "MetaTrainConfig", "MetaTrainResult", "MetaTrainer",
            "NonFiniteLoss", "PHI_FILE", "PHI_INIT_FILE", "PROBE_IMAGES", "RESUME_KINDS", "RESUME_MUTABLE", "RUN_KIND",

@@ -13,12 +13,12 @@ import torch
 from .._distributed import DistContext
 from ..artifacts import Run, RunStore
 from ..data import ImageDataset, load_dataset, target_view
-from .._runtime import config_difference, cpu_copy, resolve_device
+from .._runtime import config_difference, cpu_copy, derive_seed, resolve_device
 from ..errors import WorkbenchError
 from ..perturb import MetaPerturb
 from ..transfer import TransferConfig, transfer
 from .config import MetaTrainConfig, PHI_FILE, RESUME_MUTABLE, SELECT_KIND, _SEED_SELECT
-from .trainer import SourceData, derive_seed, prepare_source
+from .trainer import SourceData, prepare_source
 from .runs import MetaTrainResult, open_on_main, _run_one, _runtime
 
 
