@@ -16,9 +16,10 @@ ARTIFACTS_HELP = "artifacts root (default: $WORKBENCH_ARTIFACTS or the checkout'
 
 def add_command(subparsers: argparse._SubParsersAction, name: str, func, help: str, description: str | None = None,
                 **kwargs) -> argparse.ArgumentParser:
-    """A subcommand ``name`` that runs ``func(args)`` (its exit code)."""
+    """A subcommand ``name`` that runs ``func(args)`` (its exit code); ``func=None`` for a group of actions, which
+    prints its help and exits 1 when none is given."""
     parser = subparsers.add_parser(name, help=help, description=description or help, **kwargs)
-    parser.set_defaults(func=func)
+    parser.set_defaults(func=func if func is not None else lambda args: (parser.print_help(), 1)[1])
     return parser
 
 

@@ -19,7 +19,6 @@ import dataclasses
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Optional
 
 from .artifacts import RunStore, default_root

@@ -30,10 +30,8 @@ import os
 import re
 import signal
 import sys
-import time
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .artifacts.formatting import _exception_line
 from .config import SharedSettings
@@ -74,6 +72,15 @@ class WorkerContext:
     threads: int
     device: str
     worker: int = 0
+
+    def place(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """A cell's config values with this worker's threads, and its device where the config leaves the CUDA
+        device to the plan (``auto``, ``cuda``, ``cuda:N``)."""
+        placed = {**values, "threads": self.threads}
+        device = str(values.get("device"))
+        if device in ("auto", "cuda") or device.startswith("cuda"):
+            placed["device"] = self.device
+        return placed
 
 
 @dataclass(frozen=True)

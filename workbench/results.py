@@ -524,7 +524,7 @@ def study_runs(store: RunStore, study: Any, targets: Sequence[str] = (), archs: 
     names = labels_for(store, [r.tags.get("method") for r in records], [r.tags.get("phi") for r in records])
     rows = []
     for r, label in zip(records, names):
-        summary = store.run_record(r.run_id).summary
+        summary = r.summary
         method, phi = str(r.tags.get("method")), r.tags.get("phi")
         rows.append({"run_id": r.run_id, "target": str(r.tags.get("target")), "arch": str(r.tags.get("arch")),
                      "seed": r.tags.get("seed"), "method": method, "phi": phi, "label": label,

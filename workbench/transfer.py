@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .artifacts import Run, RunStore, atomic_write_text
-from .config import Config, parse_overrides, require, require_seed, require_threads
+from .artifacts import Run, RunStore
+from .config import parse_overrides, require, require_seed, require_threads
 from ._runtime import config_difference, cpu_copy, load_resume_checkpoint, resolve_device, steady_allocator
 from .errors import WorkbenchError
 from .evaluate import EvalResult, evaluate

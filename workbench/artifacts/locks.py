@@ -74,6 +74,15 @@ def _held_message(run_id: str, pid: Any, host: Any, since: Any = None) -> str:
             "a run has one writer at a time: wait for that process to end (or stop it), then resume")
 
 
+def _refuse_live_writer(run_id: str, meta: dict) -> None:
+    """WorkbenchError naming the process when ``meta`` (a run.json) records a running writer that is another live
+    process (a writer from before the lock existed, or one on a file system without locks)."""
+    pid, host = meta.get("pid"), meta.get("host")
+    if meta.get("status") == "running" and not (pid == os.getpid() and host == _HOSTNAME) \
+            and _process_state(pid, host, meta.get("pid_start")) == "alive":
+        raise WorkbenchError(_held_message(run_id, pid, host))
+
+
 def _acquire_writer_lock(folder: Path, run_id: str) -> int | None:
     """A descriptor holding an exclusive ``flock`` on ``folder/.writer.lock``, with this process's pid and host
     written into the file; WorkbenchError naming the holder when another process (or another handle of this one)

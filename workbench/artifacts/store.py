@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import WorkbenchError
-from .environment import _HOSTNAME
 from .folders import Run, Study
 from .formatting import _iso, _now, _one_line
 from .io import _read_json_object, atomic_write_json, to_jsonable
 from .layout import ENV_VAR, SCHEMA_VERSION, _inside, _slug, default_root
-from .locks import _acquire_writer_lock, _held_message, _liveness, _owner_fields, _process_state
+from .locks import _acquire_writer_lock, _liveness, _owner_fields, _refuse_live_writer
 from .records import RunRecord, StudyRecord, _flatten
 from .validation import (
     FINISHED_ARRAYS,
@@ -77,8 +76,7 @@ def _read_folder_meta(folder: Path, root_real: str, entry: Any, meta_file: str,
     meta_path = folder / meta_file
     if os.path.islink(meta_path) and not _inside(root_real, meta_path):
         return None, f"{meta_file} is a symlink out of the artifacts root; not read"
-    meta, reason = _read_json_object(meta_path, meta_file)
-    return meta, reason
+    return _read_json_object(meta_path, meta_file)
 
 
 def _new_meta(created: Any, environment: Mapping[str, Any], identity: Mapping[str, Any],
@@ -251,11 +249,7 @@ class RunStore:
         run = self.open_run(run_id)
         run.acquire_lock()
         try:
-            meta = run._read_meta()
-            pid, host = meta.get("pid"), meta.get("host")
-            if meta.get("status") == "running" and not (pid == os.getpid() and host == _HOSTNAME) \
-                    and _process_state(pid, host, meta.get("pid_start")) == "alive":
-                raise WorkbenchError(_held_message(run_id, pid, host))  # a writer from before the lock existed
+            _refuse_live_writer(run_id, run._read_meta())
         except BaseException:
             run.release_lock()
             raise
@@ -268,16 +262,13 @@ class RunStore:
         folder = self.runs_dir / run_id
         if not _inside(os.path.realpath(self.root), folder) or os.path.islink(folder) or not folder.is_dir():
             raise WorkbenchError(f"cannot discard run {run_id!r}: no such run folder under {self.runs_dir}")
-        record = self.run_record(run_id)
-        if record.status == "finished":
-            raise WorkbenchError(f"run {run_id} is finished; it is kept, not discarded")
         fd = _acquire_writer_lock(folder, run_id)  # refused, naming the holder, while a writer has it
         try:
             meta, _ = _read_json_object(folder / "run.json", "run.json")
-            if meta and meta.get("status") == "running" and _process_state(
-                    meta.get("pid"), meta.get("host"), meta.get("pid_start")) == "alive" \
-                    and meta.get("pid") != os.getpid():
-                raise WorkbenchError(_held_message(run_id, meta.get("pid"), meta.get("host")))
+            if meta and meta.get("status") == "finished":
+                raise WorkbenchError(f"run {run_id} is finished; it is kept, not discarded")
+            if meta:
+                _refuse_live_writer(run_id, meta)
             shutil.rmtree(folder)
         finally:
             if fd is not None:

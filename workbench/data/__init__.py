@@ -90,9 +90,3 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--download", action="store_true", help="let torchvision download a missing tv: dataset")
     check.add_argument("--image-size", type=int, default=None, metavar="N",
                        help="resize variable-size sources (folders, Flowers102, ...) to NxN")
-
-    def _no_action(args: argparse.Namespace) -> int:
-        parser.print_help()
-        return 1
-
-    parser.set_defaults(func=_no_action)

@@ -47,10 +47,10 @@ The package's parts: ``config`` (:class:`MetaTrainConfig`, kinds and file names)
 (``num_runs`` candidates and the choice among them), ``api`` (:func:`meta_train`) and ``cli``.
 """
 from .._runtime import derive_seed, resolve_device
-from ..phi_diagnostics import initial_phi
+from ..phi_diagnostics import PHI_INIT_FILE, initial_phi
 from .api import meta_train
 from .cli import register_cli
-from .config import (CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, PHI_FILE, PHI_INIT_FILE, PROBE_IMAGES, RESUME_KINDS,
+from .config import (CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, PHI_FILE, PROBE_IMAGES, RESUME_KINDS,
                      RESUME_MUTABLE, RUN_KIND, SELECT_KIND, MetaTrainConfig)
 from .runs import MetaTrainResult, diagnose_run
 from .selection import candidate_run_id, run_candidate, selection_dataset, selection_transfer_config, transfer_score

@@ -1,8 +1,6 @@
 """``meta_train()``: the entry point of the Python API (``workbench meta-train`` on the command line)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .. import _distributed
@@ -54,11 +52,14 @@ def meta_train(config: MetaTrainConfig | Mapping[str, Any] | None = None, store:
         device = _process_device(config, dist)
         with _runtime(config, device):
             data = prepare_source(config, dataset)
+            held_out = None
             if config.num_runs > 1 and config.select_target != "heldout":
                 # a selection target or recipe that cannot be used fails now, not after the runs
-                selection_transfer_config(config, "candidate", device, len(selection_dataset(config).y_train))
+                held_out = selection_dataset(config)
+                selection_transfer_config(config, "candidate", device, len(held_out.y_train))
             if config.num_runs > 1:
-                result = _run_many(config, data, store, progress, dist, device, resume_id=resume, dataset=dataset)
+                result = _run_many(config, data, store, progress, dist, device, resume_id=resume, dataset=dataset,
+                                   held_out=held_out)
             else:
                 result = _run_one(config, data, store, progress, dist, device, resume_id=resume,
                                   run_id=config.run_name if resume is None else None)

@@ -9,7 +9,7 @@ from ..config import require, require_seed, require_threads
 from .._runtime import resolve_device
 from ..fanout import FanOutSettings
 from ..graphs import AccelerationSettings
-from ..phi_diagnostics import PHI_INIT_FILE, PHI_INIT_STD, SEED_PHI
+from ..phi_diagnostics import PHI_INIT_STD, SEED_PHI
 from ..regularizers import TRAIN_CLIP
 
 

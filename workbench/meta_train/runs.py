@@ -20,8 +20,8 @@ from ..data import Augment
 from .._runtime import cpu_copy, derive_seed, load_resume_checkpoint, resolve_device
 from ..errors import WorkbenchError
 from ..perturb import MetaPerturb
-from ..phi_diagnostics import DIAGNOSTICS_RECORD, diagnose, initial_phi, official_phi, trained_by
-from .config import CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, MetaTrainConfig, PHI_FILE, PHI_INIT_FILE, PROBE_IMAGES, RESUME_MUTABLE, RUN_KIND, _METRIC_NAMES, _SEED_PROBE
+from ..phi_diagnostics import DIAGNOSTICS_RECORD, PHI_INIT_FILE, diagnose, initial_phi, official_phi, trained_by
+from .config import CHECKPOINT_SCHEMA, CHECKPOINT_VERSION, MetaTrainConfig, PHI_FILE, PROBE_IMAGES, RESUME_MUTABLE, RUN_KIND, _METRIC_NAMES, _SEED_PROBE
 from .trainer import MetaTrainer, NonFiniteLoss, SourceData, prepare_source
 
 

@@ -67,7 +67,7 @@ def transfer_score(phi: MetaPerturb, config: MetaTrainConfig, device: torch.devi
 
 
 def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistContext, device: torch.device,
-            progress: bool) -> dict[str, Any]:
+            progress: bool, held_out: Optional[ImageDataset] = None) -> dict[str, Any]:
     """Score every run's phi on the selection target and pick the best (ties: the earliest run)."""
     if config.select_target == "heldout":
         scores = [float(r.summary["heldout_acc_mean"]) for r in results]
@@ -75,10 +75,10 @@ def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistC
     else:
         # candidates are dealt over the processes like tasks; the scores are summed back
         local = torch.zeros(len(results), dtype=torch.float64, device=device)
-        dataset = selection_dataset(config)
+        held_out = held_out if held_out is not None else selection_dataset(config)
         for index, result in enumerate(results):
             if index % dist.world_size == dist.rank:
-                local[index] = transfer_score(result.phi, config, device, progress and dist.is_main, dataset)
+                local[index] = transfer_score(result.phi, config, device, progress and dist.is_main, held_out)
         scores = dist.all_reduce_sum_(local).cpu().tolist()
         metric = (f"validation accuracy on {config.select_target} ({config.select_valid_per_class} held-out training "
                   f"images per class, {config.select_mc_samples} MC samples) of a fresh {config.arch} trained "
@@ -103,7 +103,7 @@ def _select(config: MetaTrainConfig, results: list[MetaTrainResult], dist: DistC
 
 def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
               dist: DistContext, device: torch.device, resume_id: Optional[str] = None,
-              dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
+              dataset: Optional[ImageDataset] = None, held_out: Optional[ImageDataset] = None) -> MetaTrainResult:
     """``num_runs`` independent runs (seeds seed..seed+num_runs-1) under one meta_select run, then selection."""
 
     def open_parent(hold) -> tuple[str, list]:
@@ -131,7 +131,7 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
 
     parent, (parent_id, states) = open_on_main(dist, open_parent)
     try:
-        return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states, dataset)
+        return _select_runs(config, data, store, progress, dist, device, parent, parent_id, states, dataset, held_out)
     finally:
         if parent is not None:
             parent.release_lock()
@@ -161,10 +161,7 @@ def _candidate_config(config: MetaTrainConfig, parent_id: str, index: int) -> Me
 def run_candidate(payload: Mapping[str, Any], context: Any) -> str:
     """One candidate of a fanned-out ``meta_select`` run, in a worker (:mod:`workbench.fanout`): made, resumed from
     its checkpoint, or started again; returns its run id."""
-    values = {**payload["config"], "threads": context.threads}
-    if str(values.get("device")) in ("auto", "cuda") or str(values.get("device")).startswith("cuda"):
-        values["device"] = context.device
-    config = MetaTrainConfig.from_dict(values)
+    config = MetaTrainConfig.from_dict(context.place(payload["config"]))
     store = RunStore(payload["root"])
     device = resolve_device(config.device)
     with _runtime(config, device):
@@ -213,8 +210,10 @@ def _fan_out_candidates(config: MetaTrainConfig, store: RunStore, progress: bool
 
 def _select_runs(config: MetaTrainConfig, data: SourceData, store: Optional[RunStore], progress: bool,
                  dist: DistContext, device: torch.device, parent: Optional[Run], parent_id: str,
-                 states: list, dataset: Optional[ImageDataset] = None) -> MetaTrainResult:
-    """The candidate runs of a ``meta_select`` run (``parent`` on rank 0, holding its writer lock), then selection.
+                 states: list, dataset: Optional[ImageDataset] = None,
+                 held_out: Optional[ImageDataset] = None) -> MetaTrainResult:
+    """The candidate runs of a ``meta_select`` run (``parent`` on rank 0, holding its writer lock), then selection
+    (on ``held_out``, the :func:`selection_dataset` when the caller has it already).
 
     In one process the unfinished candidates fan out first (``workers``, ``executor``); every candidate is then
     read back, or run here, in index order."""
@@ -239,7 +238,7 @@ def _select_runs(config: MetaTrainConfig, data: SourceData, store: Optional[RunS
         if parent is not None:
             parent.save_json("children", [r.run_id for r in results])
 
-    selection = _select(config, results, dist, device, progress)
+    selection = _select(config, results, dist, device, progress, held_out)
     chosen = results[selection["chosen_index"]]
     summary = {"chosen_run_id": chosen.run_id, "chosen_score": selection["chosen_score"],
                "select_target": config.select_target, "reason": selection["reason"], "phi_path": PHI_FILE,

@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +18,6 @@ from .._runtime import cpu_copy, resolve_device
 from ..errors import WorkbenchError
 from ..lookahead import lookahead_meta_grad, twice_differentiable
 from ..models import build, model_info
-from ..perturb import MetaPerturb
 from .._runtime import derive_seed
 from ..phi_diagnostics import initial_phi
 from .config import MetaTrainConfig, _SEED_EVAL, _SEED_MODEL, _SEED_NOISE, _SEED_TRAIN, _SEED_VALID

@@ -28,13 +28,14 @@ The package's parts: ``configs`` (the typed configs, notebooks and profiles), ``
 study), ``grid`` (02's transfer grid, fanned out), ``runner`` (papermill execution, resume) and ``cli``. The
 notebooks' readers and tables are the results layer's (:mod:`workbench.results`), re-exported here.
 """
-from ..results import (MetaHistory, ScaleData, describe_meta, find_study, meta_history, method_label,
+from ..errors import StudyError
+from ..results import (TRANSFER_NOTEBOOK, MetaHistory, ScaleData, describe_meta, find_study, meta_history, method_label,
                        paired_differences, regime_table, reliability_groups, robustness_table, scale_data, study_runs,
                        summarize, wide)
 from .cli import register_cli
 from .configs import (ARTIFACTS_ENV, EXPLORE_STATISTICS, INTERACTIVE_PROFILE, LATEST, NOTEBOOKS_DIR, OFFICIAL,
-                      PROFILES_DIR, PROGRESS_ENV, REGIME_CHECKS, REPO, REPORT_KIND, STUDY_ENV, TRANSFER_NOTEBOOK,
-                      CalibrationStudyConfig, ExploreConfig, ParameterError, ScalesStudyConfig, StudyError,
+                      PROFILES_DIR, PROGRESS_ENV, REGIME_CHECKS, REPO, REPORT_KIND, STUDY_ENV,
+                      CalibrationStudyConfig, ExploreConfig, ParameterError, ScalesStudyConfig,
                       TransferStudyConfig, available_notebooks, available_profiles, config_class, config_path,
                       load_profile, notebook_config, notebook_config_class, parameters_source, profile_path,
                       read_profile, resolve_notebook)

@@ -114,7 +114,6 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "study", None, help="run the study notebooks headless (papermill) and list studies",
         description="Execute the notebooks of notebooks/ with a parameter profile; each notebook becomes a study "
                     "in <artifacts>/studies/<study id>/ with its executed notebook and the runs it made.")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
     sub = parser.add_subparsers(dest="study_command", metavar="ACTION")
     run = add_command(
         sub, "run", _cli_run, help="execute notebooks with a profile",

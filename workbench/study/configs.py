@@ -14,8 +14,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from ..config import Config, require
-from ..errors import ParameterError, StudyError, WorkbenchError
-from ..results import LATEST, TRANSFER_NOTEBOOK
+from ..errors import ParameterError, WorkbenchError
+from ..results import LATEST
 from ..fanout import FanOutSettings
 from ..transfer import TransferConfig, TransferRecipe
 

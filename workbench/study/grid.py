@@ -10,7 +10,8 @@ from typing import Any, Mapping, Optional
 from ..artifacts import RunRecord, RunStore
 from ..labels import labels_for, phi_verdict
 from ..transfer import TransferConfig
-from .configs import LATEST, OFFICIAL, StudyError, TransferStudyConfig, _parse_method
+from ..errors import StudyError
+from .configs import LATEST, OFFICIAL, TransferStudyConfig, _parse_method
 from .session import StudyRunStore
 
 
@@ -116,13 +117,11 @@ def transfer_cell(payload: Mapping[str, Any], context: Any) -> dict[str, Any]:
     """One grid cell, in whichever process runs it: its run made, resumed from its checkpoint, started again (a
     run cut short before its first checkpoint), or read when an earlier session finished it. Returns the run id,
     its summary and which of those happened."""
-    from ..transfer import TransferConfig, transfer
+    from ..transfer import transfer  # looked up when the cell runs, so a replaced transfer() is the one called
 
     store = StudyRunStore(payload["root"], payload["study_id"])
     run_id = payload["run_id"]
-    values = {**payload["config"], "run_name": run_id, "threads": context.threads}
-    if values.get("device") in ("auto", "cuda") or str(values.get("device")).startswith("cuda"):
-        values["device"] = context.device
+    values = context.place({**payload["config"], "run_name": run_id})
     config = TransferConfig.from_dict(values)
     dataset = _cell_dataset(config.target, config.data_root, payload["test_per_class"])
     progress = bool(payload.get("progress"))
@@ -162,7 +161,7 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
     ours = resolve_study_phi(config.phi, store) if uses_ours else None
     verdict = phi_verdict(store, ours) if uses_ours else None
     if uses_ours:
-        print(f"our phi: {ours}" + (f" (phi='latest')" if config.phi == LATEST else ""))
+        print(f"our phi: {ours}" + (" (phi='latest')" if config.phi == LATEST else ""))
         if verdict is not None and not verdict["learned"]:
             print(f"warning: our phi {verdict['message']}; its rows are labelled so")
     study_id = getattr(store, "study_id", None)

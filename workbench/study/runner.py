@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from ..artifacts import RunStore, Study, default_root
 from ..config import Config
 from ..errors import WorkbenchError
-from .configs import ARTIFACTS_ENV, KERNEL_START_TIMEOUT, PROGRESS_ENV, REPO, STUDY_ENV, config_class, load_profile, notebook_config_class, resolve_notebook
+from .configs import ARTIFACTS_ENV, KERNEL_START_TIMEOUT, PROGRESS_ENV, REPO, STUDY_ENV, load_profile, notebook_config_class, resolve_notebook
 
 
 @dataclass
