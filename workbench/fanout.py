@@ -30,7 +30,7 @@ import os
 import re
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .artifacts.formatting import _exception_line
@@ -39,9 +39,6 @@ from .errors import WorkbenchError
 
 EXECUTORS = ("local", "ray")
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
-#: Execution settings: they choose where cells run, never what they compute, so a study resumed with other
-#: values continues the same grid.
-EXECUTION_FIELDS = ("workers", "executor", "ray_address", "retries")  # FanOutSettings' fields
 POLL_SECONDS = 0.5
 
 
@@ -78,7 +75,7 @@ class WorkerContext:
         device to the plan (``auto``, ``cuda``, ``cuda:N``)."""
         placed = {**values, "threads": self.threads}
         device = str(values.get("device"))
-        if device in ("auto", "cuda") or device.startswith("cuda"):
+        if device == "auto" or device.startswith("cuda"):
             placed["device"] = self.device
         return placed
 
@@ -123,6 +120,11 @@ class FanOutSettings(SharedSettings):
     def validate(self) -> None:
         check_execution(self.workers, self.executor, self.retries)
         super().validate()
+
+
+#: Execution settings: they choose where cells run, never what they compute, so a study resumed with other
+#: values continues the same grid.
+EXECUTION_FIELDS = tuple(f.name for f in fields(FanOutSettings))
 
 
 def usable_cores() -> int:

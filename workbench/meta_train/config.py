@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from ..config import require, require_seed, require_threads
 from .._runtime import resolve_device
-from ..fanout import FanOutSettings
+from ..fanout import EXECUTION_FIELDS, FanOutSettings
 from ..graphs import AccelerationSettings
 from ..phi_diagnostics import PHI_INIT_STD, SEED_PHI
 from ..regularizers import TRAIN_CLIP
@@ -32,8 +32,8 @@ PHI_FILE = "phi.pt"
 
 
 # Config fields that may differ when a run is resumed: where things are and how fast, never what is computed.
-RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoint_every", "run_name", "workers",
-                  "executor", "ray_address", "retries", "compile_sites", "cuda_graphs")
+RESUME_MUTABLE = ("data_root", "artifacts_root", "threads", "device", "checkpoint_every", "run_name", *EXECUTION_FIELDS,
+                  "compile_sites", "cuda_graphs")
 
 
 # Purposes of the per-task seeds derived from the run seed (see derive_seed).

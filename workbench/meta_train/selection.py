@@ -15,6 +15,7 @@ from ..artifacts import Run, RunStore
 from ..data import ImageDataset, load_dataset, target_view
 from .._runtime import config_difference, cpu_copy, derive_seed, resolve_device
 from ..errors import WorkbenchError
+from ..fanout import FanOutSettings
 from ..perturb import MetaPerturb
 from ..transfer import TransferConfig, transfer
 from .config import MetaTrainConfig, PHI_FILE, RESUME_MUTABLE, SELECT_KIND, _SEED_SELECT
@@ -126,7 +127,7 @@ def _run_many(config: MetaTrainConfig, data: SourceData, store: Optional[RunStor
             tags = {"source": config.source, "arch": config.arch, "num_runs": config.num_runs,
                     "select_target": config.select_target}
             parent = hold(store.create_run(SELECT_KIND, config, tags=tags, run_id=config.run_name))
-            states = []
+            states = [(candidate_run_id(parent.run_id, i), None, False) for i in range(config.num_runs)]
         return parent.run_id, states
 
     parent, (parent_id, states) = open_on_main(dist, open_parent)
@@ -155,7 +156,7 @@ def _child_state(store: RunStore, run_id: str) -> tuple[str, Optional[str], bool
 
 def _candidate_config(config: MetaTrainConfig, parent_id: str, index: int) -> MetaTrainConfig:
     return config.replace(num_runs=1, seed=config.seed + index, run_name=candidate_run_id(parent_id, index),
-                          workers=None, executor="local", ray_address=None, retries=1)
+                          **FanOutSettings().to_dict())  # a candidate runs in one process
 
 
 def run_candidate(payload: Mapping[str, Any], context: Any) -> str:
@@ -166,16 +167,22 @@ def run_candidate(payload: Mapping[str, Any], context: Any) -> str:
     device = resolve_device(config.device)
     with _runtime(config, device):
         data = prepare_source(config, payload.get("dataset"))
-        run_id, status, resumable = payload["state"]
-        if resumable:
-            result = _run_one(config.replace(run_name=None), data, store, False, DistContext(), device,
-                              resume_id=run_id)
-        else:
-            if status is not None:
-                store.discard_run(run_id)  # begun, cut short before its first checkpoint: start again
-            result = _run_one(config, data, store, False, DistContext(), device, run_id=config.run_name,
-                              tags={"parent": payload["parent"], "run_index": payload["index"]})
+        result = _run_unfinished(config, tuple(payload["state"]), data, store, False, DistContext(), device,
+                                 payload["parent"], payload["index"])
     return result.run_id
+
+
+def _run_unfinished(child: MetaTrainConfig, state: tuple, data: SourceData, store: RunStore, progress: bool,
+                    dist: DistContext, device: torch.device, parent_id: str, index: int) -> MetaTrainResult:
+    """Candidate ``index`` (config ``child``) from its ``state`` (run id, status, has a checkpoint): resumed from
+    its checkpoint, or started (again: one begun and cut short before its first checkpoint is discarded first)."""
+    run_id, status, resumable = state
+    if resumable:
+        return _run_one(child.replace(run_name=None), data, store, progress, dist, device, resume_id=run_id)
+    if status is not None and dist.is_main:
+        store.discard_run(run_id)
+    return _run_one(child, data, store, progress, dist, device, tags={"parent": parent_id, "run_index": index},
+                    run_id=child.run_name)
 
 
 def _fan_out_candidates(config: MetaTrainConfig, store: RunStore, progress: bool, parent_id: str, states: list,
@@ -186,7 +193,7 @@ def _fan_out_candidates(config: MetaTrainConfig, store: RunStore, progress: bool
 
     cells = []
     for index in range(config.num_runs):
-        state = states[index] if index < len(states) else (candidate_run_id(parent_id, index), None, False)
+        state = states[index]
         if state[1] == "finished":
             continue
         child = _candidate_config(config, parent_id, index)
@@ -219,22 +226,15 @@ def _select_runs(config: MetaTrainConfig, data: SourceData, store: Optional[RunS
     read back, or run here, in index order."""
     if not dist.enabled and config.num_runs > 1 and (config.workers != 1 or config.executor == "ray"):
         _fan_out_candidates(config, store, progress, parent_id, states, dataset)
-        states = [_child_state(store, candidate_run_id(parent_id, i)) if i >= len(states) or states[i][1] != "finished"
-                  else states[i] for i in range(config.num_runs)]
+        states = [state if state[1] == "finished" else _child_state(store, state[0]) for state in states]
     results: list[MetaTrainResult] = []
     for index in range(config.num_runs):
         child = _candidate_config(config, parent_id, index)
-        state = states[index] if index < len(states) else (child.run_name, None, False)
+        state = states[index]
         if state[1] == "finished":
             results.append(_finished_result(store, state[0], dist))
-        elif state[2]:
-            results.append(_run_one(child.replace(run_name=None), data, store, progress, dist, device,
-                                    resume_id=state[0]))
         else:
-            if state[1] is not None and dist.is_main:
-                store.discard_run(state[0])  # begun, cut short before its first checkpoint: start again
-            results.append(_run_one(child, data, store, progress, dist, device,
-                                    tags={"parent": parent_id, "run_index": index}, run_id=child.run_name))
+            results.append(_run_unfinished(child, state, data, store, progress, dist, device, parent_id, index))
         if parent is not None:
             parent.save_json("children", [r.run_id for r in results])
 

@@ -103,8 +103,7 @@ class TransferStudyConfig(TransferRecipe, FanOutSettings):
     def validate(self) -> None:
         from ..regularizers import build_regularizer
 
-        TransferRecipe.validate(self)
-        FanOutSettings.validate(self)
+        super().validate()  # the recipe's checks, then the acceleration and fan-out settings'
         require(self.regime_check in REGIME_CHECKS,
                 f"regime_check must be one of {', '.join(REGIME_CHECKS)}, got {self.regime_check!r}")
 

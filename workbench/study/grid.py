@@ -167,14 +167,15 @@ def run_transfer_grid(config: TransferStudyConfig, store: RunStore, progress: bo
     study_id = getattr(store, "study_id", None)
     if not study_id:
         raise StudyError("run_transfer_grid needs the study's store (session.store): its cells are runs of a study")
-    plan = plan_workers(config.workers, config.threads, config.device, len(grid_cells(config)),
+    grid = grid_cells(config)
+    plan = plan_workers(config.workers, config.threads, config.device, len(grid),
                         executor=config.executor, address=config.ray_address,
                         serial_seconds=estimated_grid_seconds(config))
-    print(f"{len(grid_cells(config))} cells; {plan.describe()}")
+    print(f"{len(grid)} cells; {plan.describe()}")
     cells: list[Cell] = []
     meta: dict[str, tuple[str, str, int, str]] = {}
     pilots: dict[tuple[str, str], str] = {}
-    for target, arch, seed, spec in grid_cells(config):
+    for target, arch, seed, spec in grid:
         run_id = cell_run_id(study_id, target, arch, seed, spec)
         meta[run_id] = (target, arch, seed, spec)
         if _parse_method(spec)[0] == "base" and config.regime_check != "off":

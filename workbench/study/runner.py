@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from ..artifacts import RunStore, Study, default_root
+from ..artifacts import RunStore, Study, atomic_write_text, default_root
+from ..artifacts.formatting import _exception_line
 from ..config import Config
 from ..errors import WorkbenchError
 from .configs import ARTIFACTS_ENV, KERNEL_START_TIMEOUT, PROGRESS_ENV, REPO, STUDY_ENV, load_profile, notebook_config_class, resolve_notebook
@@ -168,8 +169,7 @@ def _failure_reason(exc: BaseException) -> str:
         count = getattr(exc, "exec_count", None)
         where = f"cell [{count}]" if count else f"cell {getattr(exc, 'cell_index', '?')}"
         return f"{where} raised {ename}: {evalue}"
-    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return _exception_line(exc)
 
 
 def execute_study(prepared: PreparedStudy, store: RunStore, stream: bool = True,
@@ -192,6 +192,7 @@ def execute_study(prepared: PreparedStudy, store: RunStore, stream: bool = True,
     started = time.perf_counter()
     print(f"== {prepared.name}: study {study.study_id} (profile {prepared.profile})", file=sys.stderr, flush=True)
     reason = None
+    partial.unlink(missing_ok=True)  # a killed session's leftover is not this execution's notebook
     try:
         with _environment(env):
             papermill.execute_notebook(
@@ -205,15 +206,20 @@ def execute_study(prepared: PreparedStudy, store: RunStore, stream: bool = True,
     except Exception as exc:  # PapermillExecutionError: a cell failed; anything else: the kernel or papermill
         reason = _failure_reason(exc)
     finally:
+        text = None
         if not partial.is_file():  # the kernel never ran a cell: keep the notebook with the reason on top
             nb = nbformat.read(str(prepared.path), as_version=4)
             nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"**This study failed before any cell ran:** "
                                                              f"{reason or 'interrupted'}"))
-            nbformat.write(nb, str(partial))
+            text = nbformat.writes(nb)
         else:
             with contextlib.suppress(Exception):  # tidying is cosmetic; never lose the notebook over it
-                nbformat.write(tidy_outputs(nbformat.read(str(partial), as_version=4)), str(partial))
-        os.replace(partial, final)
+                text = nbformat.writes(tidy_outputs(nbformat.read(str(partial), as_version=4)))
+        if text is None:
+            os.replace(partial, final)
+        else:
+            atomic_write_text(final, text)
+            partial.unlink(missing_ok=True)
         if reason is None:
             study.mark_finished()
         else:
