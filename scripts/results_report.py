@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from workbench.artifacts import RunStore, atomic_write_text  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.results import (find_study, paired_differences, regime_table, robustness_table,  # noqa: E402
-                               scale_data, study_runs, summarize)
-from workbench.study import LATEST, TRANSFER_NOTEBOOK  # noqa: E402
+from workbench.results import (LATEST, TRANSFER_NOTEBOOK, find_study, paired_differences,  # noqa: E402
+                               regime_table, robustness_table, scale_data, study_runs, summarize)
 
 NOTEBOOKS = ("01_meta_train", "02_transfer_study", "03_calibration_robustness", "04_scales")
 METHOD_ORDER = ["base", "dropblock", "manifold_mixup", "information_dropout", "mixup", "metaperturb (authors' phi)",

@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import types
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,6 @@ from .errors import WorkbenchError
 
 _log = logging.getLogger(__name__)
 
-Mode = Literal["auto", "on", "off"]
 MODES = ("auto", "on", "off")
 _NUM_SCALE_KERNELS = 4
 
@@ -302,8 +301,9 @@ def perturb(h: torch.Tensor, phi, running_mean: torch.Tensor, running_var: torch
     except WorkbenchError:
         raise
     except Exception as exc:  # Dynamo / Inductor / a missing compiler or Triton: this flag combination stays eager
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        reason = f"{type(exc).__name__}: {first[:300]}"
+        from .artifacts.formatting import _exception_line
+
+        reason = _exception_line(exc)
         _failed[key] = reason
         _functions.pop(key, None)
         _log.warning("workbench: compiling the perturbation site for %s failed (%s); that site form runs eagerly",

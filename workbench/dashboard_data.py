@@ -3,9 +3,9 @@ and foreign entries, the filters of the sidebar, what each page needs and the ho
 
 Runs are read, aggregated and labelled by :mod:`workbench.results` (the schema of the arrays a run writes, the
 readers of one run, the tables, the one labelling of methods and phis), the same functions the notebooks and
-reports use; its names are re-exported here so the pages can keep one import. Everything goes through
-:class:`workbench.artifacts.RunStore`, so nothing outside the root is read, and a corrupt or foreign folder becomes a
-row with a reason instead of an exception. No Streamlit here: ``app/ui.py`` wraps these functions in
+reports use; those called through this module are re-exported here. Everything goes through
+:class:`workbench.artifacts.RunStore`, so nothing outside the root is read, and a corrupt or foreign folder becomes
+a row with a reason instead of an exception. No Streamlit here: ``app/ui.py`` wraps these functions in
 ``st.cache_data`` and tests call them directly.
 """
 from __future__ import annotations
@@ -20,12 +20,9 @@ import pandas as pd
 
 from .artifacts import ENV_VAR, RunStore, default_root
 from .errors import WorkbenchError
-from .results import (  # noqa: F401  (re-exported: the dashboard's readers, tables and schema live there)
-    ACCURACY_KEY, ARRAY_META_SITE_STATS, ARRAY_PREDICTIONS, ARRAY_RELIABILITY, ARRAY_ROBUSTNESS, ARRAY_SITE_SCALES,
-    BASE_METHOD, ECE_KEY, FILTER_TAGS, KIND_META, KIND_SELECT, KIND_SOURCE, KIND_TRANSFER, NLL_KEY, OVERFIT_GAP,
-    ROBUST_PREFIX, SITES_KEY, STAGE_FINAL, STAGE_META, STAGE_PHI, STAGE_TEST, STAGE_TRAIN, SUMMARY, TAG_COLUMNS,
-    UNDERFIT, RunDetails, accuracy_table, check_id, confidences, ece, finished, labels_for, layer_profile,
-    meta_site_stats, method_label, metrics, open_store, phi_diagnostics, pool_bins, regime_table, reliability,
+from .results import (  # noqa: F401  (re-exported: the dashboard's readers and tables live there)
+    ACCURACY_KEY, KIND_TRANSFER, OVERFIT_GAP, SUMMARY, UNDERFIT, RunDetails, accuracy_table, check_id, confidences,
+    ece, finished, layer_profile, meta_site_stats, open_store, phi_diagnostics, pool_bins, regime_table, reliability,
     robustness, run_details, runs_frame, site_scales, tag_value, wide_table,
 )
 
@@ -173,8 +170,7 @@ def metric_columns(runs: pd.DataFrame) -> list[str]:
 __all__ = [  # the dashboard's own names, then those re-exported from workbench.results
     "HOW_TO", "HOW_TO_COMMANDS", "PAGE_NEEDS", "ROOT_ENTRIES", "SUB_STORES", "executed_notebook", "filter_runs",
     "foreign_entries", "metric_columns", "options", "resolve_root", "store_roots", "studies_frame",
-    "ACCURACY_KEY", "ECE_KEY", "OVERFIT_GAP", "UNDERFIT", "RunDetails", "accuracy_table", "check_id", "confidences",
-    "ece", "finished", "layer_profile", "meta_site_stats", "method_label", "metrics", "open_store",
-    "phi_diagnostics", "pool_bins", "regime_table", "reliability", "robustness", "run_details", "runs_frame",
-    "site_scales", "wide_table",
+    "ACCURACY_KEY", "KIND_TRANSFER", "OVERFIT_GAP", "UNDERFIT", "RunDetails", "accuracy_table", "check_id",
+    "confidences", "ece", "finished", "layer_profile", "meta_site_stats", "phi_diagnostics", "pool_bins",
+    "regime_table", "reliability", "robustness", "run_details", "runs_frame", "site_scales", "wide_table",
 ]

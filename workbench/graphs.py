@@ -38,15 +38,12 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Literal, M
 import torch
 from torch import nn
 
-from .compiled import Decision
+from .compiled import MODES, Decision
 from .config import SharedSettings, require
 from .errors import WorkbenchError
 
 _log = logging.getLogger(__name__)
 
-Mode = Literal["auto", "on", "off"]
-MODES = ("auto", "on", "off")
-Precision = Literal["fp32", "bf16"]
 PRECISIONS = ("fp32", "bf16")
 #: Eager calls before a step is captured: lazy initialisation (optimizer state, cuDNN/cuBLAS workspaces, the
 #: compiled sites' compilation) must happen outside the capture.
@@ -245,8 +242,9 @@ class CapturedStep:
             with self.context(), torch.cuda.graph(graph):
                 outputs = tuple(self.function(*self._static_inputs))
         except Exception as exc:  # an op that is not capturable, a host sync...: stay eager, say why once
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            self.failure = f"{type(exc).__name__}: {first[:300]}"
+            from .artifacts.formatting import _exception_line
+
+            self.failure = _exception_line(exc)
             self._static_inputs = ()
             _log.warning("workbench: capturing the %s as a CUDA graph failed (%s); it runs eagerly", self.name,
                          self.failure)

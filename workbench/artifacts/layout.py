@@ -52,13 +52,9 @@ def default_root(flag: str | os.PathLike | None = None) -> Path:
     return chosen.expanduser().resolve()
 
 # ---------------------------------------------------------------------------------------------- ids and paths
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
-
-
 def slug(text: str) -> str:
     """``text`` as it may appear inside a run or study id (what generated ids use for their tags)."""
-    return _slug(text)
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
 
 
 def _inside(root_real: str, path: str | os.PathLike) -> bool:

@@ -23,7 +23,7 @@ from ..errors import WorkbenchError
 from .folders import Run, Study
 from .formatting import _iso, _now, _one_line
 from .io import _read_json_object, atomic_write_json, to_jsonable
-from .layout import ENV_VAR, SCHEMA_VERSION, _inside, _slug, default_root
+from .layout import ENV_VAR, SCHEMA_VERSION, _inside, default_root, slug
 from .locks import _acquire_writer_lock, _liveness, _owner_fields, _refuse_live_writer
 from .records import RunRecord, StudyRecord, _flatten
 from .validation import (
@@ -585,20 +585,20 @@ def _matches(record: RunRecord, kind: str | None, study_id: str | None, tag_filt
 
 
 def _make_run_id(kind: str, tags: Mapping[str, Any], created: _dt.datetime) -> str:
-    parts = [created.strftime("%Y%m%d-%H%M%S"), _slug(kind)]
+    parts = [created.strftime("%Y%m%d-%H%M%S"), slug(kind)]
     for key in ID_TAGS:
         value = tags.get(key)
         if value is None or value == "" or isinstance(value, bool):
             continue
-        slug = _slug(str(value))[:24].strip("-")
-        if slug:
-            parts.append(f"s{slug}" if key == "seed" else slug)
+        value_slug = slug(str(value))[:24].strip("-")
+        if value_slug:
+            parts.append(f"s{value_slug}" if key == "seed" else value_slug)
     readable = "-".join(parts)[:110].rstrip("-")
     return f"{readable}-{secrets.token_hex(2)}"
 
 
 def _make_study_id(notebook: str, profile: str, created: _dt.datetime) -> str:
-    stem = _slug(Path(notebook).stem)[:40].strip("-") or "study"
-    profile_slug = _slug(profile)[:24].strip("-")
+    stem = slug(Path(notebook).stem)[:40].strip("-") or "study"
+    profile_slug = slug(profile)[:24].strip("-")
     parts = [created.strftime("%Y%m%d-%H%M%S"), stem] + ([profile_slug] if profile_slug else [])
     return f"{'-'.join(parts)}-{secrets.token_hex(2)}"

@@ -173,8 +173,9 @@ class MetaTrainer:
         channels = int(tasks[0].train.x.shape[1])
         pad = 4 if config.augment else 0
         self.augment = Augment(config.image_size, padding=pad, flip=bool(flip and config.augment), mean=mean, std=std)
-        self.sites_decision = compiled.decide(config.compile_sites, self.device)
         self.slots = [self._make_slot(i, t, channels) for i, t in enumerate(tasks) if self.dist.owns_task(i)]
+        self.sites_decision = compiled.apply(config.compile_sites, self.device, [slot.model for slot in self.slots],
+                                             what="meta-training")
         self.graphs_decision = graphs.decide(
             config.cuda_graphs, self.device, models=[slot.model for slot in self.slots],
             optimizers=[slot.optimizer for slot in self.slots], what="meta-training",
@@ -207,7 +208,6 @@ class MetaTrainer:
         handle.set_noise_coeff(1.0)
         for site in handle.sites:
             site.record_stats = False
-        compiled.set_compiled([model], self.sites_decision.on)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         train_iter = BatchIterator(task.train, cfg.batch_size, self.augment, seed=derive_seed(cfg.seed, _SEED_TRAIN, index),
                                    device=self.device, drop_last=True)
@@ -232,8 +232,6 @@ class MetaTrainer:
 
     def _forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``model(x)`` at the config's precision; the logits come back in float32 for the loss."""
-        if self.config.precision == "fp32":
-            return model(x)
         with graphs.autocast(self.config.precision, self.device, cache=False):
             return model(x).float()
 
