@@ -39,7 +39,7 @@ def ship(source: Path, into: Path) -> int:
         for name, dropped in LEFT_OUT_ARRAYS.items():
             path = target / "arrays" / f"{name}.npz"
             if path.is_file():
-                with np.load(path) as arrays:
+                with np.load(path, allow_pickle=False) as arrays:
                     kept = {k: arrays[k] for k in arrays.files if k not in dropped}
                 atomic_savez(path, **kept)
     return len(folders)
